@@ -1,0 +1,169 @@
+"""Attention-map statistics: ℓ∞ ring masses, Butterworth high-pass, effective receptive field.
+
+Notation: a layer attends over an H×W token grid (N = H·W, row-major: token i sits at row
+i // W, column i % W). An attention *map* is one softmax row A[q, :] of length N.
+
+* Ring mass. For a query at (x, y), key (u, v) lies on ring r = max(|x−u|, |y−v|) (ℓ∞).
+  ``ring_mass[q, r] = Σ_{keys on ring r} A[q, k]``, r = 0 … R−1 with R = max(H, W).
+  Computed from box sums on an integral image: box(r) = Σ over the (2r+1)² box clipped to
+  the grid, ring(r) = box(r) − box(r−1). O(N) per map plus O(R) lookups; no N×N index.
+* ASM curve. ASM(K = 2r+1) = Σ_{ρ ≤ r} ring[ρ] / Σ_ρ ring[ρ]: the share of mass inside the
+  K×K box around the query.
+* Butterworth high-pass. Λ = IFFT2( FFT2(A) · H ), H(u, v) = 1 / (1 + (D0 / D(u, v))^(2n)),
+  D = √(u² + v²) in cycles per token (|u|, |v| ≤ ½), H(0, 0) = 0. Λ sums to ~0 (no DC), so
+  the ASM over Λ uses its positive part by default (``abs`` optionally).
+* ERF. The smallest odd K whose ASM reaches a fraction τ (default 0.8).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "query_positions",
+    "box_mass",
+    "ring_mass",
+    "butterworth_filter",
+    "butterworth_highpass",
+    "effective_receptive_field",
+    "recommended_kernel_size",
+    "asm_from_rings",
+]
+
+
+def _as_rows_cols(positions: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (Q,) or (row, col) pairs (Q, 2) → rows (Q,), cols (Q,)."""
+    h, w = grid
+    positions = torch.as_tensor(positions)
+    if positions.ndim == 2 and positions.shape[-1] == 2:
+        rows, cols = positions[:, 0].long(), positions[:, 1].long()
+    elif positions.ndim == 1:
+        rows, cols = positions.long() // w, positions.long() % w
+    else:
+        raise ValueError(f"query positions must be (Q,) flat indices or (Q, 2) (row, col); got {tuple(positions.shape)}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= h or cols.min() < 0 or cols.max() >= w):
+        raise ValueError(f"query positions fall outside the {h}x{w} grid")
+    return rows, cols
+
+
+def query_positions(grid: tuple[int, int], device=None) -> torch.Tensor:
+    """Flat indices of all N = H·W grid positions (the default: query i at token i)."""
+    return torch.arange(grid[0] * grid[1], device=device)
+
+
+def box_mass(maps: torch.Tensor, grid: tuple[int, int], positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mass inside the (2r+1)² box around each query, r = 0 … R−1.
+
+    maps: (..., Q, H*W) attention rows; positions: (Q,) flat indices or (Q, 2) rows/cols
+    (default: query q at token q, so Q must equal H*W). Returns (..., Q, R), R = max(H, W).
+    """
+    h, w = grid
+    if maps.shape[-1] != h * w:
+        raise ValueError(f"maps have {maps.shape[-1]} keys but the grid {h}x{w} has {h * w}")
+    q = maps.shape[-2]
+    if positions is None:
+        if q != h * w:
+            raise ValueError("pass the query positions when maps do not hold one row per grid token")
+        positions = query_positions(grid, maps.device)
+    rows, cols = _as_rows_cols(positions, grid)
+    if len(rows) != q:
+        raise ValueError(f"{len(rows)} query positions for {q} map rows")
+    rows, cols = rows.to(maps.device), cols.to(maps.device)
+    lead = maps.shape[:-2]
+    x = maps.reshape(-1, q, h, w)
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    # Integral image S[a, b] = Σ_{i<a, j<b} x[i, j], shape (M, Q, H+1, W+1).
+    s = torch.nn.functional.pad(x.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    big_r = max(h, w)
+    r = torch.arange(big_r, device=maps.device)
+    r0 = (rows[:, None] - r).clamp(min=0)  # (Q, R) first row inside the box
+    r1 = (rows[:, None] + r).clamp(max=h - 1) + 1  # one past the last row
+    c0 = (cols[:, None] - r).clamp(min=0)
+    c1 = (cols[:, None] + r).clamp(max=w - 1) + 1
+    flat = s.reshape(s.shape[0], q, -1)  # (M, Q, (H+1)(W+1))
+    w1 = w + 1
+
+    def at(a, b):
+        return flat.gather(-1, (a * w1 + b).expand(flat.shape[0], q, big_r))
+
+    out = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+    return out.reshape(*lead, q, big_r)
+
+
+def ring_mass(maps: torch.Tensor, grid: tuple[int, int], positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mass per ℓ∞ ring distance: (..., Q, H*W) → (..., Q, R), R = max(H, W) (see module doc)."""
+    box = box_mass(maps, grid, positions)
+    return torch.cat([box[..., :1], box[..., 1:] - box[..., :-1]], dim=-1)
+
+
+def butterworth_filter(grid: tuple[int, int], cutoff: float = 0.1, order: int = 2, device=None) -> torch.Tensor:
+    """Real-FFT-layout high-pass response H(u, v), shape (H, W//2 + 1); H(0, 0) = 0."""
+    if cutoff <= 0:
+        raise ValueError("Butterworth cut-off must be > 0 (cycles per token, at most ~0.7)")
+    if order < 1:
+        raise ValueError("Butterworth order must be ≥ 1")
+    h, w = grid
+    fu = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]
+    fv = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)[None, :]
+    d = torch.sqrt(fu**2 + fv**2)
+    resp = 1.0 / (1.0 + (cutoff / d) ** (2 * order))  # d = 0 gives inf → 0
+    resp[0, 0] = 0.0
+    return resp
+
+
+def butterworth_highpass(
+    maps: torch.Tensor, grid: tuple[int, int], cutoff: float = 0.1, order: int = 2, response: torch.Tensor | None = None
+) -> torch.Tensor:
+    """High-pass filter each map: (..., H*W) → (..., H*W), same dtype (computed in ≥ fp32)."""
+    h, w = grid
+    if maps.shape[-1] != h * w:
+        raise ValueError(f"maps have {maps.shape[-1]} values but the grid {h}x{w} has {h * w}")
+    work = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
+    if response is None:
+        response = butterworth_filter(grid, cutoff, order, device=maps.device)
+    spec = torch.fft.rfft2(work.reshape(*work.shape[:-1], h, w))
+    out = torch.fft.irfft2(spec * response.to(work.dtype), s=(h, w))
+    return out.reshape(maps.shape).to(maps.dtype)
+
+
+def asm_from_rings(rings: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Normalised cumulative curve ASM(K=2r+1) from ring masses (..., R); zeros if empty."""
+    rings = np.asarray(rings, dtype=np.float64)
+    cum = np.cumsum(rings, axis=-1)
+    total = cum[..., -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = np.where(total > 0, cum / np.where(total > 0, total, 1.0), 0.0)
+    return curve
+
+
+def effective_receptive_field(asm_curve, threshold: float = 0.8) -> int:
+    """Smallest odd K = 2r+1 with ASM(K) ≥ threshold · ASM(∞).
+
+    ``asm_curve[r]`` is the (possibly unnormalised) cumulative mass inside the (2r+1)² box;
+    it is normalised by its last value.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold τ must be in (0, 1]; got {threshold}")
+    curve = np.asarray(asm_curve, dtype=np.float64).ravel()
+    if curve.size == 0 or not np.all(np.isfinite(curve)):
+        raise ValueError("ASM curve is empty or not finite")
+    total = curve[-1]
+    if total <= 0:
+        raise ValueError("ASM curve has no mass")
+    reached = np.nonzero(curve / total >= threshold - 1e-9)[0]
+    r = int(reached[0]) if reached.size else curve.size - 1
+    return 2 * r + 1
+
+
+def recommended_kernel_size(erf: int, ratio: float = 0.6, kmin: int = 3, kmax: int = 31) -> int:
+    """k = odd(ceil(ratio · ERF)) clamped to [kmin, kmax] (both forced odd)."""
+    if ratio <= 0:
+        raise ValueError("kernel ratio must be > 0")
+    k = math.ceil(ratio * erf - 1e-9)
+    k += (k + 1) % 2  # next odd
+    kmin += (kmin + 1) % 2
+    kmax -= (kmax + 1) % 2
+    return int(min(max(k, kmin), kmax))

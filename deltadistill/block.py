@@ -1,0 +1,173 @@
+"""ΔConvBlock: a pyramid of depth-wise convolutions plus a global branch (SPEC §2).
+
+Input and output are channels-last, ``z`` of shape ``[B, H, W, C]`` (tokens reshaped row-major
+onto their H×W grid). With ρ = ``inter_ratio`` and C' = C·ρ::
+
+    x      = proj_in(z)                                     1×1, C → C'
+    g_s    = up_{H×W}( gate( dwconv_K( pool_s(x) ) ) )      one stage per s in ``scales``, C'/2 channels
+    y      = proj_out( concat_s g_s )                       1×1, C'/2·|scales| → C
+    out    = y + global_proj( mean_{H×W} z )                global branch, broadcast over H×W
+
+* ``pool_s`` for s = 1/2^k is k successive 2×2 average pools (stride 2, ceil mode: an odd
+  side keeps its last row/column, partial windows average only real pixels); s = 1 skips it.
+* ``dwconv_K`` is a depth-wise K×K convolution (K odd, zero 'same' padding) with bias, its own
+  weights per stage.
+* ``gate`` splits channels into halves x1, x2: ``scaled`` = x1·x2/√C' (the paper's FP16-safe
+  gate), ``sigmoid`` = x1·σ(x2).
+* ``up_{H×W}`` is bilinear resizing back to H×W (align_corners=False); identity for s = 1.
+
+All primitives go through :mod:`deltadistill.ops` (the single backend dispatch point: PyTorch
+reference anywhere, Triton on CUDA when available); ``backend=`` forces one.
+
+Initialisation (chosen for distillation from a frozen teacher):
+
+* ``proj_out`` is zero, and ``global_proj`` is zero here (``convert`` overwrites it with the
+  teacher's mean-field attention, see :mod:`deltadistill.convert`). A freshly built block
+  therefore adds nothing to the host's residual stream: the student starts as the teacher with
+  this self-attention removed (or replaced by its mean-field value), not as the teacher plus
+  random noise in every layer — outputs stay finite and sensible, the first losses are
+  bounded by the teacher's attention output, and no layer has to unlearn a random projection.
+  This is the zero-init-last-layer rule of ControlNet and adaLN-Zero: ``proj_out`` still gets
+  gradients at step 0 (its input is non-zero) and the inner layers follow from step 1.
+* ``proj_in`` and the depth-wise kernels are scaled so that, for a unit-variance input (the host
+  block's LayerNorm output), the gated features entering ``proj_out`` have about unit variance.
+  With the scaled gate that needs Var(x) ≈ √C' (the 1/√C' of the gate would otherwise shrink the
+  features by √C' ≈ 24 for PixArt, and ``proj_out`` would need thousands of Adam steps just to
+  grow); depth-wise kernels are N(0, 1/K²) so they preserve variance. Biases start at zero.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn as nn
+
+from deltadistill import ops
+
+__all__ = ["DeltaConvBlock", "GATES", "scale_level"]
+
+GATES = ("scaled", "sigmoid")
+
+
+def scale_level(s) -> int:
+    """k for a pyramid scale s = 1/2^k (k ≥ 0); raises ValueError for anything else."""
+    try:
+        frac = Fraction(s).limit_denominator(1 << 20)
+    except (TypeError, ValueError):
+        raise ValueError(f"pyramid scale {s!r} is not a number; use 1, 0.5, 0.25, ...") from None
+    if frac.numerator != 1 or frac.denominator & (frac.denominator - 1) or abs(float(frac) - float(s)) > 1e-9:
+        raise ValueError(f"pyramid scale {s!r} is not 1/2^k; use scales such as (1, 0.5) or (1, 0.5, 0.25)")
+    return frac.denominator.bit_length() - 1
+
+
+class _DepthwiseStage(nn.Module):
+    """Weights of one pyramid stage: a depth-wise K×K kernel per channel, plus bias."""
+
+    def __init__(self, channels: int, kernel_size: int, level: int):
+        super().__init__()
+        self.level = level  # k of s = 1/2^k
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size, kernel_size))  # [C', K, K]
+        self.bias = nn.Parameter(torch.empty(channels))  # [C']
+
+    def extra_repr(self) -> str:
+        c, k, _ = self.weight.shape
+        return f"channels={c}, kernel_size={k}, scale=1/{2 ** self.level}"
+
+
+class DeltaConvBlock(nn.Module):
+    """ΔConvBlock over a channels-last grid ``[B, H, W, C] → [B, H, W, C]`` (see module docstring).
+
+    Args:
+        dim: channels C.
+        kernel_size: odd K ≥ 3, shared by all stages.
+        scales: pyramid stages, each 1/2^k, distinct (default ``(1, 0.5)``).
+        inter_ratio: ρ; C·ρ must be an even integer (the gate halves it).
+        gate: ``"scaled"`` (x1·x2/√(C·ρ)) or ``"sigmoid"`` (x1·σ(x2)).
+        backend: ``None`` (auto), ``"reference"`` or ``"triton"``; passed to every op.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int,
+        scales=(1, 0.5),
+        inter_ratio: float = 0.5,
+        gate: str = "scaled",
+        backend: str | None = None,
+    ):
+        super().__init__()
+        dim, kernel_size = int(dim), int(kernel_size)
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 3 (centred 'same' conv), got {kernel_size}")
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+        scales = tuple(scales)
+        if not scales:
+            raise ValueError("scales must name at least one pyramid stage, e.g. (1, 0.5)")
+        levels = [scale_level(s) for s in scales]
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"scales {scales} repeat a stage; each 1/2^k may appear once")
+        inner_f = dim * float(inter_ratio)
+        inner = int(round(inner_f))
+        if inner < 2 or abs(inner - inner_f) > 1e-6 or inner % 2:
+            raise ValueError(
+                f"dim·inter_ratio = {dim}·{inter_ratio} = {inner_f:g} must be an even integer ≥ 2 "
+                "(the gate splits it in halves); pick another inter_ratio"
+            )
+        self.dim, self.kernel_size, self.inter_dim = dim, kernel_size, inner
+        self.scales = tuple(float(1.0 / 2**k) for k in levels)
+        self.inter_ratio = float(inter_ratio)
+        self.gate = gate
+        self.backend = backend
+        self.gate_scale = 1.0 / math.sqrt(inner) if gate == "scaled" else 1.0
+
+        self.proj_in = nn.Linear(dim, inner)  # C → C'
+        self.stages = nn.ModuleList(_DepthwiseStage(inner, kernel_size, k) for k in levels)
+        self.proj_out = nn.Linear(inner // 2 * len(levels), dim)  # C'/2·S → C
+        self.global_proj = nn.Linear(dim, dim)  # C → C
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The distillation-friendly initialisation described in the module docstring."""
+        # Var(x) = gain² for unit-variance z: √C' for the scaled gate, 1 for the sigmoid gate.
+        gain2 = 1.0 / self.gate_scale if self.gate == "scaled" else 1.0
+        nn.init.normal_(self.proj_in.weight, std=math.sqrt(gain2 / self.dim))
+        nn.init.zeros_(self.proj_in.bias)
+        for stage in self.stages:
+            nn.init.normal_(stage.weight, std=1.0 / self.kernel_size)
+            nn.init.zeros_(stage.bias)
+        for lin in (self.proj_out, self.global_proj):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, kernel_size={self.kernel_size}, scales={self.scales}, "
+            f"inter_ratio={self.inter_ratio:g}, gate={self.gate!r}"
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 4 or z.shape[-1] != self.dim:
+            raise ValueError(f"DeltaConvBlock expects [B, H, W, {self.dim}] (channels last), got {tuple(z.shape)}")
+        b, h, w, _ = z.shape
+        be, mode, scale = self.backend, self.gate, self.gate_scale
+        x = self.proj_in(z)  # [B, H, W, C']
+        feats = []
+        for stage in self.stages:
+            if stage.level == 0:
+                y = ops.dwconv_nhwc(x, stage.weight, stage.bias, backend=be)  # [B, H, W, C']
+                g = ops.gate(y, mode, scale, backend=be)  # [B, H, W, C'/2]
+            else:
+                xp = x
+                for _ in range(stage.level - 1):
+                    xp = ops.avgpool2_nhwc(xp, backend=be)  # [B, ⌈H/2⌉, ⌈W/2⌉, C'], repeated
+                g = ops.half_stage(xp, stage.weight, stage.bias, mode, scale, backend=be)  # [B, h_k, w_k, C'/2]
+                g = ops.upsample_bilinear_nhwc(g, (h, w), backend=be)  # [B, H, W, C'/2]
+            feats.append(g)
+        y = self.proj_out(torch.cat(feats, dim=-1))  # [B, H, W, C'/2·S] → [B, H, W, C]
+        glob = self.global_proj(z.mean(dim=(1, 2)))  # [B, C]
+        return y + glob[:, None, None, :]  # [B, H, W, C]

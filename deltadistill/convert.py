@@ -35,6 +35,8 @@ import json
 import math
 import operator
 import os
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -54,6 +56,8 @@ __all__ = [
     "KernelSpecError",
     "get_denoiser",
     "conversion_info",
+    "convertible_sites",
+    "install",
 ]
 
 INITS = ("mean_field", "zero")
@@ -367,6 +371,29 @@ def convert(
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    den, arch, sites = convertible_sites(pipe)
+    sizes, info = _kernel_sizes(report_or_kernel_size, sites, den)
+    chosen = _select(layers, sites)
+    missing = [s.name for s in chosen if s.name not in sizes]
+    if missing:
+        raise KernelSpecError(
+            f"no kernel size for {len(missing)} layer(s), e.g. {missing[0]!r}; give every layer a size "
+            "or restrict the conversion with layers=[...]"
+        )
+    blocks, mean_field = {}, []
+    for site in chosen:
+        dim = _attn_dim(site.module, site.name)
+        block = DeltaConvBlock(dim, sizes[site.name], scales=scales, inter_ratio=inter_ratio, gate=gate)
+        if init == "mean_field":
+            mean_field.append(_mean_field_init(block, site.module))
+        blocks[site.name] = block
+    info["init"] = init if all(mean_field) else "zero" if not any(mean_field) else "mixed"
+    install(pipe, blocks, info)
+    return pipe
+
+
+def convertible_sites(pipe) -> tuple[nn.Module, str, list]:
+    """``(denoiser, arch, sites)`` of a pipeline that may be converted; raises ValueError otherwise."""
     den = get_denoiser(pipe)
     if any(isinstance(m, DeltaConvAttention) for m in den.modules()):
         raise AlreadyConvertedError(
@@ -386,41 +413,37 @@ def convert(
         sites = find_self_attention(den)
     except ValueError as exc:
         raise ValueError(f"{exc}; nothing to convert (the model has no self-attention)") from None
+    return den, arch, sites
 
-    sizes, info = _kernel_sizes(report_or_kernel_size, sites, den)
-    chosen = _select(layers, sites)
-    missing = [s.name for s in chosen if s.name not in sizes]
-    if missing:
-        raise KernelSpecError(
-            f"no kernel size for {len(missing)} layer(s), e.g. {missing[0]!r}; give every layer a size "
-            "or restrict the conversion with layers=[...]"
-        )
 
+def install(pipe, blocks: Mapping[str, DeltaConvBlock], info: dict | None = None) -> nn.Module:
+    """Put ready-made ``blocks`` ({site name: DeltaConvBlock}) in place of their self-attention.
+
+    Moves each block to its site's device and dtype, registers the latent-size pre-hook, freezes
+    every pipeline parameter except the blocks, and returns the denoiser. Used by :func:`convert`
+    and :func:`deltadistill.io.load`.
+    """
+    den, arch, sites = convertible_sites(pipe)
+    by_name = {s.name: s for s in sites}
+    unknown = [n for n in blocks if n not in by_name]
+    if unknown:
+        raise KernelSpecError(f"no self-attention named {unknown[0]!r} in {type(den).__name__}")
     patch = _patch_size(arch, den)
     recorder = LatentSizeRecorder()
-    mean_field = []
-    for site in chosen:
-        attn = site.module
-        dim = _attn_dim(attn, site.name)
-        ref = attn.to_q.weight
-        block = DeltaConvBlock(dim, sizes[site.name], scales=scales, inter_ratio=inter_ratio, gate=gate)
-        if init == "mean_field":
-            mean_field.append(_mean_field_init(block, attn))
+    for name, block in blocks.items():
+        site = by_name[name]
+        ref = site.module.to_q.weight
         block = block.to(device=ref.device, dtype=ref.dtype)
         wrapper = DeltaConvAttention(
-            block, site_name=site.name, label=site.label, arch=arch, level=site.level, patch=patch, recorder=recorder
+            block, site_name=name, label=site.label, arch=arch, level=site.level, patch=patch, recorder=recorder
         )
-        parent_name, _, child = site.name.rpartition(".")
+        parent_name, _, child = name.rpartition(".")
         parent = den.get_submodule(parent_name) if parent_name else den
         setattr(parent, child, wrapper)
 
     den.register_forward_pre_hook(recorder, with_kwargs=True)
     den._deltadistill_recorder = recorder
-    den._deltadistill_info = {
-        **info,
-        "arch": arch,
-        "init": init if all(mean_field) else "zero" if not any(mean_field) else "mixed",
-    }
+    den._deltadistill_info = {**(info or {}), "arch": arch}
 
     # Freeze everything (all pipeline components), then unfreeze the blocks.
     modules = [den]
@@ -431,4 +454,19 @@ def convert(
         mod.requires_grad_(False)
     for wrapper in delta_modules(den).values():
         wrapper.block.requires_grad_(True)
-    return pipe
+    return den
+
+
+class _CallableModule(types.ModuleType):
+    """``deltadistill.convert`` names both this module and the function the package exports.
+
+    Python rebinds the package attribute to the submodule whenever the submodule is first
+    imported, so ``from deltadistill import convert`` may yield either; calling the module
+    forwards to :func:`convert`, so both spellings work.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

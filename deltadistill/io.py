@@ -1,0 +1,228 @@
+"""Save and load distilled ΔConvBlocks (SPEC §6: the distilled model folder).
+
+A folder holds
+
+* ``config.json``: format name and version, the base model (alias, source, pipeline, arch), the
+  base denoiser's class and config hash, the report hash when kernel sizes came from ``erf.json``,
+  and per converted layer its name, label, dim, kernel_size, scales, inter_ratio and gate;
+* ``delta_blocks.safetensors``: every block's parameters, keyed ``<layer name>.<parameter>``
+  (e.g. ``transformer_blocks.3.attn1.proj_in.weight``).
+
+:func:`save` writes into a temporary folder next to the target and renames it into place, so a
+reader never sees half a folder; an existing folder is only replaced with ``overwrite=True``.
+:func:`load` validates the folder against a *fresh* base pipeline (config hash, layer names,
+dims, tensor names and shapes) before touching it, then converts it and loads the weights
+(safetensors only — no pickle).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from attnprobe.registry import ModelSpec, config_hash
+from deltadistill.block import DeltaConvBlock
+from deltadistill.convert import (
+    _attn_dim,
+    conversion_info,
+    convertible_sites,
+    delta_modules,
+    get_denoiser,
+    install,
+)
+
+__all__ = ["save", "load", "read_config", "FolderMismatchError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "delta_blocks.safetensors"
+FORMAT = "deltadistill"
+FORMAT_VERSION = 1
+
+
+class FolderMismatchError(ValueError):
+    """A distilled folder does not fit the pipeline it is loaded onto (or is malformed)."""
+
+
+def _base_model_info(base_model) -> dict:
+    """``{"alias", "source", "pipeline", "arch"}`` from an alias / folder / Hub id or a ModelSpec."""
+    if isinstance(base_model, ModelSpec):
+        spec = base_model
+    else:
+        from attnprobe.registry import ModelLoadError, resolve
+
+        name = str(base_model)
+        try:
+            spec = resolve(name)
+        except ModelLoadError:
+            return {"alias": name, "source": name, "pipeline": "", "arch": ""}
+    return {"alias": spec.alias, "source": spec.source, "pipeline": spec.pipeline, "arch": spec.arch}
+
+
+def save(pipe, folder, *, base_model, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the converted pipeline's ΔConvBlocks to ``folder`` atomically; returns the folder.
+
+    Args:
+        pipe: a converted pipeline (or its denoiser).
+        folder: target folder; must not exist unless ``overwrite``.
+        base_model: the base model's alias, folder or Hub id (or its ``ModelSpec``), recorded so
+            users know which pipeline to load the blocks onto.
+        extra: JSON-serialisable metadata stored under ``"extra"`` (training step, losses, ...).
+    """
+    from safetensors.torch import save_file
+
+    den = get_denoiser(pipe)
+    mods = delta_modules(den)
+    if not mods:
+        raise ValueError("the pipeline has no ΔConvBlocks to save; run deltadistill.convert(pipe, ...) first")
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists; pass overwrite=True (or --overwrite) to replace it")
+    info = conversion_info(den)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deltadistill_version": _version(),
+        "base_model": _base_model_info(base_model),
+        "denoiser_class": type(den).__name__,
+        "base_config_hash": config_hash(den.config),
+        "report_hash": info.get("report_hash"),
+        "kernel_source": info.get("kernel_source"),
+        "layers": [
+            {
+                "name": name,
+                "label": mod.label,
+                "dim": mod.block.dim,
+                "kernel_size": mod.block.kernel_size,
+                "scales": list(mod.block.scales),
+                "inter_ratio": mod.block.inter_ratio,
+                "gate": mod.block.gate,
+            }
+            for name, mod in mods.items()
+        ],
+        "extra": extra or {},
+    }
+    text = json.dumps(config, indent=2, ensure_ascii=False)  # fail before writing anything if not JSON
+    tensors = {
+        f"{name}.{key}": value.detach().to("cpu").contiguous()
+        for name, mod in mods.items()
+        for key, value in mod.block.state_dict().items()
+    }
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        (tmp / CONFIG_NAME).write_text(text + "\n")
+        if folder.exists():  # overwrite: move the old folder aside, then swap
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _version() -> str:
+    from deltadistill import __version__
+
+    return __version__
+
+
+def read_config(folder) -> dict:
+    """The validated ``config.json`` of a distilled folder."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FolderMismatchError(f"{folder} is not a deltadistill folder: no {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FolderMismatchError(f"{path} is not valid JSON ({exc})") from None
+    if config.get("format") != FORMAT:
+        raise FolderMismatchError(f"{path} is not a deltadistill config (format {config.get('format')!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise FolderMismatchError(
+            f"{path} has format version {config.get('format_version')}, this deltadistill reads {FORMAT_VERSION}; "
+            "upgrade deltadistill"
+        )
+    for key in ("base_config_hash", "layers"):
+        if key not in config:
+            raise FolderMismatchError(f"{path} lacks {key!r}")
+    return config
+
+
+def load(pipe, folder):
+    """Convert a fresh base ``pipe`` to match ``folder`` and load its trained blocks; returns ``pipe``.
+
+    Everything is checked before the pipeline is modified: the base denoiser's config hash, each
+    layer's name and dim, and every tensor's name and shape (so an edited kernel size is caught).
+    Raises :class:`FolderMismatchError` (a ValueError) with a one-line message naming the mismatch.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = read_config(folder)
+    den, arch, sites = convertible_sites(pipe)
+    base = config.get("base_model", {}) or {}
+    want, have = config["base_config_hash"], config_hash(den.config)
+    if want != have:
+        raise FolderMismatchError(
+            f"{folder} was distilled from {base.get('alias', '?')} ({config.get('denoiser_class')}, config hash {want}) "
+            f"but this pipeline's {type(den).__name__} has config hash {have}; load the matching base pipeline "
+            f"(attnprobe.registry.load_pipeline({base.get('alias', '...')!r}))"
+        )
+    by_name = {s.name: s for s in sites}
+    blocks: dict[str, DeltaConvBlock] = {}
+    for layer in config["layers"]:
+        name = layer.get("name")
+        if name not in by_name:
+            raise FolderMismatchError(f"{folder}: layer {name!r} is not a self-attention module of this {type(den).__name__}")
+        dim = _attn_dim(by_name[name].module, name)
+        if int(layer.get("dim", -1)) != dim:
+            raise FolderMismatchError(f"{folder}: layer {name} has dim {layer.get('dim')} in {CONFIG_NAME}, the model has {dim}")
+        try:
+            blocks[name] = DeltaConvBlock(
+                dim,
+                layer["kernel_size"],
+                scales=tuple(layer.get("scales", (1, 0.5))),
+                inter_ratio=layer.get("inter_ratio", 0.5),
+                gate=layer.get("gate", "scaled"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FolderMismatchError(f"{folder}: layer {name} has invalid settings in {CONFIG_NAME}: {exc}") from None
+
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FolderMismatchError(f"{folder} has no {WEIGHTS_NAME}")
+    tensors = load_file(str(weights), device="cpu")
+    expected = {f"{name}.{key}": value for name, block in blocks.items() for key, value in block.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise FolderMismatchError(
+            f"{folder}: {WEIGHTS_NAME} does not match {CONFIG_NAME} ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    for key, ref in expected.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise FolderMismatchError(
+                f"{folder}: {key} has shape {tuple(tensors[key].shape)} in {WEIGHTS_NAME} but {tuple(ref.shape)} from "
+                f"{CONFIG_NAME} (edited kernel_size/scales/inter_ratio?)"
+            )
+    with torch.no_grad():
+        for key, ref in expected.items():
+            ref.copy_(tensors[key].to(ref.dtype))  # state_dict() values share storage with the parameters
+
+    info = {k: config.get(k) for k in ("report_hash", "kernel_source")}
+    info["loaded_from"] = str(folder)
+    install(pipe, blocks, info)
+    return pipe

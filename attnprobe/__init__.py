@@ -1,27 +1,17 @@
 """attnprobe: measure how local the self-attention of diffusion models is.
 
-Public API (imported lazily so that ``import attnprobe`` stays cheap)::
+Public API::
 
-    from attnprobe import analyze, load_report, capture
+    from attnprobe import analyze, capture, load_report
     report = analyze(pipe, ["a photo of a cat"], threshold=0.8)
     report.save("erf.json")
+
+    with capture(pipe, queries="stride:2") as probe:   # lower level: raw accumulators
+        pipe("a photo of a cat")
 """
-__version__ = "0.1.0"
+from attnprobe._version import __version__
+from attnprobe.analysis import analyze
+from attnprobe.capture import capture
+from attnprobe.report import Report, load_report, merge_reports
 
-__all__ = ["analyze", "load_report", "capture", "Report", "__version__"]
-
-
-def __getattr__(name):
-    if name in ("analyze",):
-        from attnprobe.analyze import analyze
-
-        return analyze
-    if name in ("load_report", "Report"):
-        from attnprobe import report
-
-        return getattr(report, name)
-    if name == "capture":
-        from attnprobe.capture import capture
-
-        return capture
-    raise AttributeError(f"module 'attnprobe' has no attribute {name!r}")
+__all__ = ["analyze", "capture", "load_report", "merge_reports", "Report", "__version__"]

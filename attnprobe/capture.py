@@ -1,0 +1,398 @@
+"""Capture self-attention statistics while a diffusers model runs, without storing N×N maps.
+
+``with capture(pipe, queries="stride:2") as probe: pipe(...)`` wraps the attention processor of
+every self-attention site (see :mod:`attnprobe.arch`) in a :class:`CaptureProcessor`. The
+wrapper calls the *original* processor, so the module's output is exactly what it was; while
+it runs, the query and key tensors that the processor hands to
+``torch.nn.functional.scaled_dot_product_attention`` are observed (after every norm, RoPE and
+text/image concatenation the architecture applies) and reduced at once:
+
+    for each chunk of c queries:                      # c adapts to a memory budget
+        P = softmax(q_c kᵀ · scale [+ mask])          # (B, heads, c, N_keys), fp32
+        A = P[..., image keys]                        # (B, heads, c, H'W')
+        ring[h, r]    += Σ_{b,q} ring_mass(A)         # ℓ∞ rings, (heads, R)
+        hp_ring[h, r] += Σ_{b,q} ring_mass(Λ⁺)        # Λ = Butterworth high-pass of A
+        key_mass[k]   += Σ_{b,h,q} A[..., k]          # for sink detection
+
+so peak extra memory is O(B · heads · c · N) and only O(heads · R + N) floats persist per layer.
+Statistics are kept per denoising-step bucket. Joint attention (FLUX, SD3) is observed on its
+image→image block: the softmax runs over all keys (text included) and only image keys are binned.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attnprobe.arch import AttnSite, denoiser_of, detect_arch, find_self_attention
+from attnprobe.stats import butterworth_filter, butterworth_highpass, ring_mass
+
+__all__ = ["capture", "Capture", "CaptureProcessor", "LayerAccumulator", "parse_queries", "select_sites"]
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("attnprobe_active_layer", default=None)
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+_SDPA_PATCH_DEPTH = 0
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _observing_sdpa(*args, **kwargs):
+    """Drop-in for F.scaled_dot_product_attention that lets the active layer observe q and k."""
+    layer = _ACTIVE.get()
+    if layer is not None and not layer.seen:
+        bound = dict(zip(_SDPA_ARGS, args))
+        bound.update(kwargs)
+        layer.seen = True  # only the first SDPA call of a processor call is the self-attention
+        layer.observe(bound["query"], bound["key"], bound.get("attn_mask"), bound.get("scale"))
+    return _ORIGINAL_SDPA(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _patched_sdpa():
+    global _SDPA_PATCH_DEPTH
+    if _SDPA_PATCH_DEPTH == 0:
+        F.scaled_dot_product_attention = _observing_sdpa
+    _SDPA_PATCH_DEPTH += 1
+    try:
+        yield
+    finally:
+        _SDPA_PATCH_DEPTH -= 1
+        if _SDPA_PATCH_DEPTH == 0:
+            F.scaled_dot_product_attention = _ORIGINAL_SDPA
+
+
+class CaptureProcessor:
+    """Wraps an attention processor: same call, same output, plus observation of q/k."""
+
+    def __init__(self, original, layer: "LayerAccumulator"):
+        self.original = original
+        self.layer = layer
+
+    def _run(self, attn, *args, **kwargs):
+        self.layer.seen = False
+        token = _ACTIVE.set(self.layer)
+        try:
+            return self.original(attn, *args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+
+_WRAPPER_CLASSES: dict[type, type] = {}
+
+
+def _wrapper_class(original_cls: type) -> type:
+    """A CaptureProcessor subclass whose __call__ advertises the original's signature.
+
+    diffusers filters the keyword arguments it passes to a processor by
+    ``inspect.signature(processor.__call__)``; advertising the original signature keeps every
+    keyword (``image_rotary_emb``, ``temb``, ...) flowing through unchanged.
+    """
+    if original_cls not in _WRAPPER_CLASSES:
+
+        def __call__(self, attn, *args, **kwargs):
+            return self._run(attn, *args, **kwargs)
+
+        __call__.__signature__ = inspect.signature(original_cls.__call__)
+        _WRAPPER_CLASSES[original_cls] = type(f"Capture{original_cls.__name__}", (CaptureProcessor,), {"__call__": __call__})
+    return _WRAPPER_CLASSES[original_cls]
+
+
+def parse_queries(spec, grid: tuple[int, int]) -> torch.Tensor:
+    """Query positions (flat indices into the grid) for a query spec.
+
+    ``"all"``; ``"stride:S"`` (every S-th row and column, S ≥ 1); ``"sample:N"`` (N positions
+    drawn uniformly without replacement, seeded by the grid so shards agree); ``"auto"``
+    (all queries up to 32×32 grids, then the stride that keeps about 1024 queries).
+    """
+    h, w = grid
+    n = h * w
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        stride = max(1, math.ceil(math.sqrt(n / 1024)))
+        spec = f"stride:{stride}"
+    if spec == "all":
+        return torch.arange(n)
+    kind, _, value = spec.partition(":")
+    try:
+        v = int(value)
+    except ValueError:
+        v = 0
+    if kind == "stride" and v >= 1:
+        rows = torch.arange(0, h, v)
+        cols = torch.arange(0, w, v)
+        return (rows[:, None] * w + cols[None, :]).reshape(-1)
+    if kind == "sample" and v >= 1:
+        g = torch.Generator().manual_seed(1_000_003 * h + w)
+        return torch.randperm(n, generator=g)[: min(v, n)].sort().values
+    raise ValueError(f"bad --queries {spec!r}: use 'all', 'auto', 'stride:S' or 'sample:N' with a positive integer")
+
+
+def select_sites(sites: list[AttnSite], layers: str | None) -> list[AttnSite]:
+    """Filter sites by a comma-separated list of regular expressions on the name or label."""
+    if not layers:
+        return sites
+    pats = [re.compile(p.strip()) for p in layers.split(",") if p.strip()]
+    chosen = [s for s in sites if any(p.search(s.name) or p.search(s.label) for p in pats)]
+    if not chosen:
+        names = ", ".join(s.label for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
+        raise ValueError(f"--layers {layers!r} matches no self-attention layer (layers: {names})")
+    return chosen
+
+
+@dataclass
+class LayerAccumulator:
+    """Running sums for one self-attention site (all float64 on CPU)."""
+
+    site: AttnSite
+    buckets: int
+    highpass_mass: str
+    cutoff: float
+    order: int
+    queries: str
+    probe_points: list[tuple[float, float]]
+    memory_budget: int
+    capture: "Capture" = field(repr=False)
+    grid: tuple[int, int] | None = None
+    heads: int = 0
+    ring: np.ndarray | None = None  # (T, heads, R)
+    hp_ring: np.ndarray | None = None  # (T, heads, R)
+    mass: np.ndarray | None = None  # (T, heads) image-key mass
+    hp_pos: np.ndarray | None = None  # (T, heads) positive high-pass mass
+    rows: np.ndarray | None = None  # (T,) query rows per head (batch × queries)
+    key_mass: np.ndarray | None = None  # (N,) mass received per key
+    probe_maps: np.ndarray | None = None  # (P, N) mean over heads, summed over batch/steps
+    probe_rows: int = 0
+    seen: bool = False
+    _positions: torch.Tensor | None = field(default=None, repr=False)
+    _response: torch.Tensor | None = field(default=None, repr=False)
+
+    def _init(self, heads: int, grid: tuple[int, int]) -> None:
+        h, w = grid
+        r = max(h, w)
+        self.grid, self.heads = grid, heads
+        t = self.buckets
+        self.ring = np.zeros((t, heads, r))
+        self.hp_ring = np.zeros((t, heads, r))
+        self.mass = np.zeros((t, heads))
+        self.hp_pos = np.zeros((t, heads))
+        self.rows = np.zeros(t)
+        self.key_mass = np.zeros(h * w)
+        self.probe_maps = np.zeros((len(self.probe_points), h * w))
+        self._positions = parse_queries(self.queries, grid)
+
+    def _image_slice(self, n_tokens: int, n_image: int) -> int:
+        """Offset of the image tokens in a sequence of n_tokens (joint attention concatenates text)."""
+        if self.site.joint is None:
+            if n_tokens != n_image:
+                raise RuntimeError(
+                    f"{self.site.name}: {n_tokens} tokens but the expected grid {self.grid} has {n_image}; "
+                    "is the resolution consistent with the model?"
+                )
+            return 0
+        if n_tokens < n_image:
+            raise RuntimeError(f"{self.site.name}: {n_tokens} tokens, fewer than the {n_image} image tokens")
+        return n_tokens - n_image if self.site.joint == "image_last" else 0
+
+    @torch.no_grad()
+    def observe(self, q: torch.Tensor, k: torch.Tensor, mask, scale) -> None:
+        """Reduce one attention call. q: (B, heads, Nq, d), k: (B, heads, Nk, d)."""
+        grid = self.site.grid(self.capture.base_grid())
+        b, heads, nq, d = q.shape
+        if self.grid is None:
+            self._init(heads, grid)
+        elif grid != self.grid:
+            raise RuntimeError(
+                f"{self.site.name}: grid changed from {self.grid} to {grid} during one capture; "
+                "analyse one resolution per report"
+            )
+        n = grid[0] * grid[1]
+        q_off = self._image_slice(nq, n)
+        k_off = self._image_slice(k.shape[2], n)
+        t = self.capture.bucket()
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        kf = k.float()
+        if self._response is None or self._response.device != q.device:
+            self._response = butterworth_filter(grid, self.cutoff, self.order, device=q.device).float()
+        positions = self._positions.to(q.device)
+        # Chunk size: ~8 fp32 buffers of (B, heads, c, Nk) must fit the budget.
+        per_query = b * heads * k.shape[2] * 4 * 8
+        chunk = max(1, min(len(positions), self.memory_budget // per_query))
+        ring = torch.zeros(heads, max(grid), dtype=torch.float64, device=q.device)
+        hp_ring = torch.zeros_like(ring)
+        mass = torch.zeros(heads, dtype=torch.float64, device=q.device)
+        hp_pos = torch.zeros_like(mass)
+        key_mass = torch.zeros(n, dtype=torch.float64, device=q.device)
+        for start in range(0, len(positions), chunk):
+            pos = positions[start : start + chunk]
+            probs = self._softmax_rows(q, kf, q_off + pos, mask, scale)  # (B, heads, c, Nk)
+            a = probs[..., k_off : k_off + n]  # (B, heads, c, N)
+            ring += ring_mass(a, grid, pos).sum((0, 2), dtype=torch.float64)
+            mass += a.sum(-1).sum((0, 2), dtype=torch.float64)
+            key_mass += a.sum((0, 1, 2), dtype=torch.float64)
+            lam = butterworth_highpass(a, grid, response=self._response)  # (B, heads, c, N)
+            pos_part = lam.clamp(min=0)
+            hp_pos += pos_part.sum(-1).sum((0, 2), dtype=torch.float64)
+            binned = pos_part if self.highpass_mass == "positive" else lam.abs()
+            hp_ring += ring_mass(binned, grid, pos).sum((0, 2), dtype=torch.float64)
+            del probs, a, lam, pos_part, binned
+        self.ring[t] += ring.cpu().numpy()
+        self.hp_ring[t] += hp_ring.cpu().numpy()
+        self.mass[t] += mass.cpu().numpy()
+        self.hp_pos[t] += hp_pos.cpu().numpy()
+        self.rows[t] += b * len(positions)
+        self.key_mass += key_mass.cpu().numpy()
+        if self.probe_points:
+            h, w = grid
+            idx = torch.tensor(
+                [min(h - 1, int(py * h)) * w + min(w - 1, int(px * w)) for py, px in self.probe_points], device=q.device
+            )
+            a = self._softmax_rows(q, kf, q_off + idx, mask, scale)[..., k_off : k_off + n]  # (B, heads, P, N)
+            self.probe_maps += a.mean(1).sum(0, dtype=torch.float64).cpu().numpy()
+            self.probe_rows += b
+
+    @staticmethod
+    def _softmax_rows(q, kf, rows, mask, scale) -> torch.Tensor:
+        """Softmax attention rows for the queries ``rows``: (B, heads, len(rows), Nk) fp32."""
+        s = torch.matmul(q[:, :, rows].float(), kf.transpose(-1, -2)) * scale
+        if mask is not None:
+            m = mask
+            if m.dim() == 4 and m.shape[-2] > 1:
+                m = m[..., rows, :]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        return torch.softmax(s, dim=-1)
+
+
+class Capture:
+    """Context manager that installs capture processors and owns the per-layer accumulators."""
+
+    def __init__(
+        self,
+        pipe_or_denoiser,
+        *,
+        layers: str | None = None,
+        queries: str = "auto",
+        cutoff: float = 0.1,
+        order: int = 2,
+        highpass_mass: str = "positive",
+        timestep_buckets: int = 1,
+        steps: int | None = None,
+        probe_points: list[tuple[float, float]] | None = None,
+        memory_budget_mb: float = 256,
+    ):
+        if highpass_mass not in ("positive", "abs"):
+            raise ValueError("highpass_mass must be 'positive' or 'abs'")
+        if timestep_buckets < 1:
+            raise ValueError("timestep_buckets must be ≥ 1")
+        self.denoiser = pipe_or_denoiser if isinstance(pipe_or_denoiser, torch.nn.Module) else denoiser_of(pipe_or_denoiser)
+        self.arch = detect_arch(self.denoiser)
+        self.sites = select_sites(find_self_attention(self.denoiser), layers)
+        parse_queries(queries, (8, 8))  # validate early
+        self.steps = steps
+        self.buckets = timestep_buckets
+        self.step = 0
+        self._base_grid: tuple[int, int] | None = None
+        self.layers: dict[str, LayerAccumulator] = {
+            s.name: LayerAccumulator(
+                site=s,
+                buckets=timestep_buckets,
+                highpass_mass=highpass_mass,
+                cutoff=cutoff,
+                order=order,
+                queries=queries,
+                probe_points=list(probe_points or []),
+                memory_budget=int(memory_budget_mb * 2**20),
+                capture=self,
+            )
+            for s in self.sites
+        }
+        self._originals: dict[str, object] = {}
+        self._hook = None
+        self._sdpa = None
+
+    # -- step / grid bookkeeping (a forward pre-hook on the denoiser) -----------------------------
+    def _pre_hook(self, module, args, kwargs):
+        self._base_grid = self._infer_base_grid(args, kwargs)
+        self._current_step = self.step
+        self.step += 1
+
+    def _infer_base_grid(self, args, kwargs) -> tuple[int, int]:
+        cfg = self.denoiser.config
+        if self.arch == "flux":
+            ids = kwargs.get("img_ids")
+            if ids is None:
+                raise RuntimeError("FLUX capture needs img_ids to know the token grid")
+            ids = ids[0] if ids.dim() == 3 else ids
+            return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        h, w = x.shape[-2:]
+        if self.arch == "unet":
+            return int(h), int(w)
+        p = int(cfg.patch_size)
+        return int(h) // p, int(w) // p
+
+    def base_grid(self) -> tuple[int, int]:
+        if self._base_grid is None:
+            raise RuntimeError("capture saw an attention call before the denoiser's forward")
+        return self._base_grid
+
+    def bucket(self) -> int:
+        if self.buckets == 1 or not self.steps:
+            return 0
+        return min(self.buckets - 1, self._current_step * self.buckets // self.steps)
+
+    def new_generation(self) -> None:
+        """Call before each pipeline call so step buckets restart."""
+        self.step = 0
+
+    # -- install / restore --------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        for s in self.sites:
+            proc = s.module.processor
+            if isinstance(proc, CaptureProcessor):
+                raise RuntimeError(f"{s.name} is already being captured; nested capture on one model is not supported")
+        try:
+            for s in self.sites:
+                orig = s.module.processor
+                self._originals[s.name] = orig
+                wrapper = _wrapper_class(type(orig))(orig, self.layers[s.name])
+                _set_processor(s.module, wrapper)
+            self._hook = self.denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            self._sdpa = _patched_sdpa()
+            self._sdpa.__enter__()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._restore()
+        return False
+
+    def _restore(self) -> None:
+        for s in self.sites:
+            if s.name in self._originals:
+                _set_processor(s.module, self._originals.pop(s.name))
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._sdpa is not None:
+            self._sdpa.__exit__(None, None, None)
+            self._sdpa = None
+
+
+def _set_processor(module, processor) -> None:
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:  # pragma: no cover - every diffusers attention class has set_processor today
+        module.processor = processor
+
+
+def capture(pipe_or_denoiser, **options) -> Capture:
+    """``with capture(pipe, queries="all") as probe: pipe(...)`` — see :class:`Capture`."""
+    return Capture(pipe_or_denoiser, **options)

@@ -1,0 +1,373 @@
+"""The ERF report (``erf.json``): accumulators, derived per-layer results, validation, merging.
+
+A report stores, per layer, the *sums* the capture accumulated (ring masses per step bucket and
+head, high-pass ring masses, total and positive high-pass mass, query-row counts, mass received
+per key, probe maps). Everything users read (ASM curves, ERFs, kernel sizes, bias share, sink
+keys) is derived from those sums by :class:`LayerResult`, so two reports of the same model and
+settings merge exactly by adding their sums (:func:`merge_reports`).
+
+Derived quantities (per layer; T step buckets, h heads, R rings):
+
+* ``asm_curve[r]``: Σ_{t,h} ring[t,h,:r+1] / Σ ring — share of image-key mass in the (2r+1)² box.
+* ``hp_asm_curve``: the same over the Butterworth high-passed maps (positive part, or abs).
+* ``asm_gradient``: d ASM / dK = (ASM(K) − ASM(K−2)) / 2.
+* ``erf``: smallest odd K with hp_asm_curve ≥ τ; also per head and per step bucket.
+* ``kernel_size``: odd(ceil(ratio · ERF)) clamped to [kmin, kmax].
+* ``local_share`` = Σ Λ⁺ / Σ A (content/local term), ``bias_share`` = 1 − local_share
+  (the query-independent low-pass prior).
+* ``sink_keys``: keys receiving more than ``sink_factor`` × the mean mass per key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from attnprobe.stats import asm_from_rings, effective_receptive_field, recommended_kernel_size
+
+SCHEMA = "attnprobe.erf"
+SCHEMA_VERSION = 1
+
+# settings that must agree for two reports to merge
+MERGE_KEYS = (
+    "resolution",
+    "steps",
+    "guidance_scale",
+    "cutoff",
+    "order",
+    "highpass_mass",
+    "queries",
+    "timestep_buckets",
+    "probe_points",
+    "dtype",
+)
+ACCUMULATORS = ("ring", "hp_ring", "mass", "hp_pos", "rows", "key_mass", "probe_maps", "probe_rows")
+
+
+class ReportError(ValueError):
+    """The file is not a valid report (wrong schema, truncated, inconsistent)."""
+
+
+def prompts_hash(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LayerResult:
+    """One self-attention layer: its accumulators and everything derived from them."""
+
+    name: str
+    label: str
+    grid: tuple[int, int]
+    heads: int
+    level: int
+    joint: str | None
+    ring: np.ndarray  # (T, heads, R)
+    hp_ring: np.ndarray  # (T, heads, R)
+    mass: np.ndarray  # (T, heads)
+    hp_pos: np.ndarray  # (T, heads)
+    rows: np.ndarray  # (T,)
+    key_mass: np.ndarray  # (N,)
+    probe_maps: np.ndarray  # (P, N)
+    probe_rows: int
+    settings: dict = field(repr=False, default_factory=dict)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return float(self.settings.get("threshold", 0.8))
+
+    @property
+    def radii(self) -> np.ndarray:
+        return np.arange(self.ring.shape[-1])
+
+    @property
+    def kernel_sizes(self) -> np.ndarray:
+        """K = 2r + 1 for each ring index."""
+        return 2 * self.radii + 1
+
+    @property
+    def asm_curve(self) -> np.ndarray:
+        return asm_from_rings(self.ring.sum((0, 1)))
+
+    @property
+    def hp_asm_curve(self) -> np.ndarray:
+        return asm_from_rings(self.hp_ring.sum((0, 1)))
+
+    @staticmethod
+    def gradient(curve: np.ndarray) -> np.ndarray:
+        """d ASM / dK with K = 2r+1 (so a step of one ring is ΔK = 2)."""
+        return np.diff(curve, prepend=0.0) / 2.0
+
+    @property
+    def erf(self) -> int:
+        return effective_receptive_field(self.hp_asm_curve, self.threshold) if self.hp_ring.sum() > 0 else 0
+
+    @property
+    def erf_unfiltered(self) -> int:
+        return effective_receptive_field(self.asm_curve, self.threshold) if self.ring.sum() > 0 else 0
+
+    @property
+    def erf_per_head(self) -> list[int]:
+        per = self.hp_ring.sum(0)
+        return [effective_receptive_field(np.cumsum(p), self.threshold) if p.sum() > 0 else 0 for p in per]
+
+    @property
+    def erf_per_bucket(self) -> list[int]:
+        per = self.hp_ring.sum(1)
+        return [effective_receptive_field(np.cumsum(p), self.threshold) if p.sum() > 0 else 0 for p in per]
+
+    @property
+    def kernel_size(self) -> int:
+        s = self.settings
+        return recommended_kernel_size(
+            max(self.erf, 1), float(s.get("kernel_ratio", 0.6)), int(s.get("kmin", 3)), int(s.get("kmax", 31))
+        )
+
+    @property
+    def local_share(self) -> float:
+        total = self.mass.sum()
+        return float(self.hp_pos.sum() / total) if total > 0 else 0.0
+
+    @property
+    def bias_share(self) -> float:
+        return 1.0 - self.local_share
+
+    @property
+    def sink_keys(self) -> list[int]:
+        km = self.key_mass
+        if km.sum() <= 0:
+            return []
+        factor = float(self.settings.get("sink_factor", 5.0))
+        return [int(i) for i in np.nonzero(km > factor * km.mean())[0]]
+
+    @property
+    def has_sink(self) -> bool:
+        return bool(self.sink_keys)
+
+    @property
+    def sink_share(self) -> float:
+        """Fraction of all mass received by the flagged sink keys."""
+        km = self.key_mass
+        return float(km[self.sink_keys].sum() / km.sum()) if km.sum() > 0 and self.sink_keys else 0.0
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "grid": list(self.grid),
+            "heads": self.heads,
+            "level": self.level,
+            "joint": self.joint,
+            "results": {
+                "erf": self.erf,
+                "erf_unfiltered": self.erf_unfiltered,
+                "kernel_size": self.kernel_size,
+                "kernel_sizes_axis": self.kernel_sizes.tolist(),
+                "asm_curve": _round(self.asm_curve),
+                "asm_gradient": _round(self.gradient(self.asm_curve)),
+                "hp_asm_curve": _round(self.hp_asm_curve),
+                "hp_asm_gradient": _round(self.gradient(self.hp_asm_curve)),
+                "erf_per_head": self.erf_per_head,
+                "erf_per_bucket": self.erf_per_bucket,
+                "bias_share": round(self.bias_share, 6),
+                "local_share": round(self.local_share, 6),
+                "sink_keys": self.sink_keys,
+                "sink_share": round(self.sink_share, 6),
+            },
+            "accumulators": {
+                "ring": self.ring.tolist(),
+                "hp_ring": self.hp_ring.tolist(),
+                "mass": self.mass.tolist(),
+                "hp_pos": self.hp_pos.tolist(),
+                "rows": self.rows.tolist(),
+                "key_mass": self.key_mass.tolist(),
+                "probe_maps": self.probe_maps.tolist(),
+                "probe_rows": int(self.probe_rows),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, settings: dict) -> "LayerResult":
+        try:
+            acc = d["accumulators"]
+            grid = tuple(int(v) for v in d["grid"])
+            layer = cls(
+                name=str(d["name"]),
+                label=str(d["label"]),
+                grid=grid,
+                heads=int(d["heads"]),
+                level=int(d.get("level", 0)),
+                joint=d.get("joint"),
+                ring=np.asarray(acc["ring"], dtype=np.float64),
+                hp_ring=np.asarray(acc["hp_ring"], dtype=np.float64),
+                mass=np.asarray(acc["mass"], dtype=np.float64),
+                hp_pos=np.asarray(acc["hp_pos"], dtype=np.float64),
+                rows=np.asarray(acc["rows"], dtype=np.float64),
+                key_mass=np.asarray(acc["key_mass"], dtype=np.float64),
+                probe_maps=np.asarray(acc["probe_maps"], dtype=np.float64).reshape(-1, grid[0] * grid[1]),
+                probe_rows=int(acc.get("probe_rows", 0)),
+                settings=settings,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"layer {d.get('name', '?')!r} is malformed: {exc}") from None
+        layer.validate()
+        return layer
+
+    def validate(self) -> None:
+        t, h, r = self.ring.shape if self.ring.ndim == 3 else (None, None, None)
+        n = self.grid[0] * self.grid[1]
+        ok = (
+            t is not None
+            and h == self.heads
+            and r == max(self.grid)
+            and self.hp_ring.shape == self.ring.shape
+            and self.mass.shape == (t, h)
+            and self.hp_pos.shape == (t, h)
+            and self.rows.shape == (t,)
+            and self.key_mass.shape == (n,)
+        )
+        if not ok:
+            raise ReportError(f"layer {self.name!r}: accumulator shapes do not match grid {self.grid} and {self.heads} heads")
+        for key in ("ring", "hp_ring", "mass", "hp_pos", "key_mass", "probe_maps"):
+            if not np.all(np.isfinite(getattr(self, key))):
+                raise ReportError(f"layer {self.name!r}: accumulator {key!r} contains NaN or inf")
+
+
+def _round(a: np.ndarray, digits: int = 6) -> list:
+    return [round(float(v), digits) for v in np.asarray(a).ravel()]
+
+
+@dataclass
+class Report:
+    """An ERF report: model, settings, run metadata and per-layer results."""
+
+    model: dict
+    settings: dict
+    run: dict
+    layers: list[LayerResult]
+    images: list[str] = field(default_factory=list)
+
+    def layer(self, name_or_label: str) -> LayerResult:
+        for layer in self.layers:
+            if name_or_label in (layer.name, layer.label):
+                return layer
+        raise KeyError(name_or_label)
+
+    @property
+    def kernel_sizes(self) -> dict[str, int]:
+        """{module name: recommended kernel size} — what deltadistill consumes."""
+        return {layer.name: layer.kernel_size for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "settings": self.settings,
+            "run": self.run,
+            "images": self.images,
+            "highpass_note": (
+                "ASM over the Butterworth high-passed maps uses the "
+                + ("positive part" if self.settings.get("highpass_mass", "positive") == "positive" else "absolute value")
+                + " of the filtered map, which sums to ~0 because the filter removes DC."
+            ),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.to_dict(), fh, separators=(",", ":"))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise ReportError("not an attnprobe ERF report (missing schema 'attnprobe.erf')")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ReportError(
+                f"report schema version {version} is not supported (this attnprobe reads version {SCHEMA_VERSION}); "
+                "re-run `attnprobe analyze` to regenerate it"
+            )
+        for key in ("model", "settings", "run", "layers"):
+            if key not in d:
+                raise ReportError(f"report is missing {key!r}")
+        settings = d["settings"]
+        layers = [LayerResult.from_dict(ld, settings) for ld in d["layers"]]
+        if not layers:
+            raise ReportError("report has no layers")
+        return cls(model=d["model"], settings=settings, run=d["run"], layers=layers, images=list(d.get("images", [])))
+
+
+def load_report(path: str | os.PathLike) -> Report:
+    """Read and validate an ``erf.json`` (raises :class:`ReportError` with a clear message)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "erf.json"
+    if not path.is_file():
+        raise ReportError(f"no report at {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON (truncated?): {exc.msg} at line {exc.lineno}") from None
+    return Report.from_dict(data)
+
+
+def merge_reports(reports: list[Report]) -> Report:
+    """Add the accumulators of reports of the same model, settings and layers."""
+    if len(reports) < 2:
+        raise ReportError("merge needs at least two reports")
+    base = reports[0]
+    for i, other in enumerate(reports[1:], start=2):
+        if other.model.get("config_hash") != base.model.get("config_hash"):
+            raise ReportError(
+                f"report {i} is of a different model ({other.model.get('alias')}, config {other.model.get('config_hash')}) "
+                f"than report 1 ({base.model.get('alias')}, config {base.model.get('config_hash')})"
+            )
+        for key in MERGE_KEYS:
+            if other.settings.get(key) != base.settings.get(key):
+                raise ReportError(
+                    f"report {i} differs in setting {key!r}: {other.settings.get(key)!r} vs {base.settings.get(key)!r}"
+                )
+        names = [(l.name, tuple(l.grid), l.heads) for l in other.layers]
+        if names != [(l.name, tuple(l.grid), l.heads) for l in base.layers]:
+            raise ReportError(f"report {i} covers different layers or grids than report 1")
+    settings = dict(base.settings)
+    settings["prompts"] = [p for r in reports for p in r.settings.get("prompts", [])]
+    settings["prompts_hash"] = prompts_hash(settings["prompts"])
+    settings["seeds"] = [s for r in reports for s in r.settings.get("seeds", [r.settings.get("seed")])]
+    settings["merged_from"] = sum(int(r.settings.get("merged_from", 1)) for r in reports)
+    layers = []
+    for group in zip(*(r.layers for r in reports)):
+        first = group[0]
+        acc = {key: sum(getattr(l, key) for l in group) for key in ACCUMULATORS}
+        layers.append(
+            LayerResult(
+                name=first.name, label=first.label, grid=first.grid, heads=first.heads, level=first.level,
+                joint=first.joint, settings=settings, **acc,
+            )
+        )
+    run = {"merged": [r.run for r in reports]}
+    images = [img for r in reports for img in r.images]
+    return Report(model=base.model, settings=settings, run=run, layers=layers, images=images)

@@ -224,14 +224,25 @@ def models():
     from attnprobe.registry import ALIASES, weights_available
 
     table = Table(title="attnprobe models")
-    for col in ("alias", "resolves to", "arch", "resolution", "weights here", "description"):
-        table.add_column(col)
+    table.add_column("alias", no_wrap=True)
+    table.add_column("resolves to", overflow="fold")
+    for col in ("arch", "res.", "weights"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("description", overflow="fold")
     for spec in ALIASES.values():
         have = weights_available(spec)
         table.add_row(spec.alias, spec.source if not spec.alias == "demo" else "attnprobe/demo/pipeline (shipped)",
                       spec.arch, str(spec.resolution), "[green]yes[/]" if have else "[red]no[/]", spec.description)
     console.print(table)
     console.print("Also accepted: a local diffusers pipeline folder, or a Hub id 'org/name' (needs its weights in the HF cache).")
+
+
+try:  # `attnprobe plot` and `attnprobe report` live with the figures
+    from attnprobe.cli_figures import register as _register_figures
+
+    _register_figures(app)
+except ImportError:  # pragma: no cover - only while the figures module is absent
+    pass
 
 
 def main():  # console-script entry point

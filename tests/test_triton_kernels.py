@@ -1,0 +1,259 @@
+"""Triton ΔConvBlock kernels vs the float64 PyTorch reference: forward and every gradient.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before
+any kernel module is imported). The interpreter costs ~1 ms per tap per program, so the shapes are
+tiny but awkward: odd H and W that do not fill a tile, channel counts that are not a multiple of
+the channel block, K = 3 (several tiles) and K = 13 (kernel larger than the image). bf16 runs only
+on a GPU (the interpreter's bf16 arithmetic is not faithful). With a CUDA device the same tests
+run the compiled kernels on the GPU.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+
+import importlib  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from deltadistill import ops  # noqa: E402
+import deltadistill.kernels.dwconv as dwk  # noqa: E402
+import deltadistill.kernels.pool_upsample as puk  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET and not dwk.INTERPRET:  # imported earlier without the interpreter: rebuild the kernels
+    dwk = importlib.reload(dwk)
+    puk = importlib.reload(puk)
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+# tolerance per dtype: |got - ref| <= atol * max|ref| + rtol * |ref|
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
+DTYPES = [torch.float32, torch.float16]
+
+
+def seed(*key) -> None:
+    """Fresh, reproducible random inputs per test case."""
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Compare against a float64 reference with the dtype's tolerance; say how many differ and where."""
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    g, r = got.detach().double().cpu(), ref.detach().double().cpu()
+    tol = TOL[dtype]
+    scale = r.abs().nan_to_num(0.0).max().item() or 1.0
+    err = (g - r).abs().nan_to_num(float("inf"))
+    bad = ~(err <= tol["atol"] * scale + tol["rtol"] * r.abs())  # also catches NaN
+    if bad.any():
+        where = bad.nonzero()[:5].tolist()
+        first = tuple(where[0])
+        raise AssertionError(
+            f"{what} [{str(dtype).replace('torch.', '')}]: {int(bad.sum())} of {bad.numel()} elements differ "
+            f"beyond rtol={tol['rtol']}, atol={tol['atol']}·max|ref|={tol['atol'] * scale:.3g}; "
+            f"max abs err {err.max().item():.3g} (max |ref| {scale:.3g}); first at index {first}: "
+            f"got {g[first].item():.6g}, expected {r[first].item():.6g}; more at {where[1:]}"
+        )
+
+
+def run_both(fn_triton, fn_ref, inputs, dtype, what, grad_inputs=None):
+    """Run ``fn_triton`` on ``inputs`` (cast to dtype) and ``fn_ref`` on float64 copies of the same
+    values; compare the outputs and the gradients of every floating-point input."""
+    xs = [t.to(DEVICE, dtype).requires_grad_() if t.is_floating_point() else t for t in inputs]
+    x64 = [t.detach().double().cpu().requires_grad_() if t.is_floating_point() else t for t in xs]
+    y = fn_triton(*xs)
+    y64 = fn_ref(*x64)
+    assert y.dtype == dtype, f"{what}: output dtype {y.dtype}, expected {dtype}"
+    assert_close(y, y64, dtype, f"{what} forward")
+    dy = torch.randn(y64.shape, dtype=torch.float64)
+    y.backward(dy.to(DEVICE, dtype))
+    y64.backward(dy)
+    names = grad_inputs or [f"input {i}" for i in range(len(xs))]
+    for name, a, b in zip(names, xs, x64):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            assert a.grad is not None, f"{what}: no gradient for {name}"
+            assert_close(a.grad, b.grad, dtype, f"{what} d/d {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# depth-wise conv
+# ----------------------------------------------------------------------------------------------
+
+CONV_CASES = [
+    # (B, H, W, C, K): interpreter tile is 8×8 pixels × 16 channels
+    pytest.param((2, 11, 19, 20), 3, id="K3-multi-tile-tails"),
+    pytest.param((1, 5, 7, 12), 13, id="K13-kernel-larger-than-image"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape,k", CONV_CASES)
+def test_dwconv_kernel(shape, k, dtype):
+    seed("dwconv", shape, k, dtype)
+    c = shape[-1]
+    x, w, b = torch.randn(shape), torch.randn(c, k, k) / k, torch.randn(c)
+    run_both(
+        lambda x, w, b: ops.dwconv_nhwc(x, w, b, backend="triton"),
+        ops.dwconv_nhwc_reference,
+        [x, w, b],
+        dtype,
+        f"dwconv K={k} {shape}",
+        ["x", "weight", "bias"],
+    )
+
+
+def test_dwconv_kernel_no_bias_and_references():
+    seed("dwconv-nobias")
+    x, w = torch.randn(1, 9, 10, 18), torch.randn(18, 5, 5)
+    run_both(lambda x, w: ops.dwconv_nhwc(x, w, None, backend="triton"), ops.dwconv_nhwc_reference, [x, w],
+             torch.float32, "dwconv no bias", ["x", "weight"])
+    # the launchers against their *_reference twins
+    x64 = x.double()
+    dy = torch.randn(1, 9, 10, 18)
+    wt = dwk.tap_major(w.to(DEVICE))
+    dx = dwk.dwconv_launch(dy.to(DEVICE).contiguous(), wt, None, 5, flip=True)
+    assert_close(dx, dwk.dwconv_dgrad_reference(dy.double(), w.double()), torch.float32, "dgrad launcher")
+    dw, db = dwk.dwconv_wgrad(x.to(DEVICE), dy.to(DEVICE), 5)
+    dw_ref, db_ref = dwk.dwconv_wgrad_reference(x64, dy.double(), 5)
+    assert_close(dw, dw_ref, torch.float32, "wgrad launcher (weight)")
+    assert_close(db, db_ref, torch.float32, "wgrad launcher (bias)")
+
+
+def test_dwconv_rejects_even_kernel():
+    with pytest.raises(ValueError, match="odd K"):
+        ops.dwconv_nhwc(torch.randn(1, 4, 4, 2, device=DEVICE), torch.randn(2, 4, 4, device=DEVICE), None,
+                        backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling, upsampling, gate
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(2, 7, 9, 20), (1, 6, 8, 5)], ids=["odd-HW", "even-HW"])
+def test_avgpool2_kernel(shape, dtype):
+    seed("pool", shape, dtype)
+    run_both(lambda x: ops.avgpool2_nhwc(x, backend="triton"), ops.avgpool2_nhwc_reference, [torch.randn(shape)],
+             dtype, f"avgpool2 {shape}", ["x"])
+
+
+UPSAMPLE_CASES = [
+    pytest.param((3, 5), (5, 9), id="odd-2x"),
+    pytest.param((4, 4), (8, 8), id="even-2x"),
+    pytest.param((7, 7), (3, 5), id="downsample"),
+    pytest.param((1, 2), (4, 5), id="degenerate-1px"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("src,dst", UPSAMPLE_CASES)
+def test_upsample_kernel(src, dst, dtype):
+    seed("up", src, dst, dtype)
+    run_both(lambda x: ops.upsample_bilinear_nhwc(x, dst, backend="triton"),
+             lambda x: ops.upsample_bilinear_nhwc_reference(x, dst), [torch.randn(2, *src, 20)], dtype,
+             f"upsample {src}->{dst}", ["x"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("mode", ["scaled", "sigmoid"])
+def test_gate_kernel(mode, dtype):
+    seed("gate", mode, dtype)
+    run_both(lambda x: ops.gate(x, mode, 0.3, backend="triton"), lambda x: ops.gate_reference(x, mode, 0.3),
+             [torch.randn(2, 3, 5, 40)], dtype, f"gate {mode}", ["x"])
+
+
+# ----------------------------------------------------------------------------------------------
+# fused ops
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("mode", ["scaled", "sigmoid"])
+def test_gate_upsample_add_kernel(mode, dtype):
+    seed("gua", mode, dtype)
+    x, out = torch.randn(2, 4, 5, 40), torch.randn(2, 7, 9, 20)
+    run_both(lambda x, o: ops.gate_upsample_add(x, (7, 9), o, mode, 0.3, backend="triton"),
+             lambda x, o: ops.gate_upsample_add_reference(x, (7, 9), o, mode, 0.3), [x, out], dtype,
+             f"gate_upsample_add {mode}", ["x", "out"])
+
+
+def test_gate_upsample_add_kernel_without_out():
+    seed("gua-noout")
+    run_both(lambda x: ops.gate_upsample_add(x, (7, 9), None, "scaled", 0.3, backend="triton"),
+             lambda x: ops.gate_upsample_add_reference(x, (7, 9), None, "scaled", 0.3), [torch.randn(1, 4, 5, 40)],
+             torch.float32, "gate_upsample_add (no out)", ["x"])
+
+
+HALF_CASES = [
+    pytest.param(3, "scaled", torch.float32, id="K3-scaled-float32"),
+    pytest.param(3, "sigmoid", torch.float16, id="K3-sigmoid-float16"),
+    pytest.param(13, "scaled", torch.float16, id="K13-scaled-float16"),
+    pytest.param(13, "sigmoid", torch.float32, id="K13-sigmoid-float32"),
+]
+
+
+@pytest.mark.parametrize("k,mode,dtype", HALF_CASES)
+def test_half_stage_kernel(k, mode, dtype):
+    seed("half", k, mode, dtype)
+    c = 24 if k == 3 else 8  # K=3: two channel blocks per half with a tail; K=13: kept small (slow in the interpreter)
+    x, w, b = torch.randn(1, 9, 13, c), torch.randn(c, k, k) / k, torch.randn(c)
+    run_both(lambda x, w, b: ops.half_stage(x, w, b, mode, 0.3, backend="triton"),
+             lambda x, w, b: ops.half_stage_reference(x, w, b, mode, 0.3), [x, w, b], dtype,
+             f"half_stage K={k} {mode}", ["x", "weight", "bias"])
+
+
+def test_half_stage_inference_skips_pre_gate_buffer():
+    seed("half-nograd")
+    x, w, b = torch.randn(1, 6, 7, 8), torch.randn(8, 3, 3), torch.randn(8)
+    with torch.no_grad():
+        y = ops.half_stage(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "scaled", 0.5, backend="triton")
+    assert_close(y, ops.half_stage_reference(x.double(), w.double(), b.double(), "scaled", 0.5), torch.float32,
+                 "half_stage no-grad")
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resolve_backend_auto_and_forced():
+    x = torch.zeros(1, 2, 2, 4)  # CPU tensor
+    for op in ("dwconv", "avgpool2", "upsample", "gate", "half_stage", "gate_upsample_add"):
+        assert ops.resolve_backend(op, x) == "reference", f"auto mode must keep CPU tensors on the reference ({op})"
+        assert ops.resolve_backend(op, x, "reference") == "reference"
+        assert ops.resolve_backend(op, x, "triton") == "triton", f"forced triton under the interpreter ({op})"
+        assert ops.BACKENDS[op]["triton"].__module__.startswith("deltadistill.kernels.")
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 (GPU only)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                    reason="bf16 kernels are checked compiled on a CUDA device only (no CUDA, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("k", [3, 13])
+def test_bf16_kernels_on_gpu(k):
+    dtype = torch.bfloat16
+    seed("bf16", k)
+    c = 40
+    x, w, b = torch.randn(2, 13, 21, c), torch.randn(c, k, k) / k, torch.randn(c)
+    run_both(lambda x, w, b: ops.dwconv_nhwc(x, w, b, backend="triton"), ops.dwconv_nhwc_reference, [x, w, b],
+             dtype, f"dwconv bf16 K={k}", ["x", "weight", "bias"])
+    run_both(lambda x, w, b: ops.half_stage(x, w, b, "scaled", 0.3, backend="triton"),
+             lambda x, w, b: ops.half_stage_reference(x, w, b, "scaled", 0.3), [x, w, b], dtype,
+             f"half_stage bf16 K={k}", ["x", "weight", "bias"])
+    xg, out = torch.randn(2, 7, 11, c), torch.randn(2, 13, 21, c // 2)
+    run_both(lambda x, o: ops.gate_upsample_add(x, (13, 21), o, "sigmoid", 1.0, backend="triton"),
+             lambda x, o: ops.gate_upsample_add_reference(x, (13, 21), o, "sigmoid", 1.0), [xg, out], dtype,
+             "gate_upsample_add bf16", ["x", "out"])

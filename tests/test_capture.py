@@ -1,0 +1,183 @@
+"""Capture processors: exact outputs, restoration, and accumulators against brute force."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnprobe.arch import AttnSite, UnsupportedModelError, find_self_attention
+from attnprobe.capture import CaptureProcessor, LayerAccumulator, capture, parse_queries
+from attnprobe.run import generate_one
+
+from conftest import TINY
+
+
+def _generate(pipe, alias, **kw):
+    prompt = "cat" if alias == "tiny-dit" else "a photo of cat"
+    res = dict(height=32, width=32) if alias == "tiny-dit" else dict(height=32, width=48)
+    return np.asarray(generate_one(pipe, prompt, steps=2, seed=3, output_type="np", **res, **kw))
+
+
+@pytest.mark.parametrize("alias", TINY)
+def test_capture_returns_identical_outputs_and_restores(alias, tiny_pipes):
+    pipe = tiny_pipes(alias)
+    den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    sites = find_self_attention(den)
+    before = [s.module.processor for s in sites]
+    sdpa = F.scaled_dot_product_attention
+    ref = _generate(pipe, alias)
+    with capture(pipe, queries="all", timestep_buckets=2, steps=2) as cap:
+        got = _generate(pipe, alias)
+        assert all(isinstance(s.module.processor, CaptureProcessor) for s in sites)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    assert [s.module.processor for s in sites] == before
+    assert F.scaled_dot_product_attention is sdpa
+    for acc in cap.layers.values():
+        assert acc.grid is not None and acc.rows.sum() > 0
+        # ring masses partition the image-key mass of every observed row
+        np.testing.assert_allclose(acc.ring.sum(-1), acc.mass, rtol=1e-6)
+        per_row = acc.mass.sum() / (acc.rows.sum() * acc.heads)
+        if acc.site.joint is None:
+            assert per_row == pytest.approx(1.0, abs=1e-5)
+        else:  # joint attention: text keys take part of the softmax mass
+            assert 0.0 < per_row < 1.0
+
+
+def test_capture_restores_on_error(tiny_pipes):
+    pipe = tiny_pipes("tiny-pixart")
+    sites = find_self_attention(pipe.transformer)
+    before = [s.module.processor for s in sites]
+    sdpa = F.scaled_dot_product_attention
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(pipe):
+            raise RuntimeError("boom")
+    assert [s.module.processor for s in sites] == before
+    assert F.scaled_dot_product_attention is sdpa
+
+
+def test_capture_twice_raises(tiny_pipes):
+    pipe = tiny_pipes("tiny-pixart")
+    with capture(pipe):
+        with pytest.raises(RuntimeError, match="already being captured"):
+            with capture(pipe):
+                pass
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(UnsupportedModelError, match="supported: .*PixArtTransformer2DModel"):
+        capture(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_layer_filter(tiny_pipes):
+    pipe = tiny_pipes("tiny-sd15")
+    cap = capture(pipe, layers=r"^down")
+    assert cap.layers and all(name.startswith("down") for name in cap.layers)
+    with pytest.raises(ValueError, match="matches no"):
+        capture(pipe, layers="nothing-like-this")
+
+
+def test_parse_queries():
+    assert parse_queries("all", (4, 6)).tolist() == list(range(24))
+    assert parse_queries("stride:2", (4, 6)).tolist() == [0, 2, 4, 12, 14, 16]
+    s = parse_queries("sample:5", (4, 6))
+    assert len(s) == 5 and len(set(s.tolist())) == 5 and s.tolist() == parse_queries("sample:5", (4, 6)).tolist()
+    assert len(parse_queries("auto", (32, 32))) == 1024
+    assert len(parse_queries("auto", (64, 64))) == 1024
+    for bad in ("stride:0", "sample:x", "every", "stride:-1"):
+        with pytest.raises(ValueError):
+            parse_queries(bad, (4, 4))
+
+
+# -- brute force: the accumulators against explicit N×N maps ------------------------------------------
+
+
+def _rings_brute(maps, grid, positions):
+    """(Q, N) maps → (Q, R) with an explicit ℓ∞ distance table."""
+    h, w = grid
+    rr, cc = np.divmod(np.arange(h * w), w)
+    out = np.zeros((len(positions), max(h, w)))
+    for i, p in enumerate(positions):
+        d = np.maximum(np.abs(rr - rr[p]), np.abs(cc - cc[p]))
+        np.add.at(out[i], d, maps[i])
+    return out
+
+
+def _highpass_numpy(maps, grid, cutoff, order):
+    h, w = grid
+    d = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
+    with np.errstate(divide="ignore"):
+        resp = 1.0 / (1.0 + (cutoff / d) ** (2 * order))
+    resp[0, 0] = 0.0
+    return np.real(np.fft.ifft2(np.fft.fft2(maps.reshape(-1, h, w)) * resp)).reshape(maps.shape)
+
+
+class _FakeCapture:
+    def __init__(self, grid):
+        self.grid = grid
+
+    def base_grid(self):
+        return self.grid
+
+    def bucket(self):
+        return 0
+
+
+@pytest.mark.parametrize("joint,n_text", [(None, 0), ("image_last", 5), ("image_first", 7)])
+@pytest.mark.parametrize("budget", [1 << 30, 1])  # one chunk, or one query per chunk
+def test_observe_matches_brute_force(joint, n_text, budget):
+    grid = (5, 7)
+    n = 35
+    g = torch.Generator().manual_seed(7)
+    b, heads, d = 2, 3, 8
+    q = torch.randn(b, heads, n + n_text, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, heads, n + n_text, d, generator=g, dtype=torch.float64)
+    site = AttnSite("x.attn", "x", "fake", joint=joint)
+    acc = LayerAccumulator(
+        site=site, buckets=1, highpass_mass="positive", cutoff=0.15, order=2, queries="stride:2",
+        probe_points=[(0.5, 0.5)], memory_budget=budget, capture=_FakeCapture(grid),
+    )
+    acc.observe(q.float(), k.float(), None, None)
+    off = n_text if joint == "image_last" else 0
+    pos = parse_queries("stride:2", grid).numpy()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / np.sqrt(d), -1).numpy()  # (B, h, Nq, Nk)
+    img = probs[:, :, off + pos][..., off : off + n]  # (B, h, Q, N)
+    ring = np.zeros((heads, max(grid)))
+    hp_ring = np.zeros_like(ring)
+    for bi in range(b):
+        for hi in range(heads):
+            ring[hi] += _rings_brute(img[bi, hi], grid, pos).sum(0)
+            lam = _highpass_numpy(img[bi, hi], grid, 0.15, 2)
+            hp_ring[hi] += _rings_brute(np.clip(lam, 0, None), grid, pos).sum(0)
+    np.testing.assert_allclose(acc.ring[0], ring, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc.hp_ring[0], hp_ring, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(acc.key_mass, img.sum((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc.mass[0], img.sum((0, 2, 3)), rtol=1e-5)
+    assert acc.rows[0] == b * len(pos)
+    centre = 2 * 7 + 3  # probe (0.5, 0.5) on a 5×7 grid → row 2, col 3
+    np.testing.assert_allclose(acc.probe_maps[0], probs[:, :, off + centre, off : off + n].mean(1).sum(0), rtol=1e-5, atol=1e-7)
+
+
+def test_capture_on_real_layer_matches_manual_attention(tiny_pipes):
+    """tiny PixArt: the accumulators of one layer equal a manual q/k recomputation from its input."""
+    pipe = tiny_pipes("tiny-pixart")
+    den = pipe.transformer
+    attn = den.transformer_blocks[1].attn1
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with capture(pipe, layers="transformer_blocks.1.attn1", queries="all") as cap:
+            _generate(pipe, "tiny-pixart")
+    finally:
+        handle.remove()
+    acc = cap.layers["transformer_blocks.1.attn1"]
+    grid = acc.grid
+    ring = np.zeros_like(acc.ring[0])
+    with torch.no_grad():
+        for x in seen:
+            bsz, n, _ = x.shape
+            q = attn.to_q(x).view(bsz, n, attn.heads, -1).transpose(1, 2).double()
+            k = attn.to_k(x).view(bsz, n, attn.heads, -1).transpose(1, 2).double()
+            p = torch.softmax(q @ k.transpose(-1, -2) / np.sqrt(q.shape[-1]), -1).numpy()
+            for bi in range(bsz):
+                for hi in range(attn.heads):
+                    ring[hi] += _rings_brute(p[bi, hi], grid, np.arange(n)).sum(0)
+    np.testing.assert_allclose(acc.ring.sum(0), ring, rtol=1e-4)

@@ -169,7 +169,20 @@ class DeltaConvAttention(nn.Module):
 
 
 def get_denoiser(pipe_or_denoiser) -> nn.Module:
-    """The denoiser of a pipeline, or the argument itself when it already is a denoiser."""
+    """The denoiser of a pipeline, or the argument itself when it already is a denoiser.
+
+    DDP / DataParallel wrappers (``.module``) and ``torch.compile`` wrappers (``._orig_mod``) are
+    unwrapped, so module names never carry a ``module.`` prefix.
+    """
+    while isinstance(pipe_or_denoiser, nn.Module):
+        inner = getattr(pipe_or_denoiser, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and isinstance(
+            pipe_or_denoiser, (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        ):
+            inner = pipe_or_denoiser.module
+        if not isinstance(inner, nn.Module):
+            break
+        pipe_or_denoiser = inner
     if isinstance(pipe_or_denoiser, nn.Module):
         if isinstance(getattr(pipe_or_denoiser, "transformer", None), nn.Module) or isinstance(
             getattr(pipe_or_denoiser, "unet", None), nn.Module
@@ -268,6 +281,13 @@ def _kernel_sizes(spec, sites, den) -> tuple[dict[str, int], dict]:
             detail.append(f"{len(extra)} report layer(s) not in the model (e.g. {extra[0]!r})")
         raise KernelSpecError(
             f"the report was measured on another model ({model.get('alias', '?')}): {'; '.join(detail)}; "
+            "re-run `attnprobe analyze` on this model or pass kernel sizes explicitly"
+        )
+    theirs = model.get("denoiser") or model.get("arch")
+    ours = type(den).__name__ if model.get("denoiser") else detect_arch(den)
+    if theirs and theirs != ours:
+        raise KernelSpecError(
+            f"the report was measured on a {theirs} model ({model.get('alias', '?')}), not this {ours}; "
             "re-run `attnprobe analyze` on this model or pass kernel sizes explicitly"
         )
     want = model.get("config_hash")

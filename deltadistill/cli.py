@@ -1,0 +1,207 @@
+"""``deltadistill`` command line: ``train`` (distil self-attention into ΔConvBlocks) and ``generate``.
+
+Errors in what the user passed (missing or empty files, a report of another model, an existing
+output without ``--overwrite``, ...) print one line on stderr and exit with code 2; a run that
+diverges (NaN/inf losses) exits with 1; Ctrl-C during training saves a checkpoint and exits
+with 130. Multi-GPU: ``accelerate launch --num_processes N -m deltadistill.cli train ...``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="deltadistill",
+    help=(
+        "Replace the self-attention of a diffusion model with ΔConvBlocks and distil them from the "
+        "original (teacher) model. Start from an `attnprobe analyze` report (erf.json) or one kernel size."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+class SNRWeighting(str, Enum):
+    standard = "standard"
+    paper = "paper"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+def _quiet_libraries() -> None:
+    """Keep diffusers/transformers chatter out of the output (offline, errors only)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _usage_error(msg: str) -> None:
+    """One line on stderr, exit code 2 (bad usage), no traceback."""
+    typer.echo(f"Error: {str(msg).splitlines()[0] if str(msg) else 'invalid input'}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _usage_exceptions() -> tuple:
+    from attnprobe.registry import ModelLoadError
+    from deltadistill.convert import KernelSpecError
+    from deltadistill.data import DataError
+    from deltadistill.generate import GenerateError
+    from deltadistill.io import FolderMismatchError
+    from deltadistill.train import TrainError
+
+    errs = [TrainError, GenerateError, DataError, FolderMismatchError, ModelLoadError, KernelSpecError, FileExistsError]
+    try:
+        from attnprobe.report import ReportError
+
+        errs.append(ReportError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+@app.command(no_args_is_help=True)
+def train(
+    data: Path = typer.Option(..., "--data", help="Folder of images with captions (sidecar .txt or captions.jsonl), or a prompt file (.txt, one per line) to sample latents from the teacher."),
+    out: Path = typer.Option(..., "--out", help="Run folder; ends up holding the distilled model (config.json + delta_blocks.safetensors), checkpoints and metrics."),
+    erf_report: Optional[Path] = typer.Option(None, "--erf-report", help="erf.json from `attnprobe analyze`: per-layer kernel sizes (and the model, if --model is not given)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model: alias (demo, pixart, sd15, tiny-pixart, ...), local diffusers folder or Hub id. Default: the report's model, else demo."),
+    kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="One odd kernel size for every layer; overrides the report."),
+    steps: int = typer.Option(1000, "--steps", help="Optimizer steps in total (a resumed run continues up to this)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Global batch size, split evenly over processes."),
+    lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate (betas 0.9, 0.99)."),
+    beta: float = typer.Option(1e-3, "--beta", help="Weight β of the feature loss: L = L_z + β·L_f."),
+    gamma: float = typer.Option(5.0, "--gamma", help="Min-SNR γ."),
+    snr_weighting: SNRWeighting = typer.Option(SNRWeighting.standard, "--snr-weighting", help="standard: min(SNR, γ)/SNR (Min-SNR for ε-prediction); paper: min(γ·SNR, 1) as printed in the ΔConvFusion paper."),
+    clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping (0 disables)."),
+    warmup: int = typer.Option(100, "--warmup", help="Linear learning-rate warm-up steps (at most a quarter of --steps)."),
+    lr_schedule: Schedule = typer.Option(Schedule.constant, "--lr-schedule", help="Learning rate after warm-up."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Training image side in pixels (default: the model's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, noise and timesteps (runs are deterministic)."),
+    cache: bool = typer.Option(False, "--cache/--no-cache", help="Cache latents + text embeddings once in <out>/cache (safetensors)."),
+    caption_dropout: float = typer.Option(0.1, "--caption-dropout", help="Probability of training on the empty caption (for classifier-free guidance)."),
+    sample_steps: int = typer.Option(8, "--sample-steps", help="Teacher sampling steps per latent when --data is a prompt file."),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Latents sampled per prompt (different seeds) when --data is a prompt file."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write a checkpoint every N steps (0: only at the end)."),
+    keep_checkpoints: int = typer.Option(3, "--keep-checkpoints", help="How many recent checkpoints to keep."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in --out) or a checkpoint/run folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out (its checkpoints and model)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i] (under accelerate launch, accelerate places processes)."),
+    dtype: str = typer.Option("auto", "--dtype", help="dtype of the frozen weights: auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16. Blocks train in fp32."),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="Autocast: auto (bf16/fp16 on GPU, none on CPU), no, bf16, fp16."),
+    max_bad_steps: int = typer.Option(10, "--max-bad-steps", help="Stop after this many consecutive steps with NaN/inf loss or gradients (each is skipped)."),
+    init: str = typer.Option("mean_field", "--init", help="Global-branch initialisation: mean_field (the teacher's attention under uniform weights) or zero."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+):
+    """Distil every self-attention layer into a ΔConvBlock (teacher frozen, only blocks train).
+
+    Example: deltadistill train --erf-report erf.json --data prompts.txt --out runs/demo --steps 300
+    """
+    from deltadistill.train import TrainConfig, TrainingDiverged
+    from deltadistill.train import train as run_train
+
+    cfg = TrainConfig(
+        data=str(data), out=str(out), model=model, erf_report=str(erf_report) if erf_report else None,
+        kernel_size=kernel_size, steps=steps, batch_size=batch_size, lr=lr, beta=beta, gamma=gamma,
+        snr_weighting=snr_weighting.value, clip=clip, warmup=warmup, lr_schedule=lr_schedule.value,
+        resolution=resolution, seed=seed, cache=cache, caption_dropout=caption_dropout, sample_steps=sample_steps,
+        samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
+        max_bad_steps=max_bad_steps, init=init, progress=progress,
+    )
+    try:
+        summary = run_train(cfg)
+    except _usage_exceptions() as exc:
+        _usage_error(str(exc))
+    except TrainingDiverged as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(code=1)
+    if summary["interrupted"]:
+        typer.echo(f"interrupted at step {summary['steps']}; checkpoint saved to {summary['checkpoint']}; "
+                   f"continue with --resume latest", err=True)
+        raise typer.Exit(code=130)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from deltadistill.train import is_main_process
+
+    if not is_main_process():
+        return
+    table = Table(title=f"deltadistill train → {summary['out']}", show_header=True)
+    table.add_column("")
+    table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    a, b = summary.get("probe_loss_start") or {}, summary.get("probe_loss_end") or {}
+    for key, label in (("loss", "probe loss L"), ("l_z", "L_z"), ("gap", "‖ε̃ − ε̂‖² (weighted)"), ("l_f", "L_f")):
+        if key in a and key in b:
+            table.add_row(label, f"{a[key]:.5g}", f"{b[key]:.5g}")
+    Console().print(table)
+    Console().print(
+        f"steps {summary['start_step']}→{summary['steps']}, skipped {summary['skipped_steps']}, "
+        f"{summary['layers']} layers, {summary['trainable_parameters']:,} trainable parameters, {summary['seconds']:.1f} s"
+    )
+
+
+@app.command(no_args_is_help=True)
+def generate(
+    distilled: Path = typer.Option(..., "--distilled", help="Distilled model folder (the --out of `deltadistill train`)."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file, one prompt per line (class names or ids for DiT models)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for the images."),
+    compare: bool = typer.Option(False, "--compare", help="Also sample the teacher with the same seeds and write compare.png (teacher | student)."),
+    steps: int = typer.Option(20, "--steps", help="Sampling steps."),
+    seed: list[int] = typer.Option([0], "--seed", help="Seed(s); every prompt is sampled with each (repeat --seed)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side in pixels (default: the training resolution)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the pipeline's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+):
+    """Sample images from a distilled model (optionally side by side with the teacher)."""
+    from deltadistill.generate import generate as run_generate
+
+    if steps < 1:
+        _usage_error(f"--steps must be >= 1, got {steps}")
+    try:
+        meta = run_generate(distilled, prompts, out, compare=compare, seeds=seed, steps=steps, resolution=resolution,
+                            guidance=guidance, device=device, overwrite=overwrite)
+    except _usage_exceptions() as exc:
+        _usage_error(str(exc))
+    typer.echo(f"wrote {len(meta['images'])} image(s) to {out}" + (f"; comparison grid {meta['compare']}" if meta["compare"] else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sub-command registration point for `deltadistill bench` (lives in deltadistill/bench.py, which
+# provides `register(app)`); absent until that module exists.
+# ------------------------------------------------------------------------------------------------
+try:
+    from deltadistill.bench import register as _register_bench
+except ImportError:
+    _register_bench = None
+if _register_bench is not None:
+    _register_bench(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _quiet_libraries()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""deltadistill.train on the tiny offline pipelines: learning, determinism, frozen weights,
+atomic checkpoints, resume after SIGKILL, SIGINT, NaN handling; plus the losses' formulas."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltadistill.losses import FeatureTaps, output_loss, snr_weight, to_epsilon
+from deltadistill.train import (
+    TrainConfig,
+    TrainingDiverged,
+    find_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = "a photo of a cat\na red rocket in the sky\na blue house with a tree\nthe astronaut on grass\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (and 2-core CI machines are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.txt"
+    path.write_text(PROMPTS)
+    return path
+
+
+def _cfg(prompts, out, **kw):
+    base = dict(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, steps=12, batch_size=4,
+                warmup=2, lr=3e-2, checkpoint_every=0, progress=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(msg):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def test_snr_weightings():
+    ac = torch.linspace(0.999, 0.001, 1000)  # ᾱ_t, decreasing
+    t = torch.tensor([0, 500, 999])
+    snr = ac[t] / (1 - ac[t])
+    std = snr_weight(ac, t, 5.0, "standard")
+    paper = snr_weight(ac, t, 5.0, "paper")
+    torch.testing.assert_close(std, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    torch.testing.assert_close(paper, torch.clamp(5.0 * snr, max=1.0))
+    assert std[0] < 0.01 and std[2] == 1.0  # standard: down-weights nearly clean steps
+    assert paper[0] == 1.0 and paper[2] < 0.01  # printed: down-weights very noisy steps
+    with pytest.raises(ValueError, match="unknown SNR weighting"):
+        snr_weight(ac, t, 5.0, "other")
+
+
+def test_to_epsilon_parameterisations():
+    torch.manual_seed(0)
+    ac = torch.linspace(0.99, 0.01, 100)
+    t = torch.tensor([10, 70])
+    z0, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    a = ac[t].reshape(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * z0
+    torch.testing.assert_close(to_epsilon(v, zt, t, ac, "v_prediction"), eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(to_epsilon(z0, zt, t, ac, "sample"), eps, atol=1e-4, rtol=1e-4)
+    learned_sigma = torch.cat([eps, torch.randn_like(eps)], dim=1)  # PixArt/DiT: [B, 2C, h, w]
+    torch.testing.assert_close(to_epsilon(learned_sigma, zt, t, ac), eps)
+    with pytest.raises(ValueError, match="channels"):
+        to_epsilon(torch.randn(2, 3, 3, 3), zt, t, ac)
+
+
+def test_output_loss_and_feature_taps():
+    s, te, tr = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2), 2 * torch.ones(2, 1, 2, 2)
+    w = torch.tensor([1.0, 0.5])
+    assert float(output_loss(s, te, tr, w)) == pytest.approx((1 + 4) * 0.75)
+    a, b = torch.nn.Sequential(torch.nn.Linear(3, 3)), torch.nn.Sequential(torch.nn.Linear(3, 3))
+    x = torch.randn(2, 5, 3)
+    with FeatureTaps(a, b, ["0"]) as taps:
+        ya, yb = a(x), b(x)
+        assert float(taps.loss().detach()) == pytest.approx(float(((ya - yb) ** 2).mean().detach()), rel=1e-6)
+    assert not a[0]._forward_hooks and not b[0]._forward_hooks  # removed on exit
+    with pytest.raises(ValueError):
+        FeatureTaps(a, b, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs
+# ----------------------------------------------------------------------------------------------
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd15"])
+def test_loss_drops_deterministic_and_only_blocks_train(prompts, tmp_path, model):
+    seen = {}
+
+    def setup(teacher, student):
+        seen.update(teacher=teacher, student=student, t0=_snapshot(teacher), s0=_snapshot(student))
+
+    a = train(_cfg(prompts, tmp_path / "a", model=model), setup_hook=setup, log=_quiet)
+    b = train(_cfg(prompts, tmp_path / "b", model=model), log=_quiet)
+
+    # learns: the loss on a fixed probe batch drops measurably
+    start, end = a["probe_loss_start"]["loss"], a["probe_loss_end"]["loss"]
+    assert end < start * 0.995, (start, end)
+    # deterministic under the seed
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert a["probe_loss_end"] == b["probe_loss_end"]
+
+    # gradients reach only the ΔConvBlocks; everything else is frozen and bit-identical
+    student, teacher = seen["student"], seen["teacher"]
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all(".attn1.block." in n for n in trainable)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    changed = [n for n, p in student.named_parameters() if not torch.equal(p, seen["s0"][n])]
+    assert changed and set(changed) <= set(trainable)
+    for n, p in teacher.named_parameters():
+        assert torch.equal(p, seen["t0"][n]), n
+    # the run folder holds a loadable distilled model
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["base_model"]["alias"] == model and len(cfg["layers"]) == a["layers"]
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    first = save_checkpoint(tmp_path, 5, model, opt, sched, {"k": 1})
+    import deltadistill.train as tr
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tr.torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 10, model, opt, sched, {"k": 2})
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-0000005"]  # no partial step-10, no temp folder left
+    assert find_checkpoint("latest", tmp_path) == first
+    # a temp folder left by a killed writer is never taken for a checkpoint
+    (tmp_path / "checkpoints" / ".tmp-step-0000020-dead").mkdir()
+    (tmp_path / "checkpoints" / "step-0000030").mkdir()  # no state.json: incomplete
+    assert find_checkpoint("latest", tmp_path) == first
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "deltadistill.cli", "train", *args]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
+
+
+def _metrics(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def test_resume_latest_after_sigkill(prompts, tmp_path):
+    run = tmp_path / "run"
+    args = ["--model", "tiny-pixart", "--kernel-size", "3", "--data", str(prompts), "--out", str(run), "--steps", "24",
+            "--batch-size", "4", "--warmup", "2", "--lr", "3e-2", "--checkpoint-every", "4", "--no-progress"]
+    proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "checkpoints" / "step-0000008", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "config.json").exists()  # the final model was never written
+    killed_at = int(find_checkpoint("latest", run).name.split("-")[1])
+    assert 8 <= killed_at < 24
+
+    res = subprocess.run(_cli(*args, "--resume", "latest"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    resumed = _metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, 25))  # no gap, no duplicate
+    assert (run / "config.json").is_file() and list_checkpoints(run)[-1].name == "step-0000024"
+    state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
+    assert state["step"] == 24 and state["writer_rank"] == 0
+
+    # the same run without interruption gives the same losses (continuation is exact)
+    ref = train(_cfg(prompts, tmp_path / "ref", steps=24), log=_quiet)
+    for got, want in zip(resumed, ref["history"]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7), got["step"]
+
+
+def test_sigint_saves_checkpoint_and_exits(prompts, tmp_path):
+    run = tmp_path / "run"
+    args = ["--model", "tiny-pixart", "--kernel-size", "3", "--data", str(prompts), "--out", str(run), "--steps", "100000",
+            "--batch-size", "2", "--checkpoint-every", "0", "--no-progress"]
+    proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "metrics.jsonl", proc)
+    t0 = time.time()
+    while not (run / "metrics.jsonl").read_text().strip() and time.time() - t0 < 60:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "--resume latest" in err
+    ckpt = find_checkpoint("latest", run)
+    assert int(ckpt.name.split("-")[1]) == _metrics(run)[-1]["step"]
+
+
+def test_nan_steps_are_skipped_and_counted(prompts, tmp_path):
+    def inject(step, z0, cond):
+        if step in (3, 4):
+            z0 = z0.clone()
+            z0[0, 0, 0, 0] = float("nan")
+        return z0, cond
+
+    s = train(_cfg(prompts, tmp_path / "r", steps=8), batch_hook=inject, log=_quiet)
+    assert s["skipped_steps"] == 2
+    assert [h["step"] for h in s["history"] if h["skipped"]] == [4, 5]  # 1-based steps
+    assert math.isfinite(s["probe_loss_end"]["loss"])
+
+
+def test_consecutive_nans_stop_with_clear_error(prompts, tmp_path):
+    def inject(step, z0, cond):
+        return (z0 * float("nan") if step >= 2 else z0), cond
+
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps had a NaN/inf loss or gradient"):
+        train(_cfg(prompts, tmp_path / "r", steps=20, max_bad_steps=3), batch_hook=inject, log=_quiet)

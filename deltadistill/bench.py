@@ -498,7 +498,11 @@ def run_bench(
         "flops_convention": "1 multiply-add = 2 FLOPs; elementwise ops 1 FLOP each (deltadistill.flops)",
     })
     if hasattr(os, "getloadavg"):  # a busy shared CPU explains noisy timings
-        res.meta["load_average_1min"] = round(os.getloadavg()[0], 2)
+        load = os.getloadavg()[0]
+        res.meta["load_average_1min"] = round(load, 2)
+        if latency and torch.device(device).type == "cpu" and load > (os.cpu_count() or 1):
+            res.notes.append(f"the CPU is oversubscribed (load average {load:.1f} on {os.cpu_count()} cores): timings "
+                             "are noisy, small ops worst (thread-pool stalls); --threads 1 steadies them.")
     if joint:
         res.notes.append(f"{m.arch} uses joint attention: costs are for its image tokens only, and the ΔConvBlock "
                          "is shown for reference (deltadistill does not convert joint attention).")

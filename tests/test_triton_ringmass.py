@@ -68,7 +68,7 @@ CASES = [
     # (B, heads, grid, d, text tokens, q layout, text first, dtype, n queries)
     pytest.param(1, 2, (5, 7), 16, 0, "image", True, torch.float32, 21, id="self-attn-W7-Q21"),
     pytest.param(1, 2, (6, 4), 24, 5, "joint", True, torch.float32, 24, id="joint-text-first-H>W"),
-    pytest.param(2, 1, (5, 7), 16, 3, "image", False, torch.float16, 33, id="joint-text-last-fp16"),
+    pytest.param(2, 1, (5, 7), 20, 3, "image", False, torch.float16, 33, id="joint-text-last-fp16-d20"),
 ]
 
 

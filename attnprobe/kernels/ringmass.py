@@ -21,7 +21,8 @@ The Triton kernel is flash-attention shaped. A program owns BLOCK_M queries of o
   Cost per key row is O(BLOCK_M · (d·W + R)), the same order as attention itself; no atomics.
 * the [BLOCK_M, R] accumulator (fp32) is divided by l and written once.
 
-Scores, max, normaliser and bins are all fp32. The only memory traffic is q, k (k read twice) and
+Scores, max, normaliser and bins are all fp32 (fp16/bf16 inputs: tensor-core dot with fp32
+accumulation; fp32 inputs: ``tf32x3``, i.e. about fp32 accuracy on tensor cores). The only memory traffic is q, k (k read twice) and
 the [B, heads, Q, R] result. ``ring_mass_attention_reference`` computes the same thing in plain
 PyTorch (chunked softmax + ``scatter_add_``); the tests compare the two.
 """
@@ -120,16 +121,36 @@ if triton is not None:
         if INTERPRET:
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
         return [
-            triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=2)
+            for m, w in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8))
         ]
 
     def _prune(configs, named_args, **kwargs):
-        # a [BLOCK_M, W_PAD] score tile plus two [BLOCK_M, R_PAD] folds must fit in registers
-        wide = max(named_args.get("W_PAD", kwargs.get("W_PAD", 16)), named_args.get("R_PAD", kwargs.get("R_PAD", 16)))
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] * wide <= 64 * 128]
-        return keep or configs[:1]
+        """Keep configs whose [BLOCK_M, max(W_PAD, R_PAD)] tiles hold ≤ 16 elements per thread
+        (pass 2 keeps ~8 such tiles live; more spills), else the one with the fewest."""
+        wide = max(kwargs.get("W_PAD", named_args.get("W_PAD", 16)), kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
+        per_thread = {id(c): c.kwargs["BLOCK_M"] * wide / (32 * c.num_warps) for c in configs}
+        keep = [c for c in configs if per_thread[id(c)] <= 16]
+        return keep or [min(configs, key=lambda c: per_thread[id(c)])]
+
+    @triton.jit
+    def _qk(q0, q1, k_base, kn, kmask, dd0, dd1, D, skn, skd, BLOCK_D1: tl.constexpr, FP32: tl.constexpr,
+            K_ALIGN: tl.constexpr):
+        """Scores q·kᵀ [BM, BN] (fp32) for the keys kn [BN]; the head dim is split BLOCK_D0 + BLOCK_D1.
+        The key stride is passed divided by K_ALIGN so the compiler can prove aligned (vector) loads."""
+        koff = kn.to(tl.int64)[None, :] * skn * K_ALIGN
+        kt = tl.load(k_base + koff + dd0[:, None] * skd, mask=(dd0 < D)[:, None] & kmask[None, :], other=0.0)
+        if FP32:
+            s = tl.dot(q0, kt, input_precision="tf32x3")  # ~fp32 accuracy on tensor cores
+        else:
+            s = tl.dot(q0, kt)
+        if BLOCK_D1 > 0:
+            kt1 = tl.load(k_base + koff + dd1[:, None] * skd, mask=(dd1 < D)[:, None] & kmask[None, :], other=0.0)
+            if FP32:
+                s = tl.dot(q1, kt1, s, input_precision="tf32x3")
+            else:
+                s = tl.dot(q1, kt1, s)
+        return s
 
     @triton.autotune(
         configs=_rm_configs(),
@@ -142,7 +163,7 @@ if triton is not None:
         k_ptr,  # [B, heads, Nk, D]
         qi_ptr,  # [Q] int64 grid positions of the queries
         out_ptr,  # [B, heads, Q, R] fp32
-        sqb, sqh, sqn, sqd,
+        sqb, sqh, sqn, sqd,  # sqn, skn: token strides / K_ALIGN
         skb, skh, skn, skd,
         n_heads,
         Q,
@@ -154,10 +175,12 @@ if triton is not None:
         R,
         qk_scale,  # softmax scale · log2(e): scores are kept in base-2 units
         D,
-        BLOCK_D: tl.constexpr,
+        K_ALIGN: tl.constexpr,  # key/query token strides are passed divided by this (8 when possible)
+        BLOCK_D0: tl.constexpr,  # largest power of two ≤ D (≥ 16)
+        BLOCK_D1: tl.constexpr,  # power of two ≥ D − BLOCK_D0 (0 if none left)
         W_PAD: tl.constexpr,
         R_PAD: tl.constexpr,
-        IEEE: tl.constexpr,
+        FP32: tl.constexpr,
         USE_GATHER: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -174,13 +197,15 @@ if triton is not None:
         pos = tl.load(qi_ptr + qm, mask=qmask, other=0).to(tl.int32)  # [BM] grid position
         x = pos // W  # query row
         y = pos % W  # query column
-        dd = tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        q = tl.load(
-            q_base + (q_offset + pos).to(tl.int64)[:, None] * sqn + dd[None, :] * sqd,
-            mask=qmask[:, None] & dmask[None, :],
-            other=0.0,
-        )  # [BM, BD]
+        qrow = (q_offset + pos).to(tl.int64)[:, None] * sqn * K_ALIGN
+        dd0 = tl.arange(0, BLOCK_D0)
+        q0 = tl.load(q_base + qrow + dd0[None, :] * sqd, mask=qmask[:, None] & (dd0 < D)[None, :], other=0.0)
+        if BLOCK_D1 > 0:
+            dd1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            q1 = tl.load(q_base + qrow + dd1[None, :] * sqd, mask=qmask[:, None] & (dd1 < D)[None, :], other=0.0)
+        else:
+            dd1 = dd0
+            q1 = q0
 
         # ---- pass 1: row max and normaliser over all Nk keys (online softmax) ----
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -188,13 +213,7 @@ if triton is not None:
         for n0 in range(0, Nk, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             nm = nn < Nk
-            kt = tl.load(
-                k_base + nn.to(tl.int64)[None, :] * skn + dd[:, None] * skd, mask=dmask[:, None] & nm[None, :], other=0.0
-            )  # [BD, BN]
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
+            s = _qk(q0, q1, k_base, nn, nm, dd0, dd1, D, skn, skd, BLOCK_D1, FP32, K_ALIGN)
             s = tl.where(nm[None, :], s * qk_scale, float("-inf"))  # [BM, BN]
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -203,44 +222,41 @@ if triton is not None:
         # ---- pass 2: one image-grid row of keys at a time, binned into ℓ∞ rings ----
         vv = tl.arange(0, W_PAD)  # key column
         vm = vv < W
-        rr = tl.arange(0, R_PAD)  # ring index
-        dy = tl.abs(vv[None, :] - y[:, None])  # [BM, W_PAD] column distance
-        if USE_GATHER:
-            # fold indices: column y + r and y − r for every ring r (clamped; masked below)
-            ip = y[:, None] + rr[None, :]  # [BM, R_PAD]
-            im = y[:, None] - rr[None, :]
-            ok_p = ip < W
-            ok_m = (im >= 0) & (rr[None, :] > 0)
-            ip = tl.minimum(ip, W_PAD - 1)
-            im = tl.maximum(im, 0)
+        rr = tl.arange(0, R_PAD)[None, :]  # [1, R_PAD] ring index
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for u in range(0, H):
-            kn = key_start + u * W + vv
-            kt = tl.load(
-                k_base + kn.to(tl.int64)[None, :] * skn + dd[:, None] * skd, mask=dmask[:, None] & vm[None, :], other=0.0
-            )  # [BD, W_PAD]
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
-            p = tl.exp2(s * qk_scale - m_i[:, None])
-            p = tl.where(vm[None, :], p, 0.0)  # [BM, W_PAD] unnormalised probabilities of row u
-            dx = tl.abs(x - u)  # [BM] row distance
-            inbox = tl.sum(tl.where(dy <= dx[:, None], p, 0.0), axis=1)  # [BM] → ring dx
-            acc += tl.where(rr[None, :] == dx[:, None], inbox[:, None], 0.0)
+            s = _qk(q0, q1, k_base, key_start + u * W + vv, vm, dd0, dd1, D, skn, skd, BLOCK_D1, FP32, K_ALIGN)
+            p = tl.where(vm[None, :], tl.exp2(s * qk_scale - m_i[:, None]), 0.0)  # [BM, W_PAD] unnormalised
+            dx = tl.abs(x - u)[:, None]  # [BM, 1] row distance
+            dyv = tl.abs(vv[None, :] - y[:, None])  # [BM, W_PAD] column distance
+            inbox = tl.sum(tl.where(dyv <= dx, p, 0.0), axis=1)  # [BM]: keys with |v−y| ≤ dx → ring dx
+            acc += tl.where(rr == dx, inbox[:, None], 0.0)
             if USE_GATHER:
-                f = tl.where(ok_p, tl.gather(p, ip, 1), 0.0) + tl.where(ok_m, tl.gather(p, im, 1), 0.0)
-                acc += tl.where(rr[None, :] > dx[:, None], f, 0.0)
+                # fold the row around the query column: f[q, r] = p[q, y + r] + p[q, y − r] (r > 0)
+                yp = y[:, None] + rr  # [BM, R_PAD]
+                ym = y[:, None] - rr
+                f = tl.where(yp < W, tl.gather(p, tl.minimum(yp, W_PAD - 1), 1), 0.0)
+                f += tl.where((ym >= 0) & (rr > 0), tl.gather(p, tl.maximum(ym, 0), 1), 0.0)
+                acc += tl.where(rr > dx, f, 0.0)
             else:
                 # fallback without tl.gather: one masked row sum per ring (R× more work)
-                outside = dy > dx[:, None]
+                outside = dyv > dx
                 for r in range(1, W):
-                    f_r = tl.sum(tl.where(outside & (dy == r), p, 0.0), axis=1)  # [BM]
-                    acc += tl.where(rr[None, :] == r, f_r[:, None], 0.0)
+                    f_r = tl.sum(tl.where(outside & (dyv == r), p, 0.0), axis=1)  # [BM]
+                    acc += tl.where(rr == r, f_r[:, None], 0.0)
 
         out = acc / l_i[:, None]
-        dst = out_ptr + (pid_bh.to(tl.int64) * Q + qm)[:, None] * R + rr[None, :]
-        tl.store(dst, out, mask=qmask[:, None] & (rr < R)[None, :])
+        dst = out_ptr + (pid_bh.to(tl.int64) * Q + qm)[:, None] * R + rr
+        tl.store(dst, out, mask=qmask[:, None] & (rr < R))
+
+
+def _head_split(d: int) -> tuple[int, int]:
+    """Head dim as two power-of-two dot blocks (tl.dot needs ≥ 16): 72 → (64, 16), 64 → (64, 0)."""
+    if d <= 16:
+        return 16, 0
+    d0 = 1 << (d.bit_length() - 1)
+    rest = d - d0
+    return d0, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
 
 
 def _ring_mass_triton(q, k, grid, query_index, scale, key_slice, use_gather=True):
@@ -251,17 +267,24 @@ def _ring_mass_triton(q, k, grid, query_index, scale, key_slice, use_gather=True
     bsz, heads, _, d = q.shape
     qi = query_index.to(device=q.device, dtype=torch.int64).contiguous()
     out = torch.empty((bsz, heads, qi.numel(), r_max), device=q.device, dtype=torch.float32)
+    d0, d1 = _head_split(d)
     if out.numel() == 0:
         return out
     grid_fn = lambda meta: (triton.cdiv(qi.numel(), meta["BLOCK_M"]), bsz * heads)  # noqa: E731
+    sq, sk = list(q.stride()), list(k.stride())
+    align = 8 if sq[2] % 8 == 0 and sk[2] % 8 == 0 else 1
+    sq[2] //= align
+    sk[2] //= align
     _ring_mass_kernel[grid_fn](
         q, k, qi, out,
-        *q.stride(), *k.stride(),
+        *sq, *sk,
         heads, qi.numel(), k.shape[2], start, q_offset, h, w, r_max, float(scale) * math.log2(math.e), d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        K_ALIGN=align,
+        BLOCK_D0=d0,
+        BLOCK_D1=d1,
         W_PAD=max(16, triton.next_power_of_2(w)),
         R_PAD=max(16, triton.next_power_of_2(r_max)),
-        IEEE=q.dtype == torch.float32,
+        FP32=q.dtype == torch.float32,
         USE_GATHER=use_gather,
     )
     return out

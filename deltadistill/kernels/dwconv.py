@@ -54,7 +54,7 @@ def _configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Con
 
 
 def _cfg(num_warps: int, **kw) -> triton.Config:
-    return triton.Config(kw, num_warps=num_warps, num_stages=2)
+    return triton.Config(kw, num_warps=num_warps, num_stages=1)
 
 
 _CONV_CONFIGS = _configs(
@@ -145,7 +145,7 @@ def _dwconv_kernel(
         else:
             hi = hh + (i - PAD)
         row_ok = (hi >= 0) & (hi < H)
-        row_ptr = x_img + ((hi * W + ww) * C)[:, None] + cc[None, :]  # [P, BC] → x[b, hi, ww, cc]
+        row_off = (hi * W + ww) * C  # [P] → x[b, hi, ww, 0]
         for j in range(K):
             if FLIP:
                 dj = PAD - j
@@ -154,7 +154,7 @@ def _dwconv_kernel(
             wj = ww + dj
             ok = row_ok & (wj >= 0) & (wj < W)
             m2 = ok[:, None] & cm[None, :]
-            src = row_ptr + dj * C  # [P, BC] → x[b, hi, ww + dj, cc]
+            src = x_img + (row_off + dj * C)[:, None] + cc[None, :]  # [P, BC] → x[b, hi, ww + dj, cc]
             w_row = wt_ptr + (i * K + j) * C + cc
             wv = tl.load(w_row, mask=cm, other=0.0).to(tl.float32)
             xv = tl.load(src, mask=m2, other=0.0).to(tl.float32)
@@ -186,8 +186,8 @@ def _dwconv_kernel(
     elif UNPOOL:
         # acc1 = gradient w.r.t. the pooled pixel (hh, ww); the pooled value averaged the
         # n_h × n_w real pixels of its 2×2 window in the HO × WO input, each gets acc1 / (n_h n_w).
-        n_h = tl.minimum(2 * hh + 2, HO) - 2 * hh
-        n_w = tl.minimum(2 * ww + 2, WO) - 2 * ww
+        n_h = tl.maximum(tl.minimum(2 * hh + 2, HO) - 2 * hh, 1)  # (≥ 1 also for masked tail pixels)
+        n_w = tl.maximum(tl.minimum(2 * ww + 2, WO) - 2 * ww, 1)
         val = (acc1 / (n_h * n_w).to(tl.float32)[:, None]).to(y_ptr.dtype.element_ty)
         y_img = y_ptr + b64 * HO * WO * C
         for a in tl.static_range(2):

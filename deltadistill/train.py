@@ -557,19 +557,8 @@ def train(
     num_train_t = int(sched.config.num_train_timesteps)
     prediction_type = sched.config.get("prediction_type", "epsilon")
 
-    # ---- the run folder (main process), then data ----------------------------------------------
-    if main:
-        if cfg.overwrite and cfg.resume is None and out.is_dir():
-            for name in RUN_ARTEFACTS:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        _clean_stale_tmp(out)
-        cfg_json = {**asdict(cfg), "model": model_name, "resolution": resolution}
-        (out / "train_config.json").write_text(json.dumps(cfg_json, indent=2))
+    # ---- data (nothing of an earlier run is touched before everything is validated) -----------
+    accelerator.wait_for_everyone()  # every rank has validated --out before the main process writes
     cache_dir = out / "cache" if cfg.cache else None
     try:
         with accelerator.main_process_first():  # with a cache, the main process writes it, the others read it
@@ -610,6 +599,21 @@ def train(
 
     if setup_hook is not None:
         setup_hook(teacher, student)
+
+    # ---- the run folder (main process only) -----------------------------------------------------
+    if main:
+        if cfg.overwrite and cfg.resume is None and out.is_dir():
+            for name in RUN_ARTEFACTS:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_stale_tmp(out)
+        cfg_json = {**asdict(cfg), "model": model_name, "resolution": resolution}
+        (out / "train_config.json").write_text(json.dumps(cfg_json, indent=2))
+    accelerator.wait_for_everyone()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     student_ddp, optimizer = accelerator.prepare(student, optimizer)

@@ -251,3 +251,64 @@ def test_consecutive_nans_stop_with_clear_error(prompts, tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"3 consecutive steps had a NaN/inf loss or gradient"):
         train(_cfg(prompts, tmp_path / "r", steps=20, max_bad_steps=3), batch_hook=inject, log=_quiet)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def test_image_folder_data_skips_corrupt_and_drops_captions(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from attnprobe.registry import load_pipeline
+    from deltadistill.data import DataError, prepare_data
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "sub/c.png", "d.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "a.txt").write_text("a photo of a cat")
+    (folder / "captions.jsonl").write_text(json.dumps({"file": "sub/c.png", "caption": "a red rocket"}) + "\n")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "broken.txt").write_text("never used")
+
+    pipe, _ = load_pipeline("tiny-pixart")
+    data = prepare_data(pipe, "pixart", folder, resolution=32, cache_dir=tmp_path / "cache")
+    assert len(data) == 4 and tuple(data.latents.shape) == (4, 4, 16, 16)
+    assert data.info["skipped"] == 1 and "broken.png" in data.info["skipped_files"][0]["file"]
+    assert data.info["uncaptioned"] == 2  # b.jpg and d.png train with the empty caption
+    # caption dropout swaps in the null (empty-caption) condition
+    idx = torch.tensor([0, 0])
+    _, cond = data.batch(idx, drop=torch.tensor([False, True]))
+    emb = cond["encoder_hidden_states"]
+    assert not torch.equal(emb[0], emb[1]) and torch.equal(emb[1], data.null_cond["encoder_hidden_states"])
+    # the cache is reused, bit for bit
+    again = prepare_data(pipe, "pixart", folder, resolution=32, cache_dir=tmp_path / "cache")
+    assert again.info["cache"]["hit"] and torch.equal(again.latents, data.latents)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images"):
+        prepare_data(pipe, "pixart", empty, resolution=32)
+
+
+def test_evaluate_reports_three_distances(prompts, tmp_path):
+    from attnprobe.registry import load_pipeline
+    from deltadistill.evaluate import evaluate_distillation, zeroed_self_attention
+    from deltadistill.generate import sample
+
+    train(_cfg(prompts, tmp_path / "run", steps=3), log=_quiet)
+    res = evaluate_distillation(tmp_path / "run", ["a photo of a cat"], [0, 1], steps=2, out=tmp_path / "eval")
+    assert set(res["distances"]) == {"distilled", "untrained", "no_attention"}
+    assert all(d["mse"] >= 0 and len(d["mse_per_image"]) == 2 for d in res["distances"].values())
+    assert (tmp_path / "eval" / "grid.png").is_file()
+    # zeroing self-attention changes the samples, and the hooks are gone afterwards
+    pipe, _ = load_pipeline("tiny-pixart")
+    ref = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+    with zeroed_self_attention(pipe):
+        zeroed = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+    again = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+    assert not torch.equal(ref, zeroed) and torch.equal(ref, again)

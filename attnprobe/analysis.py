@@ -45,6 +45,7 @@ def analyze(
     probe_points: list[tuple[float, float]] | None = None,
     sink_factor: float = 5.0,
     memory_budget_mb: float = 256,
+    ring_backend: str = "auto",
     model_info: dict | None = None,
     image_dir: str | Path | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
@@ -79,6 +80,7 @@ def analyze(
         steps=steps,
         probe_points=probe_points,
         memory_budget_mb=memory_budget_mb,
+        ring_backend=ring_backend,
     )
     images: list[str] = []
     t0 = time.perf_counter()

@@ -158,6 +158,7 @@ class LayerAccumulator:
     probe_points: list[tuple[float, float]]
     memory_budget: int
     capture: "Capture" = field(repr=False)
+    ring_backend: str = "auto"  # unfiltered rings: "triton" fused kernel, "reference", or auto (CUDA)
     grid: tuple[int, int] | None = None
     heads: int = 0
     ring: np.ndarray | None = None  # (T, heads, R)
@@ -228,11 +229,18 @@ class LayerAccumulator:
         mass = torch.zeros(heads, dtype=torch.float64, device=q.device)
         hp_pos = torch.zeros_like(mass)
         key_mass = torch.zeros(n, dtype=torch.float64, device=q.device)
+        fused = self._use_ring_kernel(q, mask)
+        if fused:  # unfiltered rings straight from q, k: the N×N map never exists for them
+            from attnprobe.kernels.ringmass import ring_mass_attention
+
+            rings = ring_mass_attention(q, k, grid, positions, scale, key_slice=(k_off, k_off + n), backend="triton")
+            ring += rings.sum((0, 2), dtype=torch.float64)  # (B, heads, Q, R) → (heads, R)
         for start in range(0, len(positions), chunk):
             pos = positions[start : start + chunk]
             probs = self._softmax_rows(q, kf, q_off + pos, mask, scale)  # (B, heads, c, Nk)
             a = probs[..., k_off : k_off + n]  # (B, heads, c, N)
-            ring += ring_mass(a, grid, pos).sum((0, 2), dtype=torch.float64)
+            if not fused:
+                ring += ring_mass(a, grid, pos).sum((0, 2), dtype=torch.float64)
             mass += a.sum(-1).sum((0, 2), dtype=torch.float64)
             key_mass += a.sum((0, 1, 2), dtype=torch.float64)
             lam = butterworth_highpass(a, grid, response=self._response)  # (B, heads, c, N)
@@ -255,6 +263,18 @@ class LayerAccumulator:
             a = self._softmax_rows(q, kf, q_off + idx, mask, scale)[..., k_off : k_off + n]  # (B, heads, P, N)
             self.probe_maps += a.mean(1).sum(0, dtype=torch.float64).cpu().numpy()
             self.probe_rows += b
+
+    def _use_ring_kernel(self, q: torch.Tensor, mask) -> bool:
+        """The fused Triton ring-mass kernel serves unmasked calls on CUDA (or when forced)."""
+        if self.ring_backend == "reference" or mask is not None:
+            return False
+        from attnprobe.kernels.ringmass import triton_usable
+
+        if self.ring_backend == "triton":
+            if not triton_usable(q):
+                raise RuntimeError("ring_backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1)")
+            return True
+        return q.is_cuda and triton_usable(q)
 
     @staticmethod
     def _softmax_rows(q, kf, rows, mask, scale) -> torch.Tensor:
@@ -284,7 +304,10 @@ class Capture:
         steps: int | None = None,
         probe_points: list[tuple[float, float]] | None = None,
         memory_budget_mb: float = 256,
+        ring_backend: str = "auto",
     ):
+        if ring_backend not in ("auto", "triton", "reference"):
+            raise ValueError("ring_backend must be 'auto', 'triton' or 'reference'")
         if highpass_mass not in ("positive", "abs"):
             raise ValueError("highpass_mass must be 'positive' or 'abs'")
         if timestep_buckets < 1:
@@ -308,6 +331,7 @@ class Capture:
                 probe_points=list(probe_points or []),
                 memory_budget=int(memory_budget_mb * 2**20),
                 capture=self,
+                ring_backend=ring_backend,
             )
             for s in self.sites
         }

@@ -103,6 +103,7 @@ def analyze(
     timestep_buckets: int = typer.Option(4, min=1, help="Step buckets for the ERF-over-time statistics."),
     probe_points: Optional[str] = typer.Option(None, help="Query points whose maps are kept, 'y,x;y,x' fractions (default: 4 points)."),
     memory_budget_mb: float = typer.Option(256, help="Peak extra memory per attention call for the capture."),
+    ring_backend: str = typer.Option("auto", help="Unfiltered ring masses: auto (fused Triton kernel on CUDA), triton or reference."),
     plots: bool = typer.Option(True, help="Also write figures into OUT/figures (when the plotting module is present)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ):
@@ -114,6 +115,8 @@ def analyze(
         from attnprobe.registry import load_pipeline, resolve
         from attnprobe.run import read_prompts
 
+        if ring_backend not in ("auto", "triton", "reference"):
+            raise UsageError("--ring-backend must be auto, triton or reference")
         if highpass_mass not in ("positive", "abs"):
             raise UsageError("--highpass-mass must be 'positive' or 'abs'")
         if not 0 < threshold <= 1:
@@ -155,7 +158,7 @@ def analyze(
                     threshold=threshold, cutoff=cutoff, order=order, highpass_mass=highpass_mass,
                     kernel_ratio=kernel_ratio, kmin=kmin, kmax=kmax, queries=queries, layers=layers,
                     timestep_buckets=timestep_buckets, probe_points=points, memory_budget_mb=memory_budget_mb,
-                    model_info={"alias": spec.alias, "source": spec.source}, image_dir=tmp / "images", on_step=on_step,
+                    ring_backend=ring_backend, model_info={"alias": spec.alias, "source": spec.source}, image_dir=tmp / "images", on_step=on_step,
                 )
                 report.save(tmp / "erf.json")
                 if plots:

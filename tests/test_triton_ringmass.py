@@ -137,3 +137,31 @@ def test_ring_mass_bf16_on_gpu(grid):
     got = rm.ring_mass_attention(q, k, grid, qi.to(DEVICE), key_slice=ks)
     ref = rm.ring_mass_attention_reference(q.double(), k.double(), grid, qi.to(DEVICE), key_slice=ks)
     assert_close(got, ref, torch.bfloat16, f"ring mass bf16 {grid}")
+
+
+@pytest.mark.parametrize("joint,n_text", [(None, 0), ("image_last", 3), ("image_first", 4)])
+def test_capture_uses_kernel_and_matches_reference_path(joint, n_text):
+    """The capture's unfiltered rings through the fused kernel equal the chunked PyTorch path."""
+    from attnprobe.arch import AttnSite
+    from attnprobe.capture import LayerAccumulator
+
+    class _Cap:
+        def base_grid(self):
+            return (5, 6)
+
+        def bucket(self):
+            return 0
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2, 30 + n_text, 16, generator=g).to(DEVICE)
+    k = torch.randn(1, 2, 30 + n_text, 16, generator=g).to(DEVICE)
+    accs = []
+    for backend in ("triton", "reference"):
+        acc = LayerAccumulator(
+            site=AttnSite("x.attn", "x", "fake", joint=joint), buckets=1, highpass_mass="positive", cutoff=0.1,
+            order=2, queries="stride:2", probe_points=[], memory_budget=1 << 28, capture=_Cap(), ring_backend=backend,
+        )
+        acc.observe(q, k, None, None)
+        accs.append(acc)
+    torch.testing.assert_close(torch.from_numpy(accs[0].ring), torch.from_numpy(accs[1].ring), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(accs[0].hp_ring), torch.from_numpy(accs[1].hp_ring))

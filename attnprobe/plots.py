@@ -653,15 +653,16 @@ def load_teacher_student(report, student_folder, *, device: str = "cpu"):
 
 def plot_gradient_erf(
     report, out_dir, teacher, student, *, layers=None, max_layers: int = 4, prompt: str | None = None,
-    steps: int = 8, random_inputs: bool = False, formats: Sequence[str] = FORMATS, dpi: int = DPI,
+    steps: int | None = None, random_inputs: bool = False, formats: Sequence[str] = FORMATS, dpi: int = DPI,
 ) -> list[Path]:
     """Teacher self-attention vs student ΔConvBlock, per layer: |∂y_centre/∂x| maps and box share.
 
     ``teacher``: the base pipeline; ``student``: a pipeline converted by ``deltadistill.convert``
     or ``deltadistill.io.load``. Both layers are evaluated on the same inputs: hidden states the
-    teacher's layer receives mid-generation for ``prompt`` (default: the report's first prompt),
-    or N(0, 1) when ``random_inputs``. Returns [] (with a warning) when deltadistill is missing or
-    the student has no converted layer.
+    teacher's layer receives at the middle step of a ``steps``-step generation (default: the
+    report's steps, at most 20) of ``prompt`` (default: the report's first prompt), or N(0, 1) when
+    ``random_inputs``. Returns [] (with a warning) when deltadistill is missing or the student has
+    no converted layer.
     """
     try:
         from deltadistill.convert import delta_modules
@@ -678,6 +679,7 @@ def plot_gradient_erf(
         return []
     chosen = _evenly(chosen, max_layers)
     inputs = {}
+    steps = int(steps or min(int(report.settings.get("steps", 8)), 20))
     if not random_inputs:
         prompts = report.settings.get("prompts") or ["a photo"]
         inputs = record_attention_inputs(teacher, [l.name for l in chosen], prompt=prompt or prompts[0],
@@ -721,7 +723,7 @@ def plot_gradient_erf(
             ax_curve.axhline(tau, color="0.3", ls="--", lw=1, label=f"τ = {tau:g}")
             ax_curve.axvline(layer.erf, color="0.5", ls=":", lw=1.2, label=f"attention ERF {layer.erf} (report)")
             ax_curve.set_ylim(0, 1.02)
-            ax_curve.set_xlim(1, k[-1])
+            ax_curve.set_xlim(1, max(k[-1], layer.erf + 1))
             ax_curve.set_xlabel("kernel size K (tokens)")
             ax_curve.set_ylabel("share of |∂y/∂x| in K×K box")
             ax_curve.grid(alpha=0.3)

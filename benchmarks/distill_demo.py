@@ -40,15 +40,17 @@ def parse_args(argv=None):
     ap.add_argument("--analyze-steps", type=int, default=8)
     ap.add_argument("--steps", type=int, default=150, help="distillation steps")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
     ap.add_argument("--samples-per-prompt", type=int, default=2, help="teacher latents sampled per caption")
     ap.add_argument("--sample-steps", type=int, default=10, help="teacher sampling steps per training latent")
     ap.add_argument("--eval-prompts", type=int, default=4, help="first N demo captions")
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--eval-steps", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine two threads were ~9x slower)")
     ap.add_argument("--write-results", action="store_true", help="(re)write the section in benchmarks/RESULTS.md")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="date to print in RESULTS.md")
     ap.add_argument("--machine", default=None, help="machine description for RESULTS.md")
@@ -95,7 +97,7 @@ def main(argv=None) -> dict:
     run = out / "run"
     cfg = TrainConfig(
         data=str(PROMPTS_FILE), out=str(run), model=args.model, erf_report=report, kernel_size=ksize,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, lr_schedule=args.lr_schedule, seed=args.seed,
         samples_per_prompt=args.samples_per_prompt, sample_steps=args.sample_steps, checkpoint_every=0,
         overwrite=True, progress=sys.stdout.isatty(), device="cpu",
     )
@@ -142,7 +144,7 @@ Date: {args.date}. Machine: {machine}. Command:
     {result['command']}
 
 What it does: {result['kernel_note']}; then `deltadistill.train` for {tr['steps']} steps (global batch
-{tr['global_batch']}, lr {args.lr}, warm-up {args.warmup}) on latents sampled from the teacher for the demo's
+{tr['global_batch']}, AdamW lr {args.lr} with {args.warmup} warm-up steps then {args.lr_schedule}) on latents sampled from the teacher for the demo's
 own captions ({args.samples_per_prompt} per caption, {args.sample_steps} sampling steps), at {tr['resolution']} px; all
 {tr['layers']} self-attention layers replaced ({tr['trainable_parameters']:,} trainable parameters).
 Training took {result['train_seconds']:.0f} s, the evaluation {result['eval_seconds']:.0f} s.

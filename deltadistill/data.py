@@ -333,11 +333,10 @@ def prepare_data(
     if arch == "dit" and kind == "images":
         raise DataError("DiT models are class-conditional; train them from a prompt file of class names or ids")
     cond = encode_conditions(pipe, arch, captions, resolution)
-    null_prompt = ["1000"] if arch == "dit" else [""]
-    if arch == "dit":
+    if arch == "dit":  # DiT's null class (DiTPipeline uses 1000 for classifier-free guidance)
         null = {"class_labels": torch.tensor(1000, dtype=torch.long)}
     else:
-        null = {k: v[0] for k, v in encode_conditions(pipe, arch, null_prompt, resolution).items()}
+        null = {k: v[0] for k, v in encode_conditions(pipe, arch, [""], resolution).items()}
     _trim_pixart(cond, null)
     data = DistillData(latents, cond, null, info)
     if cache_path is not None:

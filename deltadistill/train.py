@@ -499,7 +499,6 @@ def train(
 
     from attnprobe.arch import base_grid, default_resolution, denoiser_of, detect_arch, vae_scale_factor
     from attnprobe.registry import ModelLoadError, config_hash, load_pipeline
-    from deltadistill import io as dio
     from deltadistill.convert import convert, delta_modules
     from deltadistill.data import DataError, prepare_data
 
@@ -544,7 +543,7 @@ def train(
     if resume_path is not None:
         prev = json.loads((resume_path / "state.json").read_text()).get("config", {})
         now = {**asdict(cfg), "model": model_name, "resolution": resolution}
-        for key in ("model", "kernel_size", "erf_report", "seed", "batch_size", "resolution"):
+        for key in ("model", "seed", "batch_size", "resolution"):  # kernel sizes: checked by block shapes
             if key in prev and prev[key] != now[key]:
                 raise TrainError(
                     f"--resume {resume_path}: the checkpoint was trained with {key}={prev[key]!r}, now {now[key]!r}; "

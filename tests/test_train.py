@@ -312,3 +312,26 @@ def test_evaluate_reports_three_distances(prompts, tmp_path):
         zeroed = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
     again = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
     assert not torch.equal(ref, zeroed) and torch.equal(ref, again)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo model (slow)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "attnprobe" / "demo" / "pipeline" / "model_index.json").is_file(),
+                    reason="the demo model is not built (python -m attnprobe.demo.train --out attnprobe/demo/pipeline)")
+def test_demo_distillation_ordering(tmp_path):
+    """A short version of benchmarks/distill_demo.py: the distilled student's samples are much closer
+    to the teacher's than the untrained student's and than the teacher's without self-attention."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import distill_demo
+    finally:
+        sys.path.pop(0)
+    res = distill_demo.main(["--out", str(tmp_path), "--kernel-size", "7", "--steps", "60", "--eval-prompts", "2",
+                             "--eval-seeds", "100", "--eval-steps", "10"])
+    d = res["distances"]
+    assert d["distilled"]["mse"] < 0.5 * d["untrained"]["mse"], d
+    assert d["distilled"]["mse"] < 0.5 * d["no_attention"]["mse"], d

@@ -18,13 +18,18 @@ The recipe, all on CPU:
    encoded once (posterior mean and std kept; a fresh latent is drawn from them at every step).
    ``scaling_factor`` = 1 / std of those latents, stored in the VAE config.
 4. **Transformer.** A ``PixArtTransformer2DModel`` (adaLN-single, cross-attention to the T5
-   tokens) trained with the ε-prediction objective on the DDPM linear β schedule (1000 steps,
-   β 1e-4 → 2e-2, the schedule of PixArt), Min-SNR-γ loss weights, caption dropout to the empty
-   prompt, AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights
+   tokens) trained with the v-prediction objective (v = √ᾱ·ε − √(1−ᾱ)·x₀) on the DDPM linear β
+   schedule (1000 steps, β 1e-4 → 2e-2, the schedule of PixArt), Min-SNR-γ loss weights
+   (min(SNR, γ)/(SNR + 1) for v), caption dropout to the empty prompt, AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights
    (the EMA weights are shipped). Matrix products run under bfloat16 autocast by default
    (``--precision fp32`` to turn it off); weights and optimiser state stay float32.
+   Why v and not PixArt's ε: with ε-prediction the implied x₀ = (x_t − √(1−ᾱ)·ε̂)/√ᾱ amplifies
+   the prediction error by 1/√ᾱ_T ≈ 160 at the first sampling step of this schedule; a model
+   trained for minutes on a CPU is not accurate enough for that, and a first trial (ε, 1500
+   steps) produced latents with outliers 20x outside the data range. v-prediction has no such
+   amplification. (``--prediction-type epsilon`` is kept as an option.)
 5. **Output.** ``PixArtSigmaPipeline`` with a ``DPMSolverMultistepScheduler`` (same β schedule,
-   ε-prediction), saved as safetensors — transformer and VAE in float16 (loads into float32 with
+   same prediction type), saved as safetensors — transformer and VAE in float16 (loads into float32 with
    ``torch_dtype=torch.float32``), the tiny text encoder in float32 — plus ``train_config.json``,
    ``loss_curve.json`` and ``loss_curve.png``. The folder is written to a temporary sibling and
    renamed into place; an existing folder is replaced only with ``--overwrite``.
@@ -71,7 +76,7 @@ class TrainConfig:
     text_heads: int = 4
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64, 128)
-    vae_steps: int = 2500
+    vae_steps: int = 3000
     vae_batch: int = 8
     vae_crop: int = 96  # VAE trains on sub-crops of the training-resolution crops (fully convolutional)
     vae_lr: float = 1e-3
@@ -84,15 +89,16 @@ class TrainConfig:
     heads: int = 6
     layers: int = 8
     patch: int = 2
-    steps: int = 2500
+    steps: int = 4000
     batch: int = 16
-    lr: float = 2e-4
+    lr: float = 3e-4
     warmup: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0  # 0 disables Min-SNR weighting
+    prediction_type: str = "v_prediction"  # v_prediction | epsilon
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
@@ -222,7 +228,7 @@ def build_transformer(cfg: TrainConfig):
 
 
 def build_scheduler(cfg: TrainConfig):
-    """Sampler saved with the pipeline: DPM-Solver++(2M) on the training β schedule, ε-prediction."""
+    """Sampler saved with the pipeline: DPM-Solver++(2M) on the training β schedule and prediction type."""
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
@@ -230,7 +236,7 @@ def build_scheduler(cfg: TrainConfig):
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         beta_schedule="linear",
-        prediction_type="epsilon",
+        prediction_type=cfg.prediction_type,
         algorithm_type="dpmsolver++",
         solver_order=2,
         timestep_spacing="linspace",
@@ -325,11 +331,11 @@ def train_vae(cfg: TrainConfig, sampler: CropSampler, progress, log) -> tuple[nn
         curve["loss"].append(loss.item())
         curve["l1"].append(l1.item())
         curve["kl"].append(kl.item())
-        progress.update(task, advance=1, info=f"loss {float(loss):.4f} l1 {float(l1):.4f}")
+        progress.update(task, advance=1, info=f"loss {curve['loss'][-1]:.4f} l1 {curve['l1'][-1]:.4f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vae_steps:
             n = min(cfg.log_every, len(curve["l1"]))
             log(f"vae step {step + 1}/{cfg.vae_steps} loss {sum(curve['loss'][-n:]) / n:.4f} "
-                f"l1 {sum(curve['l1'][-n:]) / n:.4f} kl {float(kl):.2f}")
+                f"l1 {sum(curve['l1'][-n:]) / n:.4f} kl {curve['kl'][-1]:.2f}")
     return vae.eval(), curve
 
 
@@ -355,7 +361,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def train_transformer(cfg: TrainConfig, latents, text, progress, log) -> tuple[nn.Module, dict]:
-    """ε-prediction training on cached latents; returns (EMA transformer, curve)."""
+    """Diffusion training (``cfg.prediction_type``) on cached latents; returns (EMA transformer, curve)."""
     lat_mean, lat_std, labels, scale = latents
     embeds, masks = text  # [C + 1, L, D], last row = empty prompt
     null = embeds.shape[0] - 1
@@ -384,10 +390,16 @@ def train_transformer(cfg: TrainConfig, latents, text, progress, log) -> tuple[n
         with _autocast(cfg):
             pred = model(xt, encoder_hidden_states=embeds[cond], encoder_attention_mask=masks[cond], timestep=t,
                          added_cond_kwargs=no_cond).sample
-        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma > 0:
+        if cfg.prediction_type == "epsilon":
+            target = noise
+        elif cfg.prediction_type == "v_prediction":
+            target = a.sqrt() * noise - (1.0 - a).sqrt() * x0
+        else:
+            raise ValueError(f"unknown prediction type {cfg.prediction_type!r}")
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:  # Min-SNR-γ: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
             snr = ac[t] / (1.0 - ac[t])
-            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
+            weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1.0 if cfg.prediction_type == "v_prediction" else snr)
         else:
             weight = torch.ones_like(per_sample)
         loss = (weight * per_sample).mean()
@@ -399,7 +411,7 @@ def train_transformer(cfg: TrainConfig, latents, text, progress, log) -> tuple[n
         curve["step"].append(step)
         curve["loss"].append(loss.item())
         curve["mse"].append(per_sample.mean().item())
-        progress.update(task, advance=1, info=f"loss {float(loss):.4f}")
+        progress.update(task, advance=1, info=f"loss {curve['loss'][-1]:.4f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             n = min(cfg.log_every, len(curve["loss"]))
             log(f"transformer step {step + 1}/{cfg.steps} loss {sum(curve['loss'][-n:]) / n:.4f} "
@@ -432,7 +444,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, ylabel, title in ((axes[0], "vae", "loss (L1 + grad + KL)", "VAE"),
-                                    (axes[1], "transformer", "Min-SNR weighted ε-MSE", "PixArt transformer")):
+                                    (axes[1], "transformer", "Min-SNR weighted MSE", "PixArt transformer")):
         c = curves[key]
         if not c["step"]:
             ax.set_title(f"{title} (not trained in this run)")
@@ -454,6 +466,22 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def _portable_tokenizer_names(folder: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast``, which transformers 4.x and 5.x both have.
+
+    transformers 5 saves the class under its new name (``TokenizersBackend``), which 4.x cannot
+    import; ``PreTrainedTokenizerFast`` is the same class in 5.x and the original one in 4.x.
+    """
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tok_path = folder / "tokenizer" / "tokenizer_config.json"
+    tok_config = json.loads(tok_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
 def save_pipeline(cfg: TrainConfig, out: Path, tokenizer, text_encoder, vae, transformer, curves: dict, summary: dict,
                   overwrite: bool) -> Path:
     """Write the pipeline folder atomically (temporary sibling, then rename)."""
@@ -472,6 +500,7 @@ def save_pipeline(cfg: TrainConfig, out: Path, tokenizer, text_encoder, vae, tra
         scheduler=build_scheduler(cfg),
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
+    _portable_tokenizer_names(tmp)
     (tmp / "loss_curve.json").write_text(json.dumps(curves))
     plot_curves(curves, tmp / "loss_curve.png")
     summary = dict(summary, size_bytes=folder_size(tmp))
@@ -587,6 +616,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--lr", type=float, default=d.lr, help="transformer learning rate")
     p.add_argument("--warmup", type=int, default=d.warmup, help="transformer warm-up steps")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default=d.prediction_type)
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
     p.add_argument("--vae-batch", type=int, default=d.vae_batch)
     p.add_argument("--vae-lr", type=float, default=d.vae_lr)
@@ -602,6 +632,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     cfg = dataclasses.replace(
         d, seed=args.seed, threads=args.threads, precision=args.precision, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=min(args.warmup, max(1, args.steps // 5)), ema_decay=args.ema_decay,
+        prediction_type=args.prediction_type,
         vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_lr=args.vae_lr, crops_per_photo=args.crops_per_photo,
         layers=args.layers, hidden=args.hidden, heads=args.heads, log_every=args.log_every,
     )

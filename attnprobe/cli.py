@@ -98,7 +98,7 @@ def analyze(
     kernel_ratio: float = typer.Option(0.6, help="Kernel size = odd(ceil(ratio × ERF)); ½-scale stage doubles the reach."),
     kmin: int = typer.Option(3, help="Smallest recommended kernel size."),
     kmax: int = typer.Option(31, help="Largest recommended kernel size."),
-    queries: str = typer.Option("auto", help="Queries per layer: all, auto (≤ ~1024), stride:S or sample:N."),
+    queries: str = typer.Option("auto", help="Queries per layer: all, auto (~100-200 on a regular sub-lattice; all up to 16×16), stride:S or sample:N."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated regexes on layer names/labels (default: all)."),
     timestep_buckets: int = typer.Option(4, min=1, help="Step buckets for the ERF-over-time statistics."),
     probe_points: Optional[str] = typer.Option(None, help="Query points whose maps are kept, 'y,x;y,x' fractions (default: 4 points)."),

@@ -80,8 +80,9 @@ def test_parse_queries():
     assert parse_queries("stride:2", (4, 6)).tolist() == [0, 2, 4, 12, 14, 16]
     s = parse_queries("sample:5", (4, 6))
     assert len(s) == 5 and len(set(s.tolist())) == 5 and s.tolist() == parse_queries("sample:5", (4, 6)).tolist()
-    assert len(parse_queries("auto", (32, 32))) == 1024
-    assert len(parse_queries("auto", (64, 64))) == 1024
+    assert len(parse_queries("auto", (16, 16))) == 256  # small grids: every query
+    assert parse_queries("auto", (32, 32)).tolist() == parse_queries("stride:3", (32, 32)).tolist()
+    assert parse_queries("auto", (64, 64)).tolist() == parse_queries("stride:5", (64, 64)).tolist()
     for bad in ("stride:0", "sample:x", "every", "stride:-1"):
         with pytest.raises(ValueError):
             parse_queries(bad, (4, 4))

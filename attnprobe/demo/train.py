@@ -4,6 +4,12 @@ One command, seeded and reproducible (for a given machine and thread count)::
 
     python -m attnprobe.demo.train --out attnprobe/demo/pipeline --threads 2
 
+or the same recipe in two stages (how the shipped weights were made; the second stage reuses the
+first stage's VAE, loss curve and timings)::
+
+    python -m attnprobe.demo.train --out /tmp/demo-vae --steps 0 --threads 2
+    python -m attnprobe.demo.train --out attnprobe/demo/pipeline --vae-from /tmp/demo-vae --threads 2
+
 The recipe, all on CPU:
 
 1. **Tokenizer and text encoder.** A word-level tokenizer over the caption vocabulary
@@ -76,7 +82,7 @@ class TrainConfig:
     text_heads: int = 4
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64, 128)
-    vae_steps: int = 3000
+    vae_steps: int = 2500
     vae_batch: int = 8
     vae_crop: int = 96  # VAE trains on sub-crops of the training-resolution crops (fully convolutional)
     vae_lr: float = 1e-3
@@ -89,9 +95,9 @@ class TrainConfig:
     heads: int = 6
     layers: int = 8
     patch: int = 2
-    steps: int = 4000
+    steps: int = 1500
     batch: int = 16
-    lr: float = 3e-4
+    lr: float = 2e-4
     warmup: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -480,6 +486,10 @@ def _portable_tokenizer_names(folder: Path) -> None:
     tok_config = json.loads(tok_path.read_text())
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+    for config_path in folder.glob("*/config.json"):  # drop local paths diffusers records on re-saved models
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_pipeline(cfg: TrainConfig, out: Path, tokenizer, text_encoder, vae, transformer, curves: dict, summary: dict,
@@ -543,15 +553,13 @@ def train(cfg: TrainConfig, out: Path, overwrite: bool = False, quiet: bool = Fa
 
     with _progress() if not quiet else contextlib.nullcontext(_NullProgress()) as progress:
         t0 = time.time()
-        if vae_from is not None:  # development shortcut: reuse the VAE of an earlier run
-            from diffusers import AutoencoderKL
-
-            vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32).eval()
-            vae_curve = {"step": [], "loss": [], "l1": [], "kl": []}
-            log(f"VAE loaded from {vae_from} (not trained in this run)")
+        vae_stage: dict = {}
+        if vae_from is not None:  # two-stage use: reuse the VAE (and its loss curve and timings) of an earlier run
+            vae, vae_curve, vae_stage = _load_vae_stage(Path(vae_from))
+            log(f"VAE loaded from {vae_from} (trained there, not in this run)")
         else:
             vae, vae_curve = train_vae(cfg, sampler, progress, log)
-        vae_time = time.time() - t0
+        vae_time = vae_stage.get("vae_seconds", time.time() - t0)
         t0 = time.time()
         lat_mean, lat_std, labels = encode_latents(cfg, vae, sampler, progress)
         samples = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=torch.Generator().manual_seed(cfg.seed + 21))
@@ -572,10 +580,10 @@ def train(cfg: TrainConfig, out: Path, overwrite: bool = False, quiet: bool = Fa
         "vae_seconds": round(vae_time, 1),
         "latent_seconds": round(latent_time, 1),
         "transformer_seconds": round(transformer_time, 1),
-        "total_seconds": round(time.time() - started, 1),
+        "total_seconds": round(time.time() - started + (vae_time if vae_from is not None else 0.0), 1),
         "vae_from": str(vae_from) if vae_from is not None else None,
-        "vae_final_loss": _tail_mean(vae_curve["loss"]),
-        "vae_final_l1": _tail_mean(vae_curve["l1"]),
+        "vae_final_loss": vae_stage.get("vae_final_loss", _tail_mean(vae_curve["loss"])),
+        "vae_final_l1": vae_stage.get("vae_final_l1", _tail_mean(vae_curve["l1"])),
         "transformer_final_loss": _tail_mean(tr_curve["loss"]),
         "transformer_final_mse": _tail_mean(tr_curve["mse"]),
         "scaling_factor": scale,
@@ -592,6 +600,21 @@ def train(cfg: TrainConfig, out: Path, overwrite: bool = False, quiet: bool = Fa
     summary["size_bytes"] = folder_size(path)
     log(f"wrote {path} ({summary['size_bytes'] / 1e6:.1f} MB) in {summary['total_seconds'] / 60:.1f} min")
     return summary
+
+
+def _load_vae_stage(folder: Path):
+    """VAE of an earlier run's pipeline folder, with its loss curve and VAE timings when recorded."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    curve = {"step": [], "loss": [], "l1": [], "kl": []}
+    if (folder / "loss_curve.json").is_file():
+        curve = json.loads((folder / "loss_curve.json").read_text()).get("vae", curve)
+    stage = {}
+    if (folder / "train_config.json").is_file():
+        results = json.loads((folder / "train_config.json").read_text()).get("results", {})
+        stage = {k: results[k] for k in ("vae_seconds", "vae_final_loss", "vae_final_l1") if k in results}
+    return vae, curve, stage
 
 
 class _NullProgress:
@@ -627,7 +650,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("--vae-from", type=Path, default=None,
-                   help="development shortcut: reuse the VAE of an earlier pipeline folder instead of training one")
+                   help="reuse the VAE of an earlier pipeline folder (e.g. one written with --steps 0) instead of "
+                        "training one; its VAE loss curve and timings are carried over")
     args = p.parse_args(argv)
     cfg = dataclasses.replace(
         d, seed=args.seed, threads=args.threads, precision=args.precision, steps=args.steps, batch=args.batch,

@@ -42,6 +42,7 @@ from matplotlib.figure import Figure  # drawn and saved without pyplot: works un
 from matplotlib.image import imread
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "FIGURES",
@@ -139,6 +140,16 @@ def _evenly(items: list, n: int) -> list:
     return [items[i] for i in idx]
 
 
+def _spread_with_extremes(layers: list, n: int) -> list:
+    """Up to ``n`` layers spread over the depth, always including the smallest and largest ERF."""
+    if len(layers) <= n:
+        return list(layers)
+    must = {id(min(layers, key=lambda l: l.erf)), id(max(layers, key=lambda l: l.erf))}
+    rest = _evenly([l for l in layers if id(l) not in must], max(0, n - len(must)))
+    keep = must | {id(l) for l in rest}
+    return [l for l in layers if id(l) in keep]
+
+
 def _pick(layers: list, wanted) -> list:
     """Layers by name/label (``wanted``), or all when None."""
     if wanted is None:
@@ -214,6 +225,23 @@ def _load_image(images_dir, report, index: int = 0):
     return img[..., :3]
 
 
+def _over_grey(rgba: np.ndarray, grey: np.ndarray, texels: int = 64) -> np.ndarray:
+    """Alpha-blend a token-grid RGBA map over a grey image, as one RGB array of ~``texels`` per side.
+
+    The image is box-averaged to s·H' × s·W' (s = max(1, texels // max(H', W'))) and each token
+    covers s × s texels: flat blocks keep the figure's PNG small and the token grid visible.
+    """
+    from PIL import Image
+
+    h, w = rgba.shape[:2]
+    s = max(1, texels // max(h, w))
+    small = Image.fromarray(np.asarray(grey, dtype=np.float32), mode="F").resize((s * w, s * h), Image.Resampling.BOX)
+    bg = np.clip(np.asarray(small), 0.0, 1.0)[..., None]  # (sH', sW', 1)
+    fg = np.repeat(np.repeat(rgba, s, axis=0), s, axis=1)  # (sH', sW', 4)
+    alpha = fg[..., 3:]
+    return fg[..., :3] * alpha + bg * (1.0 - alpha)  # (sH', sW', 3)
+
+
 def _query_cell(point, grid) -> tuple[int, int]:
     """Token (row, col) of a probe point (y, x fractions), exactly as the capture picks it."""
     (py, px), (h, w) = point, grid
@@ -272,13 +300,16 @@ def plot_attention_maps(
                 amap = (layer.probe_maps[r] / layer.probe_rows).reshape(h, w)  # (H', W'), rows sum to ~1
                 peak = amap.max()
                 scaled = norm(amap / peak if peak > 0 else amap)
-                rgba = cmap(np.asarray(scaled))
+                rgba = cmap(np.asarray(scaled))  # (H', W', 4)
                 if grey is not None:
-                    ax.imshow(grey, cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=1)
                     rgba[..., 3] = 0.35 + 0.6 * np.asarray(scaled)
+                    rgba = _over_grey(rgba, grey)
                 ax.imshow(rgba, extent=(0, w, h, 0), interpolation="nearest")
                 qy, qx = _query_cell(point, (h, w))
                 ax.plot(qx + 0.5, qy + 0.5, marker="+", color="cyan", ms=12, mew=2.2)
+                ax.text(0.03, 0.03, f"peak {peak * h * w:.1f}× uniform", transform=ax.transAxes, fontsize=8,
+                        color="white", va="bottom", ha="left",
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "black", "ec": "none", "alpha": 0.55})
                 ax.set_xlim(0, w)
                 ax.set_ylim(h, 0)
                 ax.set_xticks([0, w])
@@ -294,7 +325,8 @@ def plot_attention_maps(
         cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, fraction=0.03, pad=0.01, shrink=0.8)
         cbar.set_label("attention / panel max (√ scale)")
         s = report.settings
-        sub = f"mean over heads, {s.get('n_prompts', len(s.get('prompts', [])))} prompt(s) × {s.get('steps')} steps"
+        sub = (f"mean over heads, {s.get('n_prompts', len(s.get('prompts', [])))} prompt(s) × {s.get('steps')} steps; "
+               "peak = panel maximum ÷ uniform attention (1/N)")
         if image is not None:
             sub += "; background: image 1"
         fig.suptitle(f"Attention maps at probe points — {_title(report)}\n{sub}")
@@ -677,7 +709,7 @@ def plot_gradient_erf(
     if not chosen:
         warnings.warn("gradient ERF figure skipped: the student has no converted layer in common with the report")
         return []
-    chosen = _evenly(chosen, max_layers)
+    chosen = _spread_with_extremes(chosen, max_layers)
     inputs = {}
     steps = int(steps or min(int(report.settings.get("steps", 8)), 20))
     if not random_inputs:
@@ -721,7 +753,8 @@ def plot_gradient_erf(
                 ax_curve.plot(k, share, lw=2, color=_cmap("viridis")(0.2 if who == "teacher" else 0.75),
                               label=f"{who}: gradient ERF {gerf}")
             ax_curve.axhline(tau, color="0.3", ls="--", lw=1, label=f"τ = {tau:g}")
-            ax_curve.axvline(layer.erf, color="0.5", ls=":", lw=1.2, label=f"attention ERF {layer.erf} (report)")
+            ax_curve.axvline(layer.erf, color="0.5", ls=":", lw=1.2, label=f"attention ERF {layer.erf} (report, all queries)")
+            ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax_curve.set_ylim(0, 1.02)
             ax_curve.set_xlim(1, max(k[-1], layer.erf + 1))
             ax_curve.set_xlabel("kernel size K (tokens)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the committed figures of the demo model (PNG, in this folder). CPU only, offline.
 #
-#   figures/make_figures.sh                       # analyse, distil briefly, plot (tens of minutes on 2 cores)
+#   figures/make_figures.sh                       # analyse, distil 300 steps, plot (~3-5 min on 2 idle CPU cores)
 #   STUDENT=runs/my-distilled figures/make_figures.sh   # reuse a distilled model instead of training one
 #
 # Steps: `attnprobe analyze` on the demo model with its 14 captions → runs/demo-figures/erf.json;
@@ -31,6 +31,7 @@ if [ -z "${STUDENT:-}" ]; then
     --checkpoint-every 0 --overwrite --no-progress
 fi
 
-mkdir -p "$OUT" && rm -f "$OUT"/*.png
+mkdir -p "$OUT"
+for f in attention_maps asm_curves erf erf_heads bias_sinks erf_over_steps gradient_erf; do rm -f "$OUT/$f.png"; done
 "$PYTHON" -m attnprobe.cli plot "$RUN/erf.json" --out "$OUT" --overwrite --format png --dpi 100 --student "$STUDENT"
-du -ch "$OUT"/*.png | tail -1
+du -ch "$OUT"/{attention_maps,asm_curves,erf,erf_heads,bias_sinks,erf_over_steps,gradient_erf}.png | tail -1

@@ -153,6 +153,18 @@ def auto_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _quiet_loading_bars() -> None:
+    """Hide diffusers'/transformers' per-component loading bars (our CLIs draw their own)."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - older library versions
+        pass
+
+
 def load_pipeline(name: str, dtype="auto", device: str | torch.device = "cpu", allow_download: bool = False):
     """Load (or build) the pipeline for ``name``; returns ``(pipe, spec)``.
 
@@ -169,6 +181,7 @@ def load_pipeline(name: str, dtype="auto", device: str | torch.device = "cpu", a
         from diffusers import DiffusionPipeline
 
         local_only = not (allow_download or os.environ.get("HF_HUB_OFFLINE") == "0")
+        _quiet_loading_bars()
         if spec.alias == "demo" and not Path(spec.source).is_dir():
             raise ModelLoadError(
                 f"the demo model is missing from {spec.source}; reinstall the package or run "

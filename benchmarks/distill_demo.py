@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,14 +39,14 @@ def parse_args(argv=None):
     ap.add_argument("--kernel-size", type=int, default=None, help="one kernel size for all layers (skips the analysis)")
     ap.add_argument("--analyze-prompts", type=int, default=2)
     ap.add_argument("--analyze-steps", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=150, help="distillation steps")
+    ap.add_argument("--steps", type=int, default=300, help="distillation steps")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
     ap.add_argument("--samples-per-prompt", type=int, default=2, help="teacher latents sampled per caption")
     ap.add_argument("--sample-steps", type=int, default=10, help="teacher sampling steps per training latent")
-    ap.add_argument("--eval-prompts", type=int, default=4, help="first N demo captions")
+    ap.add_argument("--eval-prompts", type=int, default=None, help="first N demo captions (default: all 14)")
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--eval-steps", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
     summary = train(cfg)
     train_s = time.perf_counter() - t0
 
-    prompts = DEMO_PROMPTS[: args.eval_prompts]
+    prompts = DEMO_PROMPTS[: args.eval_prompts] if args.eval_prompts else list(DEMO_PROMPTS)
     t0 = time.perf_counter()
     result = evaluate_distillation(run, prompts, args.eval_seeds, steps=args.eval_steps, out=out / "eval")
     eval_s = time.perf_counter() - t0
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
         train={k: summary[k] for k in ("steps", "global_batch", "resolution", "layers", "trainable_parameters",
                                         "probe_loss_start", "probe_loss_end", "skipped_steps", "kernel_sizes")},
         threads=torch.get_num_threads(),
-        command="python " + " ".join([str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:])),
+        command="python " + shlex.join([str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:])),
     )
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(format_table(result))
@@ -159,7 +160,12 @@ Samples for the first {len(result['prompts'])} demo captions × seeds {result['s
 {format_table(result)}
 
 Distilled vs. untrained: {d['untrained']['mse'] / max(d['distilled']['mse'], 1e-12):.1f}× lower MSE; vs. zeroed
-self-attention: {d['no_attention']['mse'] / max(d['distilled']['mse'], 1e-12):.1f}× lower. The slow test
+self-attention: {d['no_attention']['mse'] / max(d['distilled']['mse'], 1e-12):.1f}× lower. In ε space the teacher gap on the
+probe batch fell {a['gap'] / max(b['gap'], 1e-12):.0f}×; pixel distances fall less because a sampling trajectory amplifies small
+ε differences over its steps (a few samples' MSE is noisy for the same reason: evaluate on many prompts × seeds,
+as here). The baselines: "untrained" is the converted model at step 0 (ΔConvBlocks with `proj_out` = 0 and the
+global branch at the teacher's mean-field attention), "zeroed" the teacher with every self-attention output set
+to 0; both are deterministic, so only the distilled row depends on training. The slow test
 `tests/test_train.py::test_demo_distillation_ordering` re-runs a shorter version and checks the ordering.
 """
     path = ROOT / "benchmarks" / "RESULTS.md"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -113,7 +112,7 @@ def analyze(
         from attnprobe.analysis import analyze as run_analysis
         from attnprobe.outputs import check_output_dir, staged_output_dir
         from attnprobe.registry import load_pipeline, resolve
-        from attnprobe.run import read_prompts
+        from attnprobe.outputs import read_prompts
 
         if ring_backend not in ("auto", "triton", "reference"):
             raise UsageError("--ring-backend must be auto, triton or reference")

@@ -13,9 +13,10 @@ import base64
 import html
 import json
 import os
-import tempfile
+
 from pathlib import Path
 
+from attnprobe.outputs import atomic_write_text
 from attnprobe.report import Report, load_report
 
 __all__ = ["write_html_report", "render_html"]
@@ -37,16 +38,13 @@ figcaption { color: #555; font-size: .92em; margin-top: .3em; }
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
-
 def _data_uri(path: Path) -> str:
     mime = _MIME.get(path.suffix.lower(), "application/octet-stream")
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
-
 def _e(value) -> str:
     """Escape anything for HTML text and attribute values."""
     return html.escape(str(value), quote=True)
-
 
 def _fmt(value) -> str:
     if isinstance(value, float):
@@ -54,7 +52,6 @@ def _fmt(value) -> str:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, ensure_ascii=False)
     return "–" if value is None else str(value)
-
 
 def _figure_paths(report: Report, run_dir: Path, make_missing: bool) -> list[Path]:
     """The run's figure PNGs in the documented order; draws them first when some are missing."""
@@ -69,7 +66,6 @@ def _figure_paths(report: Report, run_dir: Path, make_missing: bool) -> list[Pat
     pngs = {p.stem: p for p in fig_dir.glob("*.png")}
     ordered = [pngs.pop(s) for s in FIGURES if s in pngs]
     return ordered + [pngs[k] for k in sorted(pngs)]
-
 
 def _settings_rows(report: Report) -> list[tuple[str, str]]:
     m, s, r = report.model, report.settings, report.run
@@ -86,7 +82,6 @@ def _settings_rows(report: Report) -> list[tuple[str, str]]:
     else:
         rows += [(f"run {key}", _fmt(value)) for key, value in r.items()]
     return rows
-
 
 def render_html(report: Report, figures: list[Path], images: list[tuple[Path, str]], title: str | None = None) -> str:
     """The page as a string: ``figures`` (PNG paths) and ``images`` ((path, caption)) are embedded."""
@@ -156,12 +151,10 @@ def render_html(report: Report, figures: list[Path], images: list[tuple[Path, st
     out += ["</tbody>", "</table>", "</body>", "</html>", ""]
     return "\n".join(out)
 
-
 def _highpass_note(report: Report) -> str:
     kind = "positive part" if report.settings.get("highpass_mass", "positive") == "positive" else "absolute value"
     return (f"The high-pass is a Butterworth filter (D0 = {report.settings.get('cutoff')}, n = {report.settings.get('order')}); "
             f"its output sums to ~0, so ASM is taken over its {kind}.")
-
 
 def write_html_report(run_dir, *, make_figures: bool = True, output: str | os.PathLike | None = None) -> Path:
     """Write ``run_dir/report.html`` (or ``output``) for the run in ``run_dir``; returns its path.
@@ -182,13 +175,5 @@ def write_html_report(run_dir, *, make_figures: bool = True, output: str | os.Pa
             images.append((path, f"{i + 1}. {prompts[i]}" if i < len(prompts) else name))
     page = render_html(report, figures, images)
     target = Path(output) if output is not None else run_dir / "report.html"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, page)
     return target

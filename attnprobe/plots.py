@@ -697,7 +697,7 @@ def plot_gradient_erf(
     no converted layer.
     """
     try:
-        from deltadistill.convert import delta_modules
+        from deltadistill.conversion import delta_modules
     except ImportError as exc:
         warnings.warn(f"gradient ERF figure skipped: deltadistill is not importable ({exc})")
         return []

@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from attnprobe.outputs import atomic_write_text
 from attnprobe.stats import asm_from_rings, effective_receptive_field, recommended_kernel_size
 
 SCHEMA = "attnprobe.erf"
@@ -48,14 +48,11 @@ MERGE_KEYS = (
 )
 ACCUMULATORS = ("ring", "hp_ring", "mass", "hp_pos", "rows", "key_mass", "probe_maps", "probe_rows")
 
-
 class ReportError(ValueError):
     """The file is not a valid report (wrong schema, truncated, inconsistent)."""
 
-
 def prompts_hash(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
-
 
 @dataclass
 class LayerResult:
@@ -239,10 +236,8 @@ class LayerResult:
             if not np.all(np.isfinite(getattr(self, key))):
                 raise ReportError(f"layer {self.name!r}: accumulator {key!r} contains NaN or inf")
 
-
 def _round(a: np.ndarray, digits: int = 6) -> list:
     return [round(float(v), digits) for v in np.asarray(a).ravel()]
-
 
 @dataclass
 class Report:
@@ -286,16 +281,7 @@ class Report:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, separators=(",", ":"))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), separators=(",", ":")))
         return path
 
     @classmethod
@@ -317,7 +303,6 @@ class Report:
             raise ReportError("report has no layers")
         return cls(model=d["model"], settings=settings, run=d["run"], layers=layers, images=list(d.get("images", [])))
 
-
 def load_report(path: str | os.PathLike) -> Report:
     """Read and validate an ``erf.json`` (raises :class:`ReportError` with a clear message)."""
     path = Path(path)
@@ -332,7 +317,6 @@ def load_report(path: str | os.PathLike) -> Report:
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path} is not valid JSON (truncated?): {exc.msg} at line {exc.lineno}") from None
     return Report.from_dict(data)
-
 
 def merge_reports(reports: list[Report]) -> Report:
     """Add the accumulators of reports of the same model, settings and layers."""

@@ -7,28 +7,11 @@ DiT takes class labels instead of prompts and has a fixed resolution.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from attnprobe.arch import base_grid, default_resolution, denoiser_of, detect_arch, vae_scale_factor
 
 _SEQ_LEN_DEFAULTS = {"pixart": 300, "flux": 512, "sd3": 256}
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Non-blank, non-comment lines of a UTF-8 text file (raises ValueError with a clear message)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompts file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"prompts file {path} is not UTF-8 text") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompts file {path} is empty (one prompt per line; '#' starts a comment)")
-    return prompts
 
 
 def resolve_resolution(pipe, resolution) -> tuple[int, int]:

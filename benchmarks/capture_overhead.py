@@ -29,7 +29,7 @@ def _vmhwm_mb() -> float:
 def worker(model: str, grid: int, queries: str, repeats: int) -> dict:
     import torch
 
-    from attnprobe.arch import denoiser_of, vae_scale_factor
+    from attnprobe.arch import denoiser_of
     from attnprobe.capture import capture
     from attnprobe.registry import load_pipeline
 

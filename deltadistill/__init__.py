@@ -14,7 +14,7 @@ __all__ = ["convert", "load", "save", "DeltaConvBlock", "__version__"]
 
 def __getattr__(name):
     if name == "convert":
-        from deltadistill.convert import convert
+        from deltadistill.conversion import convert
 
         return convert
     if name in ("save", "load"):

@@ -627,7 +627,7 @@ def _build_step_models(m, res, kspec, device, tdtype):
     """(teacher, student or None): the loaded denoiser, or random weights built in ``tdtype`` directly."""
     from attnprobe.arch import CONVERTIBLE, denoiser_of
 
-    from deltadistill.convert import convert
+    from deltadistill.conversion import convert
 
     from attnprobe import registry
 

@@ -22,7 +22,7 @@ reference anywhere, Triton on CUDA when available); ``backend=`` forces one.
 Initialisation (chosen for distillation from a frozen teacher):
 
 * ``proj_out`` is zero, and ``global_proj`` is zero here (``convert`` overwrites it with the
-  teacher's mean-field attention, see :mod:`deltadistill.convert`). A freshly built block
+  teacher's mean-field attention, see :mod:`deltadistill.conversion`). A freshly built block
   therefore adds nothing to the host's residual stream: the student starts as the teacher with
   this self-attention removed (or replaced by its mean-field value), not as the teacher plus
   random noise in every layer — outputs stay finite and sensible, the first losses are

@@ -57,7 +57,7 @@ def _usage_error(msg: str) -> None:
 
 def _usage_exceptions() -> tuple:
     from attnprobe.registry import ModelLoadError
-    from deltadistill.convert import KernelSpecError
+    from deltadistill.conversion import KernelSpecError
     from deltadistill.data import DataError
     from deltadistill.generate import GenerateError
     from deltadistill.io import FolderMismatchError

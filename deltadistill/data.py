@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from attnprobe.outputs import read_prompts as _read_prompts
 from deltadistill.generate import class_labels_for, max_sequence_length, sample
 
 __all__ = ["DataError", "DistillData", "prepare_data", "read_image_folder", "IMAGE_EXTENSIONS"]
@@ -84,14 +85,8 @@ class DistillData:
 
 
 def read_prompts(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read prompt file {path}: {exc}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise DataError(f"prompt file {path} holds no prompts (one per line; '#' lines are comments)")
-    return prompts
+    """The prompts of a prompt file (:func:`attnprobe.outputs.read_prompts`), errors as DataError."""
+    return _read_prompts(path, error=DataError)
 
 
 def _jsonl_captions(path: Path) -> dict[str, str]:

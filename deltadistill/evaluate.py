@@ -89,7 +89,7 @@ def evaluate_distillation(
     """
     from attnprobe.registry import load_pipeline
     from deltadistill import io as dio
-    from deltadistill.convert import convert
+    from deltadistill.conversion import convert
 
     folder = Path(distilled_folder)
     config = dio.read_config(folder)

@@ -28,18 +28,10 @@ class GenerateError(ValueError):
 
 
 def read_prompt_file(path) -> list[str]:
-    """Non-empty lines of a text file, ``#`` comments skipped; raises GenerateError when none."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenerateError(f"prompt file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GenerateError(f"cannot read prompt file {path}: {exc}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise GenerateError(f"prompt file {path} holds no prompts (one per line; '#' lines are comments)")
-    return prompts
+    """The prompts of a prompt file (:func:`attnprobe.outputs.read_prompts`), errors as GenerateError."""
+    from attnprobe.outputs import read_prompts
+
+    return read_prompts(path, error=GenerateError)
 
 
 def _arch(pipe) -> str:

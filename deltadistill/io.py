@@ -17,16 +17,16 @@ dims, tensor names and shapes) before touching it, then converts it and loads th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
 
+from attnprobe.outputs import replace_dir
 from attnprobe.registry import ModelSpec, config_hash
 from deltadistill.block import DeltaConvBlock
-from deltadistill.convert import (
+from deltadistill.conversion import (
     _attn_dim,
     conversion_info,
     convertible_sites,
@@ -118,13 +118,7 @@ def save(pipe, folder, *, base_model, extra: dict | None = None, overwrite: bool
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         (tmp / CONFIG_NAME).write_text(text + "\n")
-        if folder.exists():  # overwrite: move the old folder aside, then swap
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_dir(tmp, folder)  # an existing folder (overwrite) is moved aside, then swapped
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,6 @@ uses ε = √ᾱ·v + √(1−ᾱ)·z_t; ``sample`` (x₀) prediction uses ε = 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch

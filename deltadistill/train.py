@@ -48,13 +48,14 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from attnprobe.outputs import replace_dir
 from deltadistill.losses import SNR_WEIGHTINGS, FeatureTaps, distill_loss
 
 __all__ = ["TrainConfig", "train", "is_main_process", "TrainError", "TrainingDiverged", "find_checkpoint", "denoiser_kwargs"]
@@ -144,7 +145,7 @@ def _validate(cfg: TrainConfig) -> None:
     need(cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}")
     need(cfg.samples_per_prompt >= 1, f"--samples-per-prompt must be >= 1, got {cfg.samples_per_prompt}")
     need(cfg.sample_steps >= 1, f"--sample-steps must be >= 1, got {cfg.sample_steps}")
-    need(cfg.mixed_precision in ("auto", "no", "bf16", "fp16"), f"--mixed-precision must be auto, no, bf16 or fp16")
+    need(cfg.mixed_precision in ("auto", "no", "bf16", "fp16"), "--mixed-precision must be auto, no, bf16 or fp16")
     if cfg.kernel_size is not None:
         need(cfg.kernel_size >= 3 and cfg.kernel_size % 2 == 1, f"--kernel-size must be odd and >= 3, got {cfg.kernel_size}")
     if cfg.resolution is not None:
@@ -359,13 +360,7 @@ def save_checkpoint(run_dir, step: int, student, optimizer, scheduler, state: di
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -378,7 +373,7 @@ def _clean_stale_tmp(run_dir) -> None:
     root = Path(run_dir) / "checkpoints"
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")):
+            if p.name.startswith(".tmp-") or ".old-" in p.name:
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -499,7 +494,7 @@ def train(
 
     from attnprobe.arch import base_grid, default_resolution, denoiser_of, detect_arch, vae_scale_factor
     from attnprobe.registry import ModelLoadError, config_hash, load_pipeline
-    from deltadistill.convert import convert, delta_modules
+    from deltadistill.conversion import convert, delta_modules
     from deltadistill.data import DataError, prepare_data
 
     if isinstance(cfg, dict):

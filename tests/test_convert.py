@@ -11,7 +11,7 @@ import torch
 from attnprobe.arch import base_grid, denoiser_of, find_self_attention, vae_scale_factor
 from attnprobe.registry import config_hash, load_pipeline
 from deltadistill import load, save
-from deltadistill.convert import (
+from deltadistill.conversion import (
     AlreadyConvertedError,
     DeltaConvAttention,
     KernelSpecError,
@@ -285,5 +285,8 @@ def test_save_needs_a_converted_pipeline(tmp_path):
 def test_package_exports():
     import deltadistill
 
+    import deltadistill.conversion
+
     assert callable(deltadistill.convert) and callable(deltadistill.save) and callable(deltadistill.load)
+    assert deltadistill.convert is deltadistill.conversion.convert  # the function, not a module
     assert deltadistill.DeltaConvBlock.__name__ == "DeltaConvBlock"

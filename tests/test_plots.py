@@ -158,10 +158,10 @@ def test_gradient_erf_known_reach():
 
 
 def test_gradient_erf_figure(run_dir, tmp_path):
-    pytest.importorskip("deltadistill.convert", reason="deltadistill is not importable")
+    pytest.importorskip("deltadistill.conversion", reason="deltadistill is not importable")
     import torch
 
-    import deltadistill.convert as dconv
+    import deltadistill.conversion as dconv
     from attnprobe.registry import load_pipeline
 
     report = load_report(run_dir)

@@ -1,6 +1,5 @@
 """Report format (save/load/validate/merge) and the attnprobe CLI on the tiny PixArt."""
 import json
-import shutil
 
 import numpy as np
 import pytest

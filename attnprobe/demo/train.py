@@ -48,9 +48,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,9 +56,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from attnprobe.demo.data import CAPTIONS, PHOTOS, CropSampler
+from attnprobe.outputs import staged_output_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "</s>")
 
@@ -498,10 +496,6 @@ def save_pipeline(cfg: TrainConfig, out: Path, tokenizer, text_encoder, vae, tra
     from diffusers import PixArtSigmaPipeline
 
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.float(),
@@ -509,23 +503,14 @@ def save_pipeline(cfg: TrainConfig, out: Path, tokenizer, text_encoder, vae, tra
         transformer=transformer.to(torch.float16),
         scheduler=build_scheduler(cfg),
     )
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    _portable_tokenizer_names(tmp)
-    (tmp / "loss_curve.json").write_text(json.dumps(curves))
-    plot_curves(curves, tmp / "loss_curve.png")
-    summary = dict(summary, size_bytes=folder_size(tmp))
-    record = {"config": dataclasses.asdict(cfg), "results": summary}
-    (tmp / "train_config.json").write_text(json.dumps(record, indent=2))
-    if out.exists():
-        if not overwrite:
-            shutil.rmtree(tmp)
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    with staged_output_dir(out, overwrite=overwrite) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _portable_tokenizer_names(tmp)
+        (tmp / "loss_curve.json").write_text(json.dumps(curves))
+        plot_curves(curves, tmp / "loss_curve.png")
+        summary = dict(summary, size_bytes=folder_size(tmp))
+        record = {"config": dataclasses.asdict(cfg), "results": summary}
+        (tmp / "train_config.json").write_text(json.dumps(record, indent=2))
     return out
 
 

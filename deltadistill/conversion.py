@@ -35,8 +35,6 @@ import json
 import math
 import operator
 import os
-import sys
-import types
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -475,18 +473,3 @@ def install(pipe, blocks: Mapping[str, DeltaConvBlock], info: dict | None = None
     for wrapper in delta_modules(den).values():
         wrapper.block.requires_grad_(True)
     return den
-
-
-class _CallableModule(types.ModuleType):
-    """``deltadistill.convert`` names both this module and the function the package exports.
-
-    Python rebinds the package attribute to the submodule whenever the submodule is first
-    imported, so ``from deltadistill import convert`` may yield either; calling the module
-    forwards to :func:`convert`, so both spellings work.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -144,7 +144,8 @@ def save_grid(samples: torch.Tensor, references: torch.Tensor, predictions: torc
     import matplotlib.pyplot as plt
 
     rows, cols = samples.shape[0], samples.shape[1] + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols + 1.6, 1.5 * rows + 0.5), squeeze=False)
+    height = 1.5 * rows + 0.8
+    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols + 1.6, height), squeeze=False)
     for i in range(rows):
         for j in range(cols):
             ax = axes[i][j]
@@ -162,8 +163,8 @@ def save_grid(samples: torch.Tensor, references: torch.Tensor, predictions: torc
                 for spine in ax.spines.values():
                     spine.set_edgecolor("green" if ok else "red")
                     spine.set_linewidth(2)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(title.replace(" — ", "\n"), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))  # keep the two-line title clear of the first row
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
     plt.close(fig)

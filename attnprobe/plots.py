@@ -413,6 +413,8 @@ def plot_erf(report, out_dir, *, layers=None, formats: Sequence[str] = FORMATS, 
         kgrid = [2 * max(l.grid) - 1 for l in chosen]
         ax.hlines(kgrid, x - 0.45, x + 0.45, colors="0.45", linestyles=":", lw=1.5,
                   label="largest K on the grid (2·max(H′,W′)−1)")
+        ax.hlines([max(l.grid) for l in chosen], x - 0.45, x + 0.45, colors="tab:red", linestyles="--", lw=1.2,
+                  label="grid side max(H′,W′): ERF below it is local")
         _xticks_layers(ax, chosen)
         ax.set_xlim(-0.6, n - 0.4)
         ax.set_ylim(0, max(kgrid) * 1.35)  # headroom for the legend

@@ -80,6 +80,29 @@ def test_short_and_default_sequence_length_agree(demo_pipe):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("gain", [0.5, 2.0])
+def test_mimetic_init_sets_scaled_orthonormal_equal_query_key(gain):
+    import dataclasses
+
+    from attnprobe.demo.train import TrainConfig, build_transformer
+
+    cfg = dataclasses.replace(TrainConfig(), layers=2, hidden=48, heads=3, attn_init="mimetic", attn_init_gain=gain)
+    model = build_transformer(cfg)
+    for block in model.transformer_blocks:
+        wq, wk = block.attn1.to_q.weight.double(), block.attn1.to_k.weight.double()
+        assert torch.equal(wq, wk)
+        for h in range(3):  # per head W_q[h] W_q[h]ᵀ = gain² I (orthonormal rows), so logits = gain²⟨Qᵀx, Qᵀx'⟩
+            rows = wq[16 * h : 16 * (h + 1)]
+            torch.testing.assert_close(rows @ rows.T, gain**2 * torch.eye(16, dtype=torch.float64))
+        assert block.attn2.to_q.weight.abs().sum() > 0 and not torch.equal(block.attn2.to_q.weight, block.attn2.to_k.weight)
+    heads = [model.transformer_blocks[i].attn1.to_q.weight[:16] for i in range(2)]
+    assert not torch.allclose(heads[0], heads[1])  # each layer draws its own subspaces
+    plain = build_transformer(dataclasses.replace(cfg, attn_init="xavier"))
+    assert not torch.equal(plain.transformer_blocks[0].attn1.to_q.weight, plain.transformer_blocks[0].attn1.to_k.weight)
+    with pytest.raises(ValueError, match="attention init"):
+        build_transformer(dataclasses.replace(cfg, attn_init="orthogonal"))
+
+
 @pytest.mark.slow
 def test_training_recipe_runs(tmp_path):
     from attnprobe.demo.train import main

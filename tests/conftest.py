@@ -14,6 +14,20 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded (and 2-core CI machines are shared).
+
+    Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = ["tiny-pixart", "tiny-sd15", "tiny-sdxl", "tiny-dit", "tiny-flux", "tiny-sd3"]
 
 

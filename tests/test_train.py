@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "a photo of a cat\na red rocket in the sky\na blue house with a tree\nthe astronaut on grass\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (and 2-core CI machines are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -426,6 +426,21 @@ def plot_erf(report, out_dir, *, layers=None, formats: Sequence[str] = FORMATS, 
         return _save(fig, out_dir, "erf", formats, dpi)
 
 
+def _erf_heatmap(fig, ax, values: np.ndarray, fontsize: float) -> None:
+    """ERF heat map (NaN cells blank), framed, with a colour bar; each cell labelled when ≤ 600."""
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="cividis", aspect="auto", interpolation="nearest")
+    if values.size <= 600:
+        lo, hi = np.nanmin(values), np.nanmax(values)
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                bright = (v - lo) / (hi - lo) > 0.6 if hi > lo else True
+                ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=fontsize,
+                        color="black" if bright else "white")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(True)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("ERF (tokens)")
+
+
 def plot_erf_heads(report, out_dir, *, layers=None, formats: Sequence[str] = FORMATS, dpi: int = DPI) -> list[Path]:
     """Heat map heads × layers of the per-head ERF (blank where a layer has fewer heads)."""
     chosen = _pick(forward_order(report), layers)
@@ -437,22 +452,12 @@ def plot_erf_heads(report, out_dir, *, layers=None, formats: Sequence[str] = FOR
     with _style():
         fig = Figure(figsize=(_layers_width(n, base=3.2), min(14.0, max(3.8, 0.32 * heads + 2.4))), layout="constrained")
         ax = fig.subplots()
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap="cividis", aspect="auto", interpolation="nearest")
-        if n * heads <= 600:
-            lo, hi = np.nanmin(grid), np.nanmax(grid)
-            for (i, j), v in np.ndenumerate(grid):
-                if np.isfinite(v):
-                    bright = (v - lo) / (hi - lo) > 0.6 if hi > lo else True
-                    ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=7.5 if n > 12 else 8.5,
-                            color="black" if bright else "white")
+        _erf_heatmap(fig, ax, grid, fontsize=7.5 if n > 12 else 8.5)
         _xticks_layers(ax, chosen)
         step = max(1, heads // 16)
         ax.set_yticks(np.arange(0, heads, step))
         ax.set_xlabel("layer")
         ax.set_ylabel("head index")
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(True)
-        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("ERF (tokens)")
         fig.suptitle(f"ERF per head (high-passed, τ = {report.settings.get('threshold', 0.8)}) — {_title(report)}")
         return _save(fig, out_dir, "erf_heads", formats, dpi)
 
@@ -548,22 +553,13 @@ def plot_erf_over_steps(report, out_dir, *, layers=None, formats: Sequence[str] 
     with _style():
         fig = Figure(figsize=(max(6.5, 1.35 * t + 4.2), min(16.0, max(3.8, 0.3 * n + 2.2))), layout="constrained")
         ax = fig.subplots()
-        im = ax.imshow(per, cmap="cividis", aspect="auto", interpolation="nearest")
-        if n * t <= 600:
-            lo, hi = per.min(), per.max()
-            for (i, j), v in np.ndenumerate(per):
-                bright = (v - lo) / (hi - lo) > 0.6 if hi > lo else True
-                ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8.5 if n <= 30 else 7,
-                        color="black" if bright else "white")
+        _erf_heatmap(fig, ax, per, fontsize=8.5 if n <= 30 else 7)
         ax.set_xticks(np.arange(t))
         ax.set_xticklabels(labels)
         ax.set_yticks(np.arange(n))
         ax.set_yticklabels([l.label for l in chosen], fontsize=9 if n <= 30 else 7)
         ax.set_xlabel(f"denoising steps of {s.get('steps')} (first = noisiest)")
         ax.set_ylabel("layer (forward order)")
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(True)
-        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("ERF (tokens)")
         fig.suptitle(f"ERF over denoising steps — {_title(report)}")
         return _save(fig, out_dir, "erf_over_steps", formats, dpi)
 

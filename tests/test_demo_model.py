@@ -103,6 +103,17 @@ def test_mimetic_init_sets_scaled_orthonormal_equal_query_key(gain):
         build_transformer(dataclasses.replace(cfg, attn_init="orthogonal"))
 
 
+@pytest.mark.parametrize("bad", [["--attn-init-gain", "0"], ["--attn-init-gain", "-1"], ["--attn-init-gain", "nan"],
+                                 ["--attn-init", "orthogonal"]])
+def test_training_cli_rejects_bad_attention_init(bad, capsys):
+    from attnprobe.demo.train import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--out", "/nonexistent/never-written", *bad])
+    assert info.value.code == 2
+    assert "attn-init" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_training_recipe_runs(tmp_path):
     from attnprobe.demo.train import main

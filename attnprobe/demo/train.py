@@ -680,6 +680,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
                    help="reuse the VAE of an earlier pipeline folder (e.g. one written with --steps 0) instead of "
                         "training one; its VAE loss curve and timings are carried over")
     args = p.parse_args(argv)
+    if not (args.attn_init_gain > 0 and math.isfinite(args.attn_init_gain)):
+        p.error(f"--attn-init-gain must be a positive number, got {args.attn_init_gain}")
     cfg = dataclasses.replace(
         d, seed=args.seed, threads=args.threads, precision=args.precision, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=min(args.warmup, max(1, args.steps // 5)), ema_decay=args.ema_decay,

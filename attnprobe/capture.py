@@ -1,11 +1,11 @@
 """Capture self-attention statistics while a diffusers model runs, without storing N×N maps.
 
 ``with capture(pipe, queries="stride:2") as probe: pipe(...)`` wraps the attention processor of
-every self-attention site (see :mod:`attnprobe.arch`) in a :class:`CaptureProcessor`. The
-wrapper calls the *original* processor, so the module's output is exactly what it was; while
-it runs, the query and key tensors that the processor hands to
-``torch.nn.functional.scaled_dot_product_attention`` are observed (after every norm, RoPE and
-text/image concatenation the architecture applies) and reduced at once:
+every self-attention site in a :class:`CaptureProcessor`. The wrapper calls the *original*
+processor, so the module's output is exactly what it was; before it does, it asks the model
+family's adapter for the layer's queries and keys (:meth:`attnprobe.core.family.Family.query_key`:
+the module's own projections, norms, rotary embeddings and text/image concatenation, computed
+from the very arguments the processor receives) and reduces them at once:
 
     for each chunk of c queries:                      # c adapts to a memory budget
         P = softmax(q_c kᵀ · scale [+ mask])          # (B, heads, c, N_keys), fp32
@@ -15,73 +15,64 @@ text/image concatenation the architecture applies) and reduced at once:
         key_mass[k]   += Σ_{b,h,q} A[..., k]          # for sink detection
 
 so peak extra memory is O(B · heads · c · N) and only O(heads · R + N) floats persist per layer.
-Statistics are kept per denoising-step bucket. Joint attention (FLUX, SD3) is observed on its
-image→image block: the softmax runs over all keys (text included) and only image keys are binned.
+Nothing global is patched, so the capture works whatever attention backend the processor
+dispatches to; a selected layer that is never called shows up in :meth:`Capture.unobserved`
+(``analyze`` raises :class:`CaptureMissedError`). Statistics are kept per denoising-step bucket.
+Joint attention (FLUX, SD3) is observed on its image→image block: the softmax runs over all
+keys (text included) and only image keys are binned.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from attnprobe.arch import AttnSite, denoiser_of, detect_arch, find_self_attention
-from attnprobe.stats import butterworth_filter, butterworth_highpass, ring_mass
+from attnprobe.core import backends
+from attnprobe.core.errors import UserError
+from attnprobe.core.family import denoiser_of, family_of, find_self_attention
+from attnprobe.core.sites import AttnSite, select_sites
+from attnprobe.config import AnalysisConfig
+from attnprobe.stats import AUTO_QUERIES, butterworth_filter, butterworth_highpass, parse_queries, ring_mass
 
-__all__ = ["capture", "Capture", "CaptureProcessor", "LayerAccumulator", "parse_queries", "select_sites"]
-
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("attnprobe_active_layer", default=None)
-_ORIGINAL_SDPA = F.scaled_dot_product_attention
-_SDPA_PATCH_DEPTH = 0
-AUTO_QUERIES = 144  # target queries per layer for queries="auto"
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+__all__ = ["capture", "Capture", "CaptureProcessor", "CaptureMissedError", "LayerAccumulator", "parse_queries",
+           "select_sites", "AUTO_QUERIES"]
 
 
-def _observing_sdpa(*args, **kwargs):
-    """Drop-in for F.scaled_dot_product_attention that lets the active layer observe q and k."""
-    layer = _ACTIVE.get()
-    if layer is not None and not layer.seen:
-        bound = dict(zip(_SDPA_ARGS, args))
-        bound.update(kwargs)
-        layer.seen = True  # only the first SDPA call of a processor call is the self-attention
-        layer.observe(bound["query"], bound["key"], bound.get("attn_mask"), bound.get("scale"))
-    return _ORIGINAL_SDPA(*args, **kwargs)
 
-
-@contextlib.contextmanager
-def _patched_sdpa():
-    global _SDPA_PATCH_DEPTH
-    if _SDPA_PATCH_DEPTH == 0:
-        F.scaled_dot_product_attention = _observing_sdpa
-    _SDPA_PATCH_DEPTH += 1
-    try:
-        yield
-    finally:
-        _SDPA_PATCH_DEPTH -= 1
-        if _SDPA_PATCH_DEPTH == 0:
-            F.scaled_dot_product_attention = _ORIGINAL_SDPA
+class CaptureMissedError(UserError, RuntimeError):
+    """Selected self-attention layers were never called while capturing."""
 
 
 class CaptureProcessor:
-    """Wraps an attention processor: same call, same output, plus observation of q/k."""
+    """Wraps an attention processor: same call, same output, plus observation of q and k."""
 
-    def __init__(self, original, layer: "LayerAccumulator"):
+    def __init__(self, original, layer: "LayerAccumulator", family):
         self.original = original
         self.layer = layer
+        self.family = family
+        self._signature = inspect.signature(original.__call__ if not inspect.isfunction(original) else original)
 
     def _run(self, attn, *args, **kwargs):
-        self.layer.seen = False
-        token = _ACTIVE.set(self.layer)
         try:
-            return self.original(attn, *args, **kwargs)
-        finally:
-            _ACTIVE.reset(token)
+            bound = self._signature.bind(attn, *args, **kwargs)
+        except TypeError as exc:
+            raise RuntimeError(f"{self.layer.site.name}: cannot read the processor call ({exc})") from None
+        call = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                call.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                call[name] = value
+        if "hidden_states" not in call:
+            raise RuntimeError(f"{self.layer.site.name}: processor {type(self.original).__name__} takes no hidden_states")
+        with torch.no_grad():
+            qk = self.family.query_key(self.layer.site, attn, call)
+        self.layer.observe(qk.q, qk.k, qk.mask, qk.scale)
+        return self.original(attn, *args, **kwargs)
 
 
 _WRAPPER_CLASSES: dict[type, type] = {}
@@ -104,51 +95,6 @@ def _wrapper_class(original_cls: type) -> type:
     return _WRAPPER_CLASSES[original_cls]
 
 
-def parse_queries(spec, grid: tuple[int, int]) -> torch.Tensor:
-    """Query positions (flat indices into the grid) for a query spec.
-
-    ``"all"``; ``"stride:S"`` (every S-th row and column, S ≥ 1); ``"sample:N"`` (N positions
-    drawn uniformly without replacement, seeded by the grid so shards agree); ``"auto"``
-    (the stride S = round(√(N / 144)) that keeps roughly 100–200 queries per layer: all queries
-    on a 16×16 grid, stride 3 on 32×32, 5 on 64×64; measured to keep analysed generation within
-    ~2× of plain generation on CPU, see benchmarks/RESULTS.md). Statistics are summed over heads,
-    batch, steps and prompts, so a regular sub-lattice of queries is plenty for the ASM curves.
-    """
-    h, w = grid
-    n = h * w
-    spec = str(spec).strip().lower()
-    if spec == "auto":
-        stride = max(1, round(math.sqrt(n / AUTO_QUERIES)))
-        spec = f"stride:{stride}"
-    if spec == "all":
-        return torch.arange(n)
-    kind, _, value = spec.partition(":")
-    try:
-        v = int(value)
-    except ValueError:
-        v = 0
-    if kind == "stride" and v >= 1:
-        rows = torch.arange(0, h, v)
-        cols = torch.arange(0, w, v)
-        return (rows[:, None] * w + cols[None, :]).reshape(-1)
-    if kind == "sample" and v >= 1:
-        g = torch.Generator().manual_seed(1_000_003 * h + w)
-        return torch.randperm(n, generator=g)[: min(v, n)].sort().values
-    raise ValueError(f"bad --queries {spec!r}: use 'all', 'auto', 'stride:S' or 'sample:N' with a positive integer")
-
-
-def select_sites(sites: list[AttnSite], layers: str | None) -> list[AttnSite]:
-    """Filter sites by a comma-separated list of regular expressions on the name or label."""
-    if not layers:
-        return sites
-    pats = [re.compile(p.strip()) for p in layers.split(",") if p.strip()]
-    chosen = [s for s in sites if any(p.search(s.name) or p.search(s.label) for p in pats)]
-    if not chosen:
-        names = ", ".join(s.label for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
-        raise ValueError(f"--layers {layers!r} matches no self-attention layer (layers: {names})")
-    return chosen
-
-
 @dataclass
 class LayerAccumulator:
     """Running sums for one self-attention site (all float64 on CPU)."""
@@ -162,7 +108,7 @@ class LayerAccumulator:
     probe_points: list[tuple[float, float]]
     memory_budget: int
     capture: "Capture" = field(repr=False)
-    ring_backend: str = "auto"  # unfiltered rings: "triton" fused kernel, "reference", or auto (CUDA)
+    ring_backend: str | None = None  # unfiltered rings: None/"auto" (registry's choice), "triton" or "reference"
     grid: tuple[int, int] | None = None
     heads: int = 0
     ring: np.ndarray | None = None  # (T, heads, R)
@@ -173,7 +119,6 @@ class LayerAccumulator:
     key_mass: np.ndarray | None = None  # (N,) mass received per key
     probe_maps: np.ndarray | None = None  # (P, N) mean over heads, summed over batch/steps
     probe_rows: int = 0
-    seen: bool = False
     _positions: torch.Tensor | None = field(default=None, repr=False)
     _response: torch.Tensor | None = field(default=None, repr=False)
 
@@ -235,9 +180,8 @@ class LayerAccumulator:
         key_mass = torch.zeros(n, dtype=torch.float64, device=q.device)
         fused = self._use_ring_kernel(q, mask)
         if fused:  # unfiltered rings straight from q, k: the N×N map never exists for them
-            from attnprobe.kernels.ringmass import ring_mass_attention
-
-            rings = ring_mass_attention(q, k, grid, positions, scale, key_slice=(k_off, k_off + n), backend="triton")
+            rings = backends.call("ring_mass_attention", q, k, grid, positions, scale, key_slice=(k_off, k_off + n),
+                                  backend="triton")
             ring += rings.sum((0, 2), dtype=torch.float64)  # (B, heads, Q, R) → (heads, R)
         for start in range(0, len(positions), chunk):
             pos = positions[start : start + chunk]
@@ -269,16 +213,12 @@ class LayerAccumulator:
             self.probe_rows += b
 
     def _use_ring_kernel(self, q: torch.Tensor, mask) -> bool:
-        """The fused Triton ring-mass kernel serves unmasked calls on CUDA (or when forced)."""
-        if self.ring_backend == "reference" or mask is not None:
+        """The fused ring-mass kernel serves unmasked calls when the backend registry picks Triton."""
+        if mask is not None:
             return False
-        from attnprobe.kernels.ringmass import triton_usable
+        import attnprobe.kernels  # noqa: F401  (declares the ring-mass op and its GPU provider)
 
-        if self.ring_backend == "triton":
-            if not triton_usable(q):
-                raise RuntimeError("ring_backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1)")
-            return True
-        return q.is_cuda and triton_usable(q)
+        return backends.resolve("ring_mass_attention", q, self.ring_backend) == "triton"
 
     @staticmethod
     def _softmax_rows(q, kf, rows, mask, scale) -> torch.Tensor:
@@ -308,61 +248,36 @@ class Capture:
         steps: int | None = None,
         probe_points: list[tuple[float, float]] | None = None,
         memory_budget_mb: float = 256,
-        ring_backend: str = "auto",
+        ring_backend: str | None = None,
     ):
-        if ring_backend not in ("auto", "triton", "reference"):
-            raise ValueError("ring_backend must be 'auto', 'triton' or 'reference'")
-        if highpass_mass not in ("positive", "abs"):
-            raise ValueError("highpass_mass must be 'positive' or 'abs'")
-        if timestep_buckets < 1:
-            raise ValueError("timestep_buckets must be ≥ 1")
-        self.denoiser = pipe_or_denoiser if isinstance(pipe_or_denoiser, torch.nn.Module) else denoiser_of(pipe_or_denoiser)
-        self.arch = detect_arch(self.denoiser)
+        ring_backend = None if ring_backend == "auto" else ring_backend
+        AnalysisConfig(queries=queries, cutoff=cutoff, order=order, highpass_mass=highpass_mass,  # the one validation
+                       timestep_buckets=timestep_buckets, probe_points=tuple(probe_points or ()),
+                       memory_budget_mb=memory_budget_mb, ring_backend=ring_backend).validate()
+        self.denoiser = denoiser_of(pipe_or_denoiser)
+        self.family = family_of(self.denoiser)
         self.sites = select_sites(find_self_attention(self.denoiser), layers)
-        parse_queries(queries, (8, 8))  # validate early
         self.steps = steps
         self.buckets = timestep_buckets
         self.step = 0
+        self._current_step = 0
         self._base_grid: tuple[int, int] | None = None
         self.layers: dict[str, LayerAccumulator] = {
             s.name: LayerAccumulator(
-                site=s,
-                buckets=timestep_buckets,
-                highpass_mass=highpass_mass,
-                cutoff=cutoff,
-                order=order,
-                queries=queries,
-                probe_points=list(probe_points or []),
-                memory_budget=int(memory_budget_mb * 2**20),
-                capture=self,
-                ring_backend=ring_backend,
+                site=s, buckets=timestep_buckets, highpass_mass=highpass_mass, cutoff=cutoff, order=order,
+                queries=queries, probe_points=list(probe_points or []), memory_budget=int(memory_budget_mb * 2**20),
+                capture=self, ring_backend=ring_backend,
             )
             for s in self.sites
         }
         self._originals: dict[str, object] = {}
         self._hook = None
-        self._sdpa = None
 
     # -- step / grid bookkeeping (a forward pre-hook on the denoiser) -----------------------------
     def _pre_hook(self, module, args, kwargs):
-        self._base_grid = self._infer_base_grid(args, kwargs)
+        self._base_grid = self.family.grid_from_call(self.denoiser, args, kwargs)
         self._current_step = self.step
         self.step += 1
-
-    def _infer_base_grid(self, args, kwargs) -> tuple[int, int]:
-        cfg = self.denoiser.config
-        if self.arch == "flux":
-            ids = kwargs.get("img_ids")
-            if ids is None:
-                raise RuntimeError("FLUX capture needs img_ids to know the token grid")
-            ids = ids[0] if ids.dim() == 3 else ids
-            return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        h, w = x.shape[-2:]
-        if self.arch == "unet":
-            return int(h), int(w)
-        p = int(cfg.patch_size)
-        return int(h) // p, int(w) // p
 
     def base_grid(self) -> tuple[int, int]:
         if self._base_grid is None:
@@ -378,21 +293,31 @@ class Capture:
         """Call before each pipeline call so step buckets restart."""
         self.step = 0
 
+    def unobserved(self) -> list[str]:
+        """Names of selected layers that no call has reached (yet)."""
+        return [name for name, acc in self.layers.items() if acc.grid is None]
+
+    def check_observed(self) -> None:
+        """Raise :class:`CaptureMissedError` naming every selected layer that was never called."""
+        missed = self.unobserved()
+        if missed:
+            shown = ", ".join(missed[:6]) + (f" and {len(missed) - 6} more" if len(missed) > 6 else "")
+            raise CaptureMissedError(
+                f"{len(missed)} of {len(self.layers)} selected self-attention layer(s) were never called while "
+                f"capturing: {shown}; the pipeline did not run them (another denoiser, skipped blocks?)"
+            )
+
     # -- install / restore --------------------------------------------------------------------
     def __enter__(self) -> "Capture":
         for s in self.sites:
-            proc = s.module.processor
-            if isinstance(proc, CaptureProcessor):
+            if isinstance(s.module.processor, CaptureProcessor):
                 raise RuntimeError(f"{s.name} is already being captured; nested capture on one model is not supported")
         try:
             for s in self.sites:
                 orig = s.module.processor
                 self._originals[s.name] = orig
-                wrapper = _wrapper_class(type(orig))(orig, self.layers[s.name])
-                _set_processor(s.module, wrapper)
+                _set_processor(s.module, _wrapper_class(type(orig))(orig, self.layers[s.name], self.family))
             self._hook = self.denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            self._sdpa = _patched_sdpa()
-            self._sdpa.__enter__()
         except BaseException:
             self._restore()
             raise
@@ -409,9 +334,6 @@ class Capture:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._sdpa is not None:
-            self._sdpa.__exit__(None, None, None)
-            self._sdpa = None
 
 
 def _set_processor(module, processor) -> None:

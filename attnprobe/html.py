@@ -16,7 +16,7 @@ import os
 
 from pathlib import Path
 
-from attnprobe.outputs import atomic_write_text
+from attnprobe.core.outputs import atomic_write_text
 from attnprobe.report import Report, load_report
 
 __all__ = ["write_html_report", "render_html"]
@@ -72,7 +72,7 @@ def _settings_rows(report: Report) -> list[tuple[str, str]]:
     rows = [
         ("model", m.get("alias") or "–"),
         ("source", m.get("source") or "–"),
-        ("pipeline / denoiser", f"{m.get('pipeline', '?')} / {m.get('denoiser', '?')} ({m.get('arch', '?')})"),
+        ("pipeline / denoiser", f"{m.get('pipeline', '?')} / {m.get('denoiser', '?')} ({m.get('family', m.get('arch', '?'))})"),
         ("config hash", m.get("config_hash", "–")),
     ]
     skip = {"prompts", "seeds"}

@@ -12,7 +12,8 @@ Derived quantities (per layer; T step buckets, h heads, R rings):
 * ``hp_asm_curve``: the same over the Butterworth high-passed maps (positive part, or abs).
 * ``asm_gradient``: d ASM / dK = (ASM(K) − ASM(K−2)) / 2.
 * ``erf``: smallest odd K with hp_asm_curve ≥ τ; also per head and per step bucket.
-* ``kernel_size``: odd(ceil(ratio · ERF)) clamped to [kmin, kmax].
+* ``kernel_size``: odd(ceil(ratio · ERF)) clamped to [kmin, kmax], with the report's default ratio;
+  :meth:`LayerResult.kernel_size_for` / :meth:`Report.kernel_sizes` recompute it for any ratio.
 * ``local_share`` = Σ Λ⁺ / Σ A (content/local term), ``bias_share`` = 1 − local_share
   (the query-independent low-pass prior).
 * ``sink_keys``: keys receiving more than ``sink_factor`` × the mean mass per key.
@@ -27,8 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from attnprobe.outputs import atomic_write_text
-from attnprobe.stats import asm_from_rings, effective_receptive_field, recommended_kernel_size
+from attnprobe.core.errors import UserError
+from attnprobe.core.outputs import atomic_write_text
+from attnprobe.stats import (
+    DEFAULT_KERNEL_RATIO,
+    DEFAULT_KMAX,
+    DEFAULT_KMIN,
+    DEFAULT_THRESHOLD,
+    asm_from_rings,
+    effective_receptive_field,
+    recommended_kernel_size,
+)
 
 SCHEMA = "attnprobe.erf"
 SCHEMA_VERSION = 1
@@ -48,7 +58,7 @@ MERGE_KEYS = (
 )
 ACCUMULATORS = ("ring", "hp_ring", "mass", "hp_pos", "rows", "key_mass", "probe_maps", "probe_rows")
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The file is not a valid report (wrong schema, truncated, inconsistent)."""
 
 def prompts_hash(prompts: list[str]) -> str:
@@ -77,15 +87,15 @@ class LayerResult:
     # -- derived ---------------------------------------------------------------------------
     @property
     def threshold(self) -> float:
-        return float(self.settings.get("threshold", 0.8))
+        return float(self.settings.get("threshold", DEFAULT_THRESHOLD))
 
     @property
     def radii(self) -> np.ndarray:
         return np.arange(self.ring.shape[-1])
 
     @property
-    def kernel_sizes(self) -> np.ndarray:
-        """K = 2r + 1 for each ring index."""
+    def k_axis(self) -> np.ndarray:
+        """K = 2r + 1 for each ring index (the x axis of the ASM curves)."""
         return 2 * self.radii + 1
 
     @property
@@ -121,9 +131,17 @@ class LayerResult:
 
     @property
     def kernel_size(self) -> int:
+        """The recommended ΔConvBlock kernel size with the report's default ratio and bounds."""
+        return self.kernel_size_for()
+
+    def kernel_size_for(self, ratio: float | None = None, kmin: int | None = None, kmax: int | None = None) -> int:
+        """odd(ceil(ratio · ERF)) clamped to [kmin, kmax]; ``None`` takes the report's setting."""
         s = self.settings
         return recommended_kernel_size(
-            max(self.erf, 1), float(s.get("kernel_ratio", 0.6)), int(s.get("kmin", 3)), int(s.get("kmax", 31))
+            max(self.erf, 1),
+            float(s.get("kernel_ratio", DEFAULT_KERNEL_RATIO) if ratio is None else ratio),
+            int(s.get("kmin", DEFAULT_KMIN) if kmin is None else kmin),
+            int(s.get("kmax", DEFAULT_KMAX) if kmax is None else kmax),
         )
 
     @property
@@ -166,7 +184,7 @@ class LayerResult:
                 "erf": self.erf,
                 "erf_unfiltered": self.erf_unfiltered,
                 "kernel_size": self.kernel_size,
-                "kernel_sizes_axis": self.kernel_sizes.tolist(),
+                "kernel_sizes_axis": self.k_axis.tolist(),
                 "asm_curve": _round(self.asm_curve),
                 "asm_gradient": _round(self.gradient(self.asm_curve)),
                 "hp_asm_curve": _round(self.hp_asm_curve),
@@ -256,9 +274,15 @@ class Report:
         raise KeyError(name_or_label)
 
     @property
-    def kernel_sizes(self) -> dict[str, int]:
-        """{module name: recommended kernel size} — what deltadistill consumes."""
-        return {layer.name: layer.kernel_size for layer in self.layers}
+    def threshold(self) -> float:
+        return float(self.settings.get("threshold", DEFAULT_THRESHOLD))
+
+    def kernel_sizes(self, ratio: float | None = None, kmin: int | None = None, kmax: int | None = None) -> dict[str, int]:
+        """``{module name: recommended kernel size}`` — what deltadistill consumes.
+
+        Recomputed from the stored sums; ``None`` takes the report's default ratio/bounds.
+        """
+        return {layer.name: layer.kernel_size_for(ratio, kmin, kmax) for layer in self.layers}
 
     def to_dict(self) -> dict:
         return {

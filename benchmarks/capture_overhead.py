@@ -29,9 +29,9 @@ def _vmhwm_mb() -> float:
 def worker(model: str, grid: int, queries: str, repeats: int) -> dict:
     import torch
 
-    from attnprobe.arch import denoiser_of
+    from attnprobe.core.family import denoiser_of
     from attnprobe.capture import capture
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     torch.manual_seed(0)
     pipe, spec = load_pipeline(model)

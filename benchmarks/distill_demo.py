@@ -65,7 +65,7 @@ def kernel_spec(args, out: Path):
     if args.kernel_size:
         return None, args.kernel_size, 0.0, f"one kernel size K={args.kernel_size} for every layer"
     from attnprobe import analyze
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     from attnprobe.demo import DEMO_PROMPTS
 

@@ -99,10 +99,9 @@ def run_checks(dev, quick: bool = False) -> list[list]:
         check("avgpool2", lambda be, x: ops.avgpool2_nhwc(x, backend=be), [x], dtype)
         check("upsample", lambda be, x: ops.upsample_bilinear_nhwc(x, (2 * h + 1, 2 * w_ - 1), backend=be), [x], dtype)
         check("gate sigmoid", lambda be, x: ops.gate(x, "sigmoid", backend=be), [x], dtype)
-        check("half_stage", lambda be, x, w, b: ops.half_stage(x, w, b, "scaled", 0.1, backend=be), [x, w, b], dtype)
-        check("gate_upsample_add",
-              lambda be, x, o: ops.gate_upsample_add(x, (2 * h - 1, 2 * w_ - 1), o, "scaled", 0.1, backend=be),
-              [x, torch.randn(bsz, 2 * h - 1, 2 * w_ - 1, c // 2)], dtype)
+        check("stage (pool)", lambda be, x, w, b: ops.stage(x, w, b, "scaled", 0.1, pool=True, backend=be), [x, w, b], dtype)
+        check("stage (full)", lambda be, x, w, b: ops.stage(x, w, b, "sigmoid", 1.0, pool=False, backend=be), [x, w, b],
+              dtype)
 
     from attnprobe.kernels.ringmass import ring_mass_attention, ring_mass_attention_reference
 

@@ -7,7 +7,7 @@ Public API (imported lazily so that ``import deltadistill`` stays cheap)::
     save(pipe, "out/", base_model="pixart")
     load(fresh_pipe, "out/")
 """
-__version__ = "0.1.0"
+from deltadistill._version import __version__
 
 __all__ = ["convert", "load", "save", "DeltaConvBlock", "__version__"]
 

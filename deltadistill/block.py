@@ -158,14 +158,12 @@ class DeltaConvBlock(nn.Module):
         x = self.proj_in(z)  # [B, H, W, C']
         feats = []
         for stage in self.stages:
-            if stage.level == 0:
-                y = ops.dwconv_nhwc(x, stage.weight, stage.bias, backend=be)  # [B, H, W, C']
-                g = ops.gate(y, mode, scale, backend=be)  # [B, H, W, C'/2]
-            else:
-                xp = x
-                for _ in range(stage.level - 1):
-                    xp = ops.avgpool2_nhwc(xp, backend=be)  # [B, ⌈H/2⌉, ⌈W/2⌉, C'], repeated
-                g = ops.half_stage(xp, stage.weight, stage.bias, mode, scale, backend=be)  # [B, h_k, w_k, C'/2]
+            xp = x
+            for _ in range(stage.level - 1):
+                xp = ops.avgpool2_nhwc(xp, backend=be)  # [B, ⌈H/2⌉, ⌈W/2⌉, C'], repeated
+            # [pool →] conv → gate, fused on GPU: [B, h_k, w_k, C'/2]
+            g = ops.stage(xp, stage.weight, stage.bias, mode, scale, pool=stage.level > 0, backend=be)
+            if stage.level > 0:
                 g = ops.upsample_bilinear_nhwc(g, (h, w), backend=be)  # [B, H, W, C'/2]
             feats.append(g)
         y = self.proj_out(torch.cat(feats, dim=-1))  # [B, H, W, C'/2·S] → [B, H, W, C]

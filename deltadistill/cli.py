@@ -1,30 +1,28 @@
-"""``deltadistill`` command line: ``train`` (distil self-attention into ΔConvBlocks) and ``generate``.
+"""``deltadistill`` command line: ``train``, ``generate``, ``plot`` and ``bench``.
 
 Errors in what the user passed (missing or empty files, a report of another model, an existing
 output without ``--overwrite``, ...) print one line on stderr and exit with code 2; a run that
 diverges (NaN/inf losses) exits with 1; Ctrl-C during training saves a checkpoint and exits
-with 130. Multi-GPU: ``accelerate launch --num_processes N -m deltadistill.cli train ...``.
+with 130; unexpected failures exit with 1 (``--debug`` shows the traceback). See
+:mod:`attnprobe.core.cli`. Multi-GPU: ``accelerate launch --num_processes N -m deltadistill.cli train ...``.
 """
 from __future__ import annotations
 
-import logging
-import os
-import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-app = typer.Typer(
-    name="deltadistill",
-    help=(
-        "Replace the self-attention of a diffusion model with ΔConvBlocks and distil them from the "
-        "original (teacher) model. Start from an `attnprobe analyze` report (erf.json) or one kernel size."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+from attnprobe.core.cli import UsageError, command, fail, make_app
+from deltadistill._version import __version__
+from deltadistill.bench import register as register_bench
+
+app = make_app(
+    "deltadistill",
+    "Replace the self-attention of a diffusion model with ΔConvBlocks and distil them from the original (teacher) "
+    "model. Start from an `attnprobe analyze` report (erf.json) or one kernel size.",
+    __version__,
 )
 
 
@@ -38,48 +36,23 @@ class Schedule(str, Enum):
     cosine = "cosine"
 
 
-def _quiet_libraries() -> None:
-    """Keep diffusers/transformers chatter out of the output (offline, errors only)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
 
-
-def _usage_error(msg: str) -> None:
-    """One line on stderr, exit code 2 (bad usage), no traceback."""
-    typer.echo(f"Error: {str(msg).splitlines()[0] if str(msg) else 'invalid input'}", err=True)
-    raise typer.Exit(code=2)
-
-
-def _usage_exceptions() -> tuple:
-    from attnprobe.registry import ModelLoadError
-    from deltadistill.conversion import KernelSpecError
-    from deltadistill.data import DataError
-    from deltadistill.generate import GenerateError
-    from deltadistill.io import FolderMismatchError
-    from deltadistill.train import TrainError
-
-    errs = [TrainError, GenerateError, DataError, FolderMismatchError, ModelLoadError, KernelSpecError, FileExistsError]
-    try:
-        from attnprobe.report import ReportError
-
-        errs.append(ReportError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @app.command(no_args_is_help=True)
+@command
 def train(
     data: Path = typer.Option(..., "--data", help="Folder of images with captions (sidecar .txt or captions.jsonl), or a prompt file (.txt, one per line) to sample latents from the teacher."),
     out: Path = typer.Option(..., "--out", help="Run folder; ends up holding the distilled model (config.json + delta_blocks.safetensors), checkpoints and metrics."),
     erf_report: Optional[Path] = typer.Option(None, "--erf-report", help="erf.json from `attnprobe analyze`: per-layer kernel sizes (and the model, if --model is not given)."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model: alias (demo, pixart, sd15, tiny-pixart, ...), local diffusers folder or Hub id. Default: the report's model, else demo."),
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="One odd kernel size for every layer; overrides the report."),
+    kernel_ratio: Optional[float] = typer.Option(None, "--kernel-ratio", help="Recompute the report's kernel sizes as odd(ceil(ratio × ERF)) (default: the report's ratio, 0.6)."),
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps in total (a resumed run continues up to this)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Global batch size, split evenly over processes."),
     lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate (betas 0.9, 0.99)."),
@@ -115,8 +88,8 @@ def train(
 
     cfg = TrainConfig(
         data=str(data), out=str(out), model=model, erf_report=str(erf_report) if erf_report else None,
-        kernel_size=kernel_size, steps=steps, batch_size=batch_size, lr=lr, beta=beta, gamma=gamma,
-        snr_weighting=snr_weighting.value, clip=clip, warmup=warmup, lr_schedule=lr_schedule.value,
+        kernel_size=kernel_size, kernel_ratio=kernel_ratio, steps=steps, batch_size=batch_size, lr=lr, beta=beta,
+        gamma=gamma, snr_weighting=snr_weighting.value, clip=clip, warmup=warmup, lr_schedule=lr_schedule.value,
         resolution=resolution, seed=seed, cache=cache, caption_dropout=caption_dropout, sample_steps=sample_steps,
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
@@ -124,11 +97,8 @@ def train(
     )
     try:
         summary = run_train(cfg)
-    except _usage_exceptions() as exc:
-        _usage_error(str(exc))
     except TrainingDiverged as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1)
+        fail(exc, 1)
     if summary["interrupted"]:
         typer.echo(f"interrupted at step {summary['steps']}; checkpoint saved to {summary['checkpoint']}; "
                    f"continue with --resume latest", err=True)
@@ -160,6 +130,7 @@ def _print_summary(summary: dict) -> None:
 
 
 @app.command(no_args_is_help=True)
+@command
 def generate(
     distilled: Path = typer.Option(..., "--distilled", help="Distilled model folder (the --out of `deltadistill train`)."),
     prompts: Path = typer.Option(..., "--prompts", help="Prompt file, one prompt per line (class names or ids for DiT models)."),
@@ -169,37 +140,57 @@ def generate(
     seed: list[int] = typer.Option([0], "--seed", help="Seed(s); every prompt is sampled with each (repeat --seed)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side in pixels (default: the training resolution)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the pipeline's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if present, else cpu), cpu or cuda[:i]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
 ):
     """Sample images from a distilled model (optionally side by side with the teacher)."""
     from deltadistill.generate import generate as run_generate
 
     if steps < 1:
-        _usage_error(f"--steps must be >= 1, got {steps}")
-    try:
-        meta = run_generate(distilled, prompts, out, compare=compare, seeds=seed, steps=steps, resolution=resolution,
-                            guidance=guidance, device=device, overwrite=overwrite)
-    except _usage_exceptions() as exc:
-        _usage_error(str(exc))
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    meta = run_generate(distilled, prompts, out, compare=compare, seeds=seed, steps=steps, resolution=resolution,
+                        guidance=guidance, device=_device(device), overwrite=overwrite)
     typer.echo(f"wrote {len(meta['images'])} image(s) to {out}" + (f"; comparison grid {meta['compare']}" if meta["compare"] else ""))
 
 
-# ------------------------------------------------------------------------------------------------
-# Sub-command registration point for `deltadistill bench` (lives in deltadistill/bench.py, which
-# provides `register(app)`); absent until that module exists.
-# ------------------------------------------------------------------------------------------------
-try:
-    from deltadistill.bench import register as _register_bench
-except ImportError:
-    _register_bench = None
-if _register_bench is not None:
-    _register_bench(app)
+@app.command(no_args_is_help=True)
+@command
+def plot(
+    distilled: Path = typer.Option(..., "--distilled", help="Distilled model folder (the --out of `deltadistill train`)."),
+    erf_report: Path = typer.Option(..., "--erf-report", help="The erf.json of the teacher the student was distilled from."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the figure (default: the report's RUN/figures)."),
+    formats: str = typer.Option("png,svg", "--format", help="Comma-separated file formats: png, svg, pdf."),
+    dpi: int = typer.Option(120, min=50, max=600, help="Resolution of raster formats (dots per inch)."),
+    max_layers: int = typer.Option(4, "--max-layers", min=1, help="Layers to show (spread over depth, most local and most global always in)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing gradient_erf figure."),
+):
+    """Draw the teacher-vs-student gradient-ERF figure (the paper's Fig. 9) into the run's figures."""
+    from attnprobe.report import load_report
+    from deltadistill.gradient_erf import load_teacher_student, plot_gradient_erf
+
+    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
+    if not fmts or any(f not in ("png", "svg", "pdf") for f in fmts):
+        raise UsageError(f"--format {formats!r}: choose from png, svg, pdf (comma-separated)")
+    if not distilled.is_dir():
+        raise UsageError(f"--distilled {distilled} is not a folder")
+    report = load_report(erf_report)
+    run_dir = erf_report if erf_report.is_dir() else erf_report.parent
+    out = out if out is not None else run_dir / "figures"
+    existing = [out / f"gradient_erf.{f}" for f in fmts if (out / f"gradient_erf.{f}").exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    teacher, student = load_teacher_student(report, distilled)
+    paths = plot_gradient_erf(report, out, teacher, student, max_layers=max_layers, formats=fmts, dpi=dpi)
+    if not paths:
+        raise UsageError(f"{distilled} has no converted layer in common with {erf_report}")
+    typer.echo(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+register_bench(app)
 
 
 def main() -> None:
     """Console-script entry point."""
-    _quiet_libraries()
     app()
 
 

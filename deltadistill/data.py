@@ -13,20 +13,14 @@ Two sources (:func:`prepare_data` picks by the path):
   sampled from the teacher itself, ``pipe(prompt, output_type="latent")`` with a few steps and
   fixed seeds (DiT pipelines cannot return latents: their images are sampled and re-encoded).
 
-Conditioning is encoded with the pipeline's own text encoder(s) into a dict of tensors per
-sample (keys are the denoiser's keyword arguments):
-
-=========  =================================================================================
-pixart     ``encoder_hidden_states`` [L, D], ``encoder_attention_mask`` [L] (L trimmed to the
-           longest caption: padded positions are masked out anyway)
-unet       ``encoder_hidden_states`` [L, D]; SDXL adds ``text_embeds`` [D_pool], ``time_ids`` [6]
-dit        ``class_labels`` [] (long)
-=========  =================================================================================
-
-plus the same dict for the empty caption (the null condition, class 1000 for DiT), which
-:meth:`DistillData.batch` swaps in with probability ``caption_dropout`` for classifier-free
-guidance. Everything lives in memory (fine up to some thousands of samples); ``cache_dir``
-stores it once as safetensors, keyed by a hash of the inputs, and later runs load it.
+Conditioning is encoded by the model family's adapter
+(:meth:`attnprobe.core.family.Family.encode_conditions`) into a dict of tensors per sample whose
+keys are the denoiser's keyword arguments (PixArt: ``encoder_hidden_states`` [L, D] and
+``encoder_attention_mask`` [L], L trimmed to the longest caption; UNets: ``encoder_hidden_states``,
+SDXL adds ``text_embeds`` and ``time_ids``; DiT: ``class_labels``), plus the same dict for the
+empty caption (the null condition; class 1000 for DiT), which :meth:`DistillData.batch` swaps in
+with probability ``caption_dropout`` for classifier-free guidance. Everything lives in memory
+(fine up to some thousands of samples); ``cache_dir`` stores it once as safetensors, keyed by a hash of the inputs, and later runs load it.
 """
 from __future__ import annotations
 
@@ -38,8 +32,10 @@ from pathlib import Path
 
 import torch
 
-from attnprobe.outputs import read_prompts as _read_prompts
-from deltadistill.generate import class_labels_for, max_sequence_length, sample
+from attnprobe.core.errors import UserError
+from attnprobe.core.family import denoiser_of, family_of
+from attnprobe.core.outputs import read_prompts as _read_prompts
+from attnprobe.core.pipeline import sample
 
 __all__ = ["DataError", "DistillData", "prepare_data", "read_image_folder", "IMAGE_EXTENSIONS"]
 
@@ -47,7 +43,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", "
 CACHE_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data source is missing, empty or unusable; the message says what to fix."""
 
 
@@ -160,45 +156,18 @@ def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_conditions(pipe, arch: str, prompts: list[str], resolution: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Prompts → ``{denoiser kwarg: [M, ...]}`` on CPU (see module docstring for the keys)."""
-    if arch == "dit":
-        return {"class_labels": torch.tensor(class_labels_for(pipe, prompts), dtype=torch.long)}
-    device = pipe._execution_device if hasattr(pipe, "_execution_device") else "cpu"
+def encode_conditions(pipe, prompts: list[str], resolution: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Prompts → ``{denoiser kwarg: [M, ...]}`` on CPU, in batches (the family adapter encodes)."""
+    fam = family_of(denoiser_of(pipe))
     chunks: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(prompts), batch_size):
-        part = list(prompts[i : i + batch_size])
-        if arch == "pixart":
-            emb, mask, _, _ = pipe.encode_prompt(
-                part, do_classifier_free_guidance=False, device=device, clean_caption=False,
-                max_sequence_length=max_sequence_length(pipe),
-            )
-            got = {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
-        elif arch == "unet" and hasattr(pipe, "text_encoder_2"):  # SDXL
-            emb, _, pooled, _ = pipe.encode_prompt(
-                prompt=part, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(part), dtype=emb.dtype)
-            got = {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": time_ids}
-        elif arch == "unet":
-            emb, _ = pipe.encode_prompt(part, device, 1, False)
-            got = {"encoder_hidden_states": emb}
-        else:
-            raise DataError(f"no text conditioning for architecture {arch!r}")
+        try:
+            got = fam.encode_conditions(pipe, list(prompts[i : i + batch_size]), resolution)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         for k, v in got.items():
             chunks.setdefault(k, []).append(v.detach().cpu())
     return {k: torch.cat(v) for k, v in chunks.items()}
-
-
-def _trim_pixart(cond: dict, null: dict) -> None:
-    """Drop trailing token positions that are padding in every caption (masked out anyway)."""
-    if "encoder_attention_mask" not in cond:
-        return
-    used = torch.cat([cond["encoder_attention_mask"], null["encoder_attention_mask"][None]]).sum(0) > 0  # [L]
-    n = max(1, int(used.nonzero().max()) + 1) if bool(used.any()) else 1
-    for d in (cond, null):
-        d["encoder_hidden_states"] = d["encoder_hidden_states"][..., :n, :].contiguous()
-        d["encoder_attention_mask"] = d["encoder_attention_mask"][..., :n].contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +219,6 @@ def _load_cache(path: Path) -> DistillData:
 
 def prepare_data(
     pipe,
-    arch: str,
     source,
     *,
     resolution: int,
@@ -269,6 +237,7 @@ def prepare_data(
     teacher pipeline (prompt files are sampled from it). ``log(msg)`` receives progress lines.
     """
     log = log or (lambda msg: None)
+    fam = family_of(denoiser_of(pipe))
     source = Path(source)
     if not source.exists():
         raise DataError(f"data source {source} does not exist; pass a folder of captioned images or a prompt file")
@@ -297,7 +266,7 @@ def prepare_data(
         lats = []
         for i in range(0, len(captions), batch_size):
             ps, ss = captions[i : i + batch_size], seeds[i : i + batch_size]
-            if arch == "dit":  # no latent output: sample images, re-encode
+            if not fam.returns_latents:  # DiT: no latent output, sample images and re-encode
                 imgs = sample(pipe, ps, ss, steps=sample_steps, guidance=sample_guidance, output_type="pt")
                 lats.append(encode_images(pipe, imgs.float() * 2 - 1))
             else:
@@ -325,14 +294,11 @@ def prepare_data(
         latents = torch.cat([encode_images(pipe, torch.stack(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)])
         info.update(images=len(items), used=len(pixels), skipped=len(skipped), skipped_files=skipped[:50],
                     uncaptioned=uncaptioned, jsonl_captions=n_jsonl)
-    if arch == "dit" and kind == "images":
-        raise DataError("DiT models are class-conditional; train them from a prompt file of class names or ids")
-    cond = encode_conditions(pipe, arch, captions, resolution)
-    if arch == "dit":  # DiT's null class (DiTPipeline uses 1000 for classifier-free guidance)
-        null = {"class_labels": torch.tensor(1000, dtype=torch.long)}
-    else:
-        null = {k: v[0] for k, v in encode_conditions(pipe, arch, [""], resolution).items()}
-    _trim_pixart(cond, null)
+    if fam.class_conditional and kind == "images":
+        raise DataError(f"{fam.name} models are class-conditional; train them from a prompt file of class names or ids")
+    cond = encode_conditions(pipe, captions, resolution)
+    null = fam.null_condition(pipe, resolution)
+    fam.finish_conditions(cond, null)
     data = DistillData(latents, cond, null, info)
     if cache_path is not None:
         _save_cache(data, cache_path)

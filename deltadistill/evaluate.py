@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from deltadistill.generate import base_model_name, image_grid, sample, to_array
+from attnprobe.core.pipeline import sample
+from deltadistill.generate import base_model_name, image_grid, to_array
 
 __all__ = ["zeroed_self_attention", "image_distance", "evaluate_distillation"]
 
@@ -39,7 +40,7 @@ def zeroed_self_attention(pipe):
     Forward hooks replace the module output with ``zeros_like(output)``; they are removed on
     exit, even on error. Raises if the model has no self-attention to zero.
     """
-    from attnprobe.arch import denoiser_of, find_self_attention
+    from attnprobe.core.family import denoiser_of, find_self_attention
 
     den = denoiser_of(pipe)
     sites = find_self_attention(den)
@@ -87,7 +88,7 @@ def evaluate_distillation(
     a grid ``out/grid.png`` (rows: samples; columns: teacher, distilled, untrained, no attention),
     and the numbers to ``out/distances.json``. Returns ``{"distances": {variant: {...}}, ...}``.
     """
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
     from deltadistill import io as dio
     from deltadistill.conversion import convert
 

@@ -3,7 +3,7 @@
 Everything is computed from shapes: a layer is described by its token grid H×W (N = H·W tokens),
 its channels C, the attention's inner width I = heads·d (C for every supported model), its heads
 h and the ΔConvBlock kernel size K. Model-level numbers sum the layers that
-:func:`attnprobe.arch.find_self_attention` finds, each on its own grid at the requested
+:func:`attnprobe.core.family.find_self_attention` finds, each on its own grid at the requested
 resolution (UNet levels halve the grid).
 
 Convention: **one multiply-add = 2 FLOPs** (as :class:`torch.utils.flop_counter.FlopCounterMode`
@@ -289,14 +289,13 @@ def _site_dims(module) -> tuple[int, int, int, bool, bool]:
 def layer_shapes(denoiser, vae_factor: int, resolution: int | tuple[int, int], kernel_sizes=13) -> list[LayerShape]:
     """One :class:`LayerShape` per self-attention site of ``denoiser`` at ``resolution`` pixels.
 
-    ``denoiser`` may live on the meta device (see :func:`attnprobe.registry.denoiser_from_config`);
+    ``denoiser`` may live on the meta device (see :func:`attnprobe.core.registry.denoiser_from_config`);
     ``kernel_sizes`` is one odd int or ``{module name: K}`` covering every site.
     """
-    from attnprobe.arch import base_grid, detect_arch, find_self_attention
+    from attnprobe.core.family import family_of, find_self_attention
 
-    arch = detect_arch(denoiser)
     hgt, wid = (resolution, resolution) if isinstance(resolution, int) else resolution
-    base = base_grid(arch, denoiser.config, vae_factor, hgt, wid)
+    base = family_of(denoiser).base_grid(denoiser.config, vae_factor, hgt, wid)
     out = []
     for site in find_self_attention(denoiser):
         if isinstance(kernel_sizes, int):

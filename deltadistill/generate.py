@@ -1,15 +1,11 @@
 """Sample images from a distilled model, optionally side by side with its teacher.
 
 ``generate(distilled_folder, prompts, out)`` loads the base pipeline named in the folder's
-``config.json`` (:func:`attnprobe.registry.load_pipeline`), puts the trained ΔConvBlocks on it
-with :func:`deltadistill.io.load`, and writes one PNG per prompt and seed. With
+``config.json`` (:func:`attnprobe.core.registry.load_pipeline`), puts the trained ΔConvBlocks on
+it with :func:`deltadistill.io.load`, and writes one PNG per prompt and seed. With
 ``compare=True`` it also runs the untouched base pipeline (the teacher) with the *same* seeds
 and writes one grid, ``compare.png``: one row per (prompt, seed), teacher left, student right.
-
-:func:`sample` is the one place that knows how each pipeline family is called (PixArt needs
-``use_resolution_binning=False`` and a ``max_sequence_length`` its tokenizer supports; DiT takes
-class labels instead of prompts); training data (:mod:`deltadistill.data`) and evaluation
-(:mod:`deltadistill.evaluate`) use it too.
+How each family's pipeline is called is the adapter's business (:func:`attnprobe.core.pipeline.sample`).
 """
 from __future__ import annotations
 
@@ -18,89 +14,22 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
-__all__ = ["generate", "sample", "class_labels_for", "image_grid", "GenerateError", "read_prompt_file"]
+from attnprobe.core.errors import UserError
+from attnprobe.core.pipeline import sample
+
+__all__ = ["generate", "image_grid", "GenerateError", "read_prompt_file", "load_distilled", "base_model_name"]
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """Bad input to generate (missing folder, empty prompts, existing output)."""
 
 
 def read_prompt_file(path) -> list[str]:
     """The prompts of a prompt file (:func:`attnprobe.outputs.read_prompts`), errors as GenerateError."""
-    from attnprobe.outputs import read_prompts
+    from attnprobe.core.outputs import read_prompts
 
     return read_prompts(path, error=GenerateError)
-
-
-def _arch(pipe) -> str:
-    from attnprobe.arch import denoiser_of, detect_arch
-
-    return detect_arch(denoiser_of(pipe))
-
-
-def max_sequence_length(pipe, default: int = 300) -> int:
-    """Longest prompt the pipeline's tokenizer supports (PixArt default 300; tiny tokenizers 16)."""
-    tok = getattr(pipe, "tokenizer", None)
-    limit = getattr(tok, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 100_000:
-        return min(default, limit)
-    return default
-
-
-def class_labels_for(pipe, prompts) -> list[int]:
-    """DiT class ids for prompts that are label names (as in ``pipe.labels``) or integers."""
-    ids = []
-    n_classes = int(getattr(getattr(pipe, "transformer", None), "config", {}).get("num_embeds_ada_norm", 1000) or 1000)
-    for p in prompts:
-        p = str(p).strip()
-        if re.fullmatch(r"\d+", p):
-            ids.append(int(p))
-        elif p in getattr(pipe, "labels", {}):
-            ids.append(int(pipe.labels[p]))
-        else:
-            known = ", ".join(list(getattr(pipe, "labels", {}))[:8])
-            raise GenerateError(f"{p!r} is not a class of this class-conditional model; use a class id or one of: {known}")
-        if not 0 <= ids[-1] < n_classes:
-            raise GenerateError(f"class id {ids[-1]} is out of range [0, {n_classes})")
-    return ids
-
-
-@torch.no_grad()
-def sample(
-    pipe,
-    prompts: list[str],
-    seeds: list[int],
-    *,
-    steps: int = 20,
-    resolution: int | None = None,
-    guidance: float | None = None,
-    output_type: str = "pil",
-):
-    """Run ``pipe`` once per (prompt, seed) pair, batched; returns the pipeline's ``images``.
-
-    ``prompts`` and ``seeds`` have equal length (one generator per image, so results do not
-    depend on the batch size). ``output_type="latent"`` returns model-space latents
-    [B, C, h, w] (DiT pipelines cannot, and raise). ``resolution`` is the image side in pixels
-    (DiT models have a fixed one and ignore it).
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    arch = _arch(pipe)
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    kw = dict(num_inference_steps=int(steps), generator=gens, output_type=output_type)
-    if guidance is not None:
-        kw["guidance_scale"] = float(guidance)
-    if arch == "dit":
-        if output_type == "latent":
-            raise ValueError("DiT pipelines cannot return latents; sample images and encode them instead")
-        return pipe(class_labels=class_labels_for(pipe, prompts), **kw).images
-    if resolution:
-        kw.update(height=int(resolution), width=int(resolution))
-    if arch == "pixart":
-        kw.update(use_resolution_binning=False, clean_caption=False, max_sequence_length=max_sequence_length(pipe))
-    return pipe(prompt=list(prompts), **kw).images
 
 
 def image_grid(rows: list[list], pad: int = 2, background: int = 255):
@@ -126,7 +55,7 @@ def base_model_name(config: dict) -> str | None:
 
 def load_distilled(distilled_folder, *, device: str = "cpu", dtype="auto"):
     """Base pipeline from the folder's config + its ΔConvBlocks → ``(pipe, spec, config)``."""
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
     from deltadistill import io
 
     folder = Path(distilled_folder)
@@ -168,7 +97,7 @@ def generate(
 
     Returns a summary dict: ``{"images": [...], "compare": path or None, ...}``.
     """
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     if isinstance(prompts, (str, Path)):
         prompts = read_prompt_file(prompts)

@@ -17,17 +17,19 @@ dims, tensor names and shapes) before touching it, then converts it and loads th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
 
-from attnprobe.outputs import replace_dir
-from attnprobe.registry import ModelSpec, config_hash
+from attnprobe.core.errors import UserError
+from attnprobe.core.outputs import replace_dir
+from attnprobe.core.registry import ModelSpec, config_hash
 from deltadistill.block import DeltaConvBlock
 from deltadistill.conversion import (
-    _attn_dim,
+    attn_dim,
     conversion_info,
     convertible_sites,
     delta_modules,
@@ -35,7 +37,7 @@ from deltadistill.conversion import (
     install,
 )
 
-__all__ = ["save", "load", "read_config", "FolderMismatchError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "save_into_run", "load", "read_config", "FolderMismatchError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "delta_blocks.safetensors"
@@ -43,23 +45,23 @@ FORMAT = "deltadistill"
 FORMAT_VERSION = 1
 
 
-class FolderMismatchError(ValueError):
+class FolderMismatchError(UserError):
     """A distilled folder does not fit the pipeline it is loaded onto (or is malformed)."""
 
 
 def _base_model_info(base_model) -> dict:
-    """``{"alias", "source", "pipeline", "arch"}`` from an alias / folder / Hub id or a ModelSpec."""
+    """``{"alias", "source", "pipeline", "family"}`` from an alias / folder / Hub id or a ModelSpec."""
     if isinstance(base_model, ModelSpec):
         spec = base_model
     else:
-        from attnprobe.registry import ModelLoadError, resolve
+        from attnprobe.core.registry import ModelLoadError, resolve
 
         name = str(base_model)
         try:
             spec = resolve(name)
         except ModelLoadError:
-            return {"alias": name, "source": name, "pipeline": "", "arch": ""}
-    return {"alias": spec.alias, "source": spec.source, "pipeline": spec.pipeline, "arch": spec.arch}
+            return {"alias": name, "source": name, "pipeline": "", "family": ""}
+    return {"alias": spec.alias, "source": spec.source, "pipeline": spec.pipeline, "family": spec.family}
 
 
 def save(pipe, folder, *, base_model, extra: dict | None = None, overwrite: bool = False) -> Path:
@@ -125,8 +127,25 @@ def save(pipe, folder, *, base_model, extra: dict | None = None, overwrite: bool
     return folder
 
 
+def save_into_run(pipe, out, *, base_model, extra: dict | None = None) -> None:
+    """:func:`save` into a temporary folder, then move its two files into the run folder ``out``.
+
+    ``save`` replaces whole folders; a training run folder also holds checkpoints and metrics, so
+    the model is staged beside them and its files are renamed in (weights first, config.json last:
+    a config.json always describes complete weights).
+    """
+    out = Path(out)
+    stage = out / f".model-tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save(pipe, stage, base_model=base_model, extra=extra)
+        os.replace(stage / WEIGHTS_NAME, out / WEIGHTS_NAME)
+        os.replace(stage / CONFIG_NAME, out / CONFIG_NAME)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _version() -> str:
-    from deltadistill import __version__
+    from deltadistill._version import __version__
 
     return __version__
 
@@ -165,14 +184,14 @@ def load(pipe, folder):
 
     folder = Path(folder)
     config = read_config(folder)
-    den, arch, sites = convertible_sites(pipe)
+    den, _, sites = convertible_sites(pipe)
     base = config.get("base_model", {}) or {}
     want, have = config["base_config_hash"], config_hash(den.config)
     if want != have:
         raise FolderMismatchError(
             f"{folder} was distilled from {base.get('alias', '?')} ({config.get('denoiser_class')}, config hash {want}) "
             f"but this pipeline's {type(den).__name__} has config hash {have}; load the matching base pipeline "
-            f"(attnprobe.registry.load_pipeline({base.get('alias', '...')!r}))"
+            f"(attnprobe.core.registry.load_pipeline({base.get('alias', '...')!r}))"
         )
     by_name = {s.name: s for s in sites}
     blocks: dict[str, DeltaConvBlock] = {}
@@ -180,7 +199,7 @@ def load(pipe, folder):
         name = layer.get("name")
         if name not in by_name:
             raise FolderMismatchError(f"{folder}: layer {name!r} is not a self-attention module of this {type(den).__name__}")
-        dim = _attn_dim(by_name[name].module, name)
+        dim = attn_dim(by_name[name].module, name)
         if int(layer.get("dim", -1)) != dim:
             raise FolderMismatchError(f"{folder}: layer {name} has dim {layer.get('dim')} in {CONFIG_NAME}, the model has {dim}")
         try:

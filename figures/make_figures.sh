@@ -6,7 +6,7 @@
 #
 # Steps: `attnprobe analyze` on the demo model with its 14 captions → runs/demo-figures/erf.json;
 # `deltadistill train` for DISTIL_STEPS steps (kernel sizes from that report) unless STUDENT is
-# given; `attnprobe plot --student` writes the seven figures here. Environment: PYTHON (default
+# given; `attnprobe plot` writes the six report figures here and `deltadistill plot` the gradient-ERF one. Environment: PYTHON (default
 # .venv/bin/python if present, else python3), MODEL (demo), PROMPTS (the demo captions), RUN (work
 # folder), OUT (figures), STEPS (denoising steps, 20), DISTIL_STEPS (300), THREADS (torch threads, 2).
 set -euo pipefail
@@ -33,5 +33,7 @@ fi
 
 mkdir -p "$OUT"
 for f in attention_maps asm_curves erf erf_heads bias_sinks erf_over_steps gradient_erf; do rm -f "$OUT/$f.png"; done
-"$PYTHON" -m attnprobe.cli plot "$RUN/erf.json" --out "$OUT" --overwrite --format png --dpi 100 --student "$STUDENT"
+"$PYTHON" -m attnprobe.cli plot "$RUN/erf.json" --out "$OUT" --overwrite --format png --dpi 100
+"$PYTHON" -m deltadistill.cli plot --distilled "$STUDENT" --erf-report "$RUN/erf.json" --out "$OUT" --overwrite \
+  --format png --dpi 100
 du -ch "$OUT"/{attention_maps,asm_curves,erf,erf_heads,bias_sinks,erf_over_steps,gradient_erf}.png | tail -1

@@ -28,13 +28,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-TINY = ["tiny-pixart", "tiny-sd15", "tiny-sdxl", "tiny-dit", "tiny-flux", "tiny-sd3"]
+TINY = ["tiny-pixart", "tiny-sd15", "tiny-sdxl", "tiny-dit", "tiny-flux", "tiny-sd3", "tiny-hunyuan"]
 
 
 @pytest.fixture(scope="session")
 def tiny_pipes():
     """Cache of tiny pipelines by alias (built lazily, fp32, CPU)."""
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     cache = {}
 

@@ -123,8 +123,8 @@ EXPECTED_SITES = {"pixart": 28, "pixart-1024": 28, "pixart-alpha": 28, "sd15": 1
 
 @pytest.mark.parametrize("alias", sorted(EXPECTED_SITES))
 def test_shipped_configs_instantiate_on_meta(alias):
-    from attnprobe import registry
-    from attnprobe.arch import find_self_attention
+    from attnprobe.core import registry
+    from attnprobe.core.family import find_self_attention
 
     den, info = registry.denoiser_from_config(alias)
     assert next(den.parameters()).device.type == "meta"
@@ -133,7 +133,7 @@ def test_shipped_configs_instantiate_on_meta(alias):
 
 
 def test_model_level_flops_sum_the_layers():
-    from attnprobe import registry
+    from attnprobe.core import registry
 
     den, info = registry.denoiser_from_config("sd15")
     layers = fl.layer_shapes(den, info["vae_scale_factor"], 512, kernel_sizes=13)
@@ -217,3 +217,26 @@ def test_cli_bench_tiny_pixart(tmp_path):
     assert bad.exit_code == 2 and "divisible" in bad.output
     bad = runner.invoke(app, ["bench", "--model", "tiny-pixart", "--kernel-size", "4", "--flops"])
     assert bad.exit_code == 2
+
+
+def test_cli_bench_flops_from_a_real_report(tmp_path):
+    """`deltadistill bench --erf-report RUN/erf.json --flops`: per-layer kernel sizes from an analysis."""
+    from typer.testing import CliRunner
+
+    from attnprobe import analyze
+    from attnprobe.core.registry import load_pipeline
+    from deltadistill.cli import app
+
+    pipe, spec = load_pipeline("tiny-sd15")
+    report = analyze(pipe, ["a photo of cat"], steps=1, model_info={"alias": spec.alias, "source": spec.source})
+    path = report.save(tmp_path / "run" / "erf.json")
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-sd15", "--resolutions", "32,64", "--flops",
+                                      "--erf-report", str(path), "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    sizes = report.kernel_sizes()
+    per_layer = {(r["layer"], r["resolution"]): r["kernel_size"] for r in data["flops_per_layer"] if r["operator"] == "deltaconv"}
+    assert per_layer and all(per_layer[(name, r)] == k for name, k in sizes.items() for r in (32, 64))
+    assert "erf.json" in data["meta"]["kernel_sizes"]
+    other = CliRunner().invoke(app, ["bench", "--model", "tiny-pixart", "--flops", "--erf-report", str(path)])
+    assert other.exit_code == 2 and "another model" in other.stderr

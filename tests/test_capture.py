@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnprobe.arch import AttnSite, UnsupportedModelError, find_self_attention
+from attnprobe.core.family import find_self_attention
+from attnprobe.core.sites import AttnSite, UnsupportedModelError
 from attnprobe.capture import CaptureProcessor, LayerAccumulator, capture, parse_queries
-from attnprobe.run import generate_one
+from attnprobe.core.pipeline import generate_one
 
 from conftest import TINY
 

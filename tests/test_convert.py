@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from attnprobe.arch import base_grid, denoiser_of, find_self_attention, vae_scale_factor
-from attnprobe.registry import config_hash, load_pipeline
+from attnprobe.core.family import denoiser_of, family_of, find_self_attention, vae_scale_factor
+from attnprobe.core.registry import config_hash, load_pipeline
 from deltadistill import load, save
 from deltadistill.conversion import (
     AlreadyConvertedError,
@@ -21,7 +21,7 @@ from deltadistill.conversion import (
 )
 from deltadistill.io import FolderMismatchError
 
-ALIASES = ["tiny-pixart", "tiny-sd15", "tiny-sdxl", "tiny-dit"]
+ALIASES = ["tiny-pixart", "tiny-sd15", "tiny-sdxl", "tiny-dit", "tiny-hunyuan"]
 
 
 def _generate(pipe, alias, height=32, width=48, seed=0):
@@ -31,6 +31,8 @@ def _generate(pipe, alias, height=32, width=48, seed=0):
         return pipe(class_labels=[1], **kw).images
     if alias == "tiny-pixart":
         kw.update(use_resolution_binning=False, max_sequence_length=16)
+    if alias == "tiny-hunyuan":  # its pipeline assumes an 8× VAE: 32×48 px is a 2×3 token grid
+        kw.update(use_resolution_binning=False)
     return pipe(prompt="a photo of a cat", height=height, width=width, **kw).images
 
 
@@ -88,7 +90,6 @@ def test_token_grid_follows_latent_and_level(alias, size):
         for name, m in delta_modules(den).items()
     ]
     h_px, w_px = size
-    arch = next(iter(sites.values())).arch
     vae = vae_scale_factor(pipe)
     latent = torch.randn(1, den.config.in_channels, h_px // vae, w_px // vae)
     t = torch.tensor([10])
@@ -104,7 +105,7 @@ def test_token_grid_follows_latent_and_level(alias, size):
             den(latent, t, encoder_hidden_states=cond, added_cond_kwargs=added)
     for hk in hooks:
         hk.remove()
-    base = base_grid(arch, den.config, vae, h_px, w_px)
+    base = family_of(den).base_grid(den.config, vae, h_px, w_px)
     assert seen == {name: site.grid(base) for name, site in sites.items()}
     assert len(set(seen.values())) == (2 if alias == "tiny-sdxl" else 1)
 
@@ -123,7 +124,7 @@ def test_mean_field_init_reproduces_uniform_attention():
         teacher = attn(x)
     convert(pipe, 5)
     student = delta_modules(pipe)["transformer_blocks.0.attn1"]
-    student.recorder.latent_hw = (8, 12)  # as if the denoiser ran on a 8×12 latent (patch 2)
+    student.recorder.base_grid = (4, 6)  # as if the denoiser ran on a 8×12 latent (patch 2)
     with torch.no_grad():
         torch.testing.assert_close(student(x), teacher, atol=1e-5, rtol=1e-5)
     assert conversion_info(pipe)["init"] == "mean_field"
@@ -228,7 +229,7 @@ def test_deepcopied_student_keeps_its_own_grid():
     assert all(m.recorder is rec for m in delta_modules(student).values())
     with torch.no_grad():
         student(torch.randn(1, 4, 12, 12), timestep=torch.tensor([3]), class_labels=torch.tensor([0]))
-    assert rec.latent_hw == (12, 12) and pipe.transformer._deltadistill_recorder.latent_hw is None
+    assert rec.base_grid == (6, 6) and pipe.transformer._deltadistill_recorder.base_grid is None  # 12×12 latent, patch 2
 
 
 def test_save_load_roundtrip_and_mismatches(tmp_path):
@@ -290,3 +291,17 @@ def test_package_exports():
     assert callable(deltadistill.convert) and callable(deltadistill.save) and callable(deltadistill.load)
     assert deltadistill.convert is deltadistill.conversion.convert  # the function, not a module
     assert deltadistill.DeltaConvBlock.__name__ == "DeltaConvBlock"
+
+
+def test_kernel_ratio_recomputes_the_report_sizes(tmp_path):
+    from attnprobe import analyze
+
+    pipe, spec = load_pipeline("tiny-pixart")
+    report = analyze(pipe, ["a photo of cat"], steps=1, model_info={"alias": spec.alias, "source": spec.source})
+    path = report.save(tmp_path / "erf.json")
+    for ratio in (None, 0.3, 1.5):
+        fresh, _ = load_pipeline("tiny-pixart")
+        convert(fresh, path, kernel_ratio=ratio)
+        got = {n: m.block.kernel_size for n, m in delta_modules(fresh).items()}
+        assert got == report.kernel_sizes(ratio)
+    assert report.kernel_sizes(0.3) != report.kernel_sizes(1.5)

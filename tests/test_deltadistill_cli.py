@@ -32,7 +32,7 @@ def files(tmp_path_factory):
 def sd15_report(tmp_path_factory):
     """A real erf.json of tiny-sd15 (attnprobe.analyze, 2 steps)."""
     from attnprobe import analyze
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     torch.set_num_threads(1)
     pipe, spec = load_pipeline("tiny-sd15")
@@ -43,7 +43,7 @@ def sd15_report(tmp_path_factory):
 def _one_line_error(result, code=2):
     assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
     err = result.stderr.strip()
-    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert "Traceback" not in result.output
     return err
 
@@ -143,6 +143,6 @@ def test_divergence_exits_1_without_traceback(files, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 1, res.stderr[-2000:]
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error: ")]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "3 consecutive steps had a NaN/inf" in errors[0]
     assert "Traceback" not in res.stderr

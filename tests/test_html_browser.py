@@ -36,7 +36,7 @@ def page(tmp_path_factory):
     from attnprobe import analyze
     from attnprobe.html import write_html_report
     from attnprobe.plots import plot_all
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     run = tmp_path_factory.mktemp("run")
     pipe, spec = load_pipeline("tiny-pixart")

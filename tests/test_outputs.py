@@ -1,7 +1,7 @@
 """The shared input/output helpers: prompt files, atomic files, atomic folder swaps."""
 import pytest
 
-from attnprobe.outputs import atomic_write_text, read_prompts, replace_dir, staged_output_dir
+from attnprobe.core.outputs import atomic_write_text, read_prompts, replace_dir, staged_output_dir
 
 
 class MyError(ValueError):
@@ -49,7 +49,7 @@ def test_atomic_write_text_replaces_and_leaves_no_temp(tmp_path):
 def test_atomic_write_text_failure_keeps_old_file(tmp_path, monkeypatch):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    import attnprobe.outputs as outputs
+    import attnprobe.core.outputs as outputs
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -8,7 +8,6 @@ sizes, varying head counts and a planted attention sink covers the UNet/sink cod
 import base64
 import io
 import json
-import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from typer.testing import CliRunner
 
 from attnprobe import plots
 from attnprobe.report import LayerResult, Report, load_report
+from figcheck import check_figure, png_size
 
-DPI = 80  # smaller than the default: faster, same code paths
+from figcheck import DPI  # noqa: E402  (smaller than the default: faster, same code paths)
 PROMPTS = ["a photo of a cat", 'a red <b>rocket</b> & "moon"']  # markup must come out escaped
 runner = CliRunner()
 
@@ -29,7 +29,7 @@ runner = CliRunner()
 def run_dir(tmp_path_factory):
     """A run folder as `attnprobe analyze` leaves it: erf.json + images/."""
     from attnprobe import analyze
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     run = tmp_path_factory.mktemp("run")
     pipe, spec = load_pipeline("tiny-pixart")
@@ -52,32 +52,6 @@ def drawn(run_dir):
         "bias_sinks": plots.plot_bias_sinks(report, out, **kw),
         "erf_over_steps": plots.plot_erf_over_steps(report, out, **kw),
     }
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as img:
-        img.verify()
-    with Image.open(path) as img:
-        return img.size  # (width, height)
-
-
-def svg_size_px(path: Path, dpi: int) -> tuple[int, int]:
-    root = ET.parse(path).getroot()
-    w, h = (float(root.get(k).removesuffix("pt")) for k in ("width", "height"))
-    return round(w / 72 * dpi), round(h / 72 * dpi)
-
-
-def check_figure(paths, stem: str, dpi: int = DPI, formats=("png", "svg")) -> tuple[int, int]:
-    assert [p.name for p in paths] == [f"{stem}.{f}" for f in formats]
-    for p in paths:
-        assert p.is_file() and p.stat().st_size > 2000, p
-    size = png_size(paths[0])
-    if "svg" in formats:
-        assert size == svg_size_px(paths[1], dpi)  # pixel size = figure inches × dpi, nothing cropped
-        text = paths[1].read_text()
-        assert "<!--" in text or "<svg" in text
-    assert 300 <= size[0] <= 4000 and 200 <= size[1] <= 4000, size
-    return size
 
 
 @pytest.mark.parametrize("stem", [s for s in plots.FIGURES if s != "gradient_erf"])
@@ -134,45 +108,6 @@ def test_step_ranges():
     assert plots.step_ranges(20, 4) == [(1, 5), (6, 10), (11, 15), (16, 20)]
     assert plots.step_ranges(5, 2) == [(1, 3), (4, 5)]  # capture: step s (0-based) in bucket ⌊s·T/S⌋
     assert plots.step_ranges(3, 5) == [(1, 1), (2, 2), (3, 3)]
-
-
-# -- gradient ERF -------------------------------------------------------------------------------
-
-
-def test_gradient_erf_known_reach():
-    import torch
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
-
-    def grid_fn(x):  # [1, H, W, C] → [1, H, W, C], reach 3×3
-        return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-    g = plots.gradient_erf(grid_fn, (7, 9), 4, layout="grid", samples=2)
-    assert g.shape == (7, 9)
-    nz = np.argwhere(g > 0)
-    assert nz.min(0).tolist() == [2, 3] and nz.max(0).tolist() == [4, 5]
-
-    g = plots.gradient_erf(lambda x: x * 2.0, (5, 5), 3)  # token-wise: only the centre token
-    assert np.count_nonzero(g) == 1 and g[2, 2] == pytest.approx(6.0)
-
-
-def test_gradient_erf_figure(run_dir, tmp_path):
-    pytest.importorskip("deltadistill.conversion", reason="deltadistill is not importable")
-    import torch
-
-    import deltadistill.conversion as dconv
-    from attnprobe.registry import load_pipeline
-
-    report = load_report(run_dir)
-    teacher, _ = load_pipeline("tiny-pixart")
-    student, _ = load_pipeline("tiny-pixart")
-    dconv.convert(student, 3)
-    with torch.no_grad():  # an untrained block has proj_out = 0; give it some reach
-        for mod in dconv.delta_modules(student).values():
-            mod.block.proj_out.weight.normal_(std=0.1)
-    paths = plots.plot_gradient_erf(report, tmp_path, teacher, student, max_layers=2, steps=2, dpi=DPI)
-    check_figure(paths, "gradient_erf")
 
 
 # -- HTML report --------------------------------------------------------------------------------

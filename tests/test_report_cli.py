@@ -14,7 +14,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     pipe, spec = load_pipeline("tiny-pixart")
     return analyze(pipe, ["a photo of cat", "a red dog"], steps=2, resolution="32x48", model_info={"alias": spec.alias})
@@ -35,6 +35,37 @@ def test_report_content(report):
     for key in ("erf", "kernel_size", "asm_curve", "hp_asm_curve", "bias_share", "sink_keys"):
         assert key in d["layers"][0]["results"]
     assert d["model"]["config_hash"] and d["run"]["torch"]
+
+
+def test_kernel_sizes_are_recomputed_from_the_sums(report, tmp_path):
+    from attnprobe.stats import recommended_kernel_size
+
+    assert report.kernel_sizes() == {layer.name: layer.kernel_size for layer in report.layers}
+    for ratio, kmin, kmax in ((0.3, 3, 31), (1.0, 5, 9), (2.5, 3, 63)):
+        want = {layer.name: recommended_kernel_size(max(layer.erf, 1), ratio, kmin, kmax) for layer in report.layers}
+        assert report.kernel_sizes(ratio, kmin, kmax) == want
+    loaded = load_report(report.save(tmp_path / "erf.json"))  # the same from the stored sums alone
+    assert loaded.kernel_sizes(1.0) == report.kernel_sizes(1.0)
+    assert report.layers[0].k_axis.tolist() == list(range(1, 2 * 12, 2))
+    with pytest.raises(ValueError, match="ratio"):
+        report.kernel_sizes(0)
+
+
+def test_analysis_settings_are_validated_once_before_running():
+    from attnprobe.config import AnalysisConfig, ConfigError
+
+    for bad, match in [(dict(threshold=0), "--threshold"), (dict(kernel_ratio=float("inf")), "--kernel-ratio"),
+                       (dict(kernel_ratio=0), "--kernel-ratio"), (dict(queries="stride:0"), "--queries"),
+                       (dict(kmin=9, kmax=5), "--kmin"), (dict(cutoff=-1), "--cutoff"), (dict(steps=0), "--steps"),
+                       (dict(ring_backend="cuda"), "--ring-backend"), (dict(probe_points=((2, 0),)), "probe point")]:
+        with pytest.raises(ConfigError, match=match):
+            AnalysisConfig(**bad).validate()
+    called = []
+    with pytest.raises(ConfigError, match="--kernel-ratio"):  # before the pipeline is touched
+        analyze(called, ["a prompt"], kernel_ratio=float("inf"))
+    with pytest.raises(TypeError, match="unknown analysis setting"):
+        analyze(called, ["a prompt"], kernel_size=3)
+    assert AnalysisConfig().settings()["threshold"] == 0.8
 
 
 def test_save_load_roundtrip(report, tmp_path):
@@ -79,7 +110,7 @@ def test_merge_adds_sums(report):
 
 def test_merge_equals_single_run(tmp_path):
     """Two shards of one prompt each merge into exactly the two-prompt report."""
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     pipe, _ = load_pipeline("tiny-pixart")
     kw = dict(steps=2, queries="stride:3")
@@ -93,7 +124,7 @@ def test_merge_equals_single_run(tmp_path):
 
 
 def test_merge_refuses_mismatch(report):
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
 
     pipe, _ = load_pipeline("tiny-pixart")
     other = analyze(pipe, ["a photo of cat"], steps=3, resolution=32)
@@ -149,6 +180,7 @@ def test_cli_analyze_writes_run(prompts, tmp_path):
         ("resolution", "not divisible"),
         ("queries", "--queries"),
         ("threshold", "threshold"),
+        ("ratio", "--kernel-ratio"),
     ],
 )
 def test_cli_analyze_bad_input(case, expect, tmp_path, prompts):
@@ -172,6 +204,8 @@ def test_cli_analyze_bad_input(case, expect, tmp_path, prompts):
         extra = ["--queries", "every-other"]
     elif case == "threshold":
         extra = ["--threshold", "1.5"]
+    elif case == "ratio":
+        extra = ["--kernel-ratio", "inf"]
     out = tmp_path / "run"
     r = runner.invoke(app, ["analyze", "-m", model, "-p", str(p), "-o", str(out), "--steps", "2", *extra])
     assert r.exit_code == 2

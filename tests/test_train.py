@@ -256,7 +256,7 @@ def test_image_folder_data_skips_corrupt_and_drops_captions(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
     from deltadistill.data import DataError, prepare_data
 
     folder = tmp_path / "imgs"
@@ -270,7 +270,7 @@ def test_image_folder_data_skips_corrupt_and_drops_captions(tmp_path):
     (folder / "broken.txt").write_text("never used")
 
     pipe, _ = load_pipeline("tiny-pixart")
-    data = prepare_data(pipe, "pixart", folder, resolution=32, cache_dir=tmp_path / "cache")
+    data = prepare_data(pipe, folder, resolution=32, cache_dir=tmp_path / "cache")
     assert len(data) == 4 and tuple(data.latents.shape) == (4, 4, 16, 16)
     assert data.info["skipped"] == 1 and "broken.png" in data.info["skipped_files"][0]["file"]
     assert data.info["uncaptioned"] == 2  # b.jpg and d.png train with the empty caption
@@ -280,17 +280,17 @@ def test_image_folder_data_skips_corrupt_and_drops_captions(tmp_path):
     emb = cond["encoder_hidden_states"]
     assert not torch.equal(emb[0], emb[1]) and torch.equal(emb[1], data.null_cond["encoder_hidden_states"])
     # the cache is reused, bit for bit
-    again = prepare_data(pipe, "pixart", folder, resolution=32, cache_dir=tmp_path / "cache")
+    again = prepare_data(pipe, folder, resolution=32, cache_dir=tmp_path / "cache")
     assert again.info["cache"]["hit"] and torch.equal(again.latents, data.latents)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):
-        prepare_data(pipe, "pixart", empty, resolution=32)
+        prepare_data(pipe, empty, resolution=32)
 
 
 def test_evaluate_reports_three_distances(prompts, tmp_path):
-    from attnprobe.registry import load_pipeline
+    from attnprobe.core.registry import load_pipeline
     from deltadistill.evaluate import evaluate_distillation, zeroed_self_attention
     from deltadistill.generate import sample
 

@@ -21,14 +21,15 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
+from attnprobe.core import backends  # noqa: E402
 from deltadistill import ops  # noqa: E402
 import deltadistill.kernels.dwconv as dwk  # noqa: E402
-import deltadistill.kernels.pool_upsample as puk  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET and not dwk.INTERPRET:  # imported earlier without the interpreter: rebuild the kernels
     dwk = importlib.reload(dwk)
-    puk = importlib.reload(puk)
+    for name in ("common", "pool", "gate", "upsample", "stage"):
+        importlib.reload(importlib.import_module(f"deltadistill.kernels.{name}"))
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 # tolerance per dtype: |got - ref| <= atol * max|ref| + rtol * |ref|
@@ -176,48 +177,33 @@ def test_gate_kernel(mode, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("mode", ["scaled", "sigmoid"])
-def test_gate_upsample_add_kernel(mode, dtype):
-    seed("gua", mode, dtype)
-    x, out = torch.randn(2, 4, 5, 40), torch.randn(2, 7, 9, 20)
-    run_both(lambda x, o: ops.gate_upsample_add(x, (7, 9), o, mode, 0.3, backend="triton"),
-             lambda x, o: ops.gate_upsample_add_reference(x, (7, 9), o, mode, 0.3), [x, out], dtype,
-             f"gate_upsample_add {mode}", ["x", "out"])
-
-
-def test_gate_upsample_add_kernel_without_out():
-    seed("gua-noout")
-    run_both(lambda x: ops.gate_upsample_add(x, (7, 9), None, "scaled", 0.3, backend="triton"),
-             lambda x: ops.gate_upsample_add_reference(x, (7, 9), None, "scaled", 0.3), [torch.randn(1, 4, 5, 40)],
-             torch.float32, "gate_upsample_add (no out)", ["x"])
-
-
-HALF_CASES = [
-    pytest.param(3, "scaled", torch.float32, id="K3-scaled-float32"),
-    pytest.param(3, "sigmoid", torch.float16, id="K3-sigmoid-float16"),
-    pytest.param(13, "scaled", torch.float16, id="K13-scaled-float16"),
-    pytest.param(13, "sigmoid", torch.float32, id="K13-sigmoid-float32"),
+STAGE_CASES = [
+    pytest.param(3, "scaled", torch.float32, True, id="K3-scaled-float32-pool"),
+    pytest.param(3, "sigmoid", torch.float16, True, id="K3-sigmoid-float16-pool"),
+    pytest.param(13, "scaled", torch.float16, True, id="K13-scaled-float16-pool"),
+    pytest.param(13, "sigmoid", torch.float32, True, id="K13-sigmoid-float32-pool"),
+    pytest.param(3, "scaled", torch.float32, False, id="K3-scaled-float32-full"),
+    pytest.param(5, "sigmoid", torch.float16, False, id="K5-sigmoid-float16-full"),
 ]
 
 
-@pytest.mark.parametrize("k,mode,dtype", HALF_CASES)
-def test_half_stage_kernel(k, mode, dtype):
-    seed("half", k, mode, dtype)
+@pytest.mark.parametrize("k,mode,dtype,pool", STAGE_CASES)
+def test_stage_kernel(k, mode, dtype, pool):
+    seed("stage", k, mode, dtype, pool)
     c = 24 if k == 3 else 8  # K=3: two channel blocks per half with a tail; K=13: kept small (slow in the interpreter)
     x, w, b = torch.randn(1, 9, 13, c), torch.randn(c, k, k) / k, torch.randn(c)
-    run_both(lambda x, w, b: ops.half_stage(x, w, b, mode, 0.3, backend="triton"),
-             lambda x, w, b: ops.half_stage_reference(x, w, b, mode, 0.3), [x, w, b], dtype,
-             f"half_stage K={k} {mode}", ["x", "weight", "bias"])
+    run_both(lambda x, w, b: ops.stage(x, w, b, mode, 0.3, pool=pool, backend="triton"),
+             lambda x, w, b: ops.stage_reference(x, w, b, mode, 0.3, pool=pool), [x, w, b], dtype,
+             f"stage K={k} {mode} pool={pool}", ["x", "weight", "bias"])
 
 
-def test_half_stage_inference_skips_pre_gate_buffer():
-    seed("half-nograd")
+def test_stage_inference_skips_pre_gate_buffer():
+    seed("stage-nograd")
     x, w, b = torch.randn(1, 6, 7, 8), torch.randn(8, 3, 3), torch.randn(8)
     with torch.no_grad():
-        y = ops.half_stage(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "scaled", 0.5, backend="triton")
-    assert_close(y, ops.half_stage_reference(x.double(), w.double(), b.double(), "scaled", 0.5), torch.float32,
-                 "half_stage no-grad")
+        y = ops.stage(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "scaled", 0.5, pool=True, backend="triton")
+    assert_close(y, ops.stage_reference(x.double(), w.double(), b.double(), "scaled", 0.5, pool=True), torch.float32,
+                 "stage no-grad")
 
 
 def test_delta_conv_block_triton_backend_matches_reference():
@@ -254,11 +240,11 @@ def test_delta_conv_block_triton_backend_matches_reference():
 
 def test_resolve_backend_auto_and_forced():
     x = torch.zeros(1, 2, 2, 4)  # CPU tensor
-    for op in ("dwconv", "avgpool2", "upsample", "gate", "half_stage", "gate_upsample_add"):
+    for op in ops.OPS:
         assert ops.resolve_backend(op, x) == "reference", f"auto mode must keep CPU tensors on the reference ({op})"
         assert ops.resolve_backend(op, x, "reference") == "reference"
         assert ops.resolve_backend(op, x, "triton") == "triton", f"forced triton under the interpreter ({op})"
-        assert ops.BACKENDS[op]["triton"].__module__.startswith("deltadistill.kernels.")
+        assert backends.implementations(op)["triton"].__module__.startswith("deltadistill.kernels.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,10 +263,10 @@ def test_bf16_kernels_on_gpu(k):
     x, w, b = torch.randn(2, 13, 21, c), torch.randn(c, k, k) / k, torch.randn(c)
     run_both(lambda x, w, b: ops.dwconv_nhwc(x, w, b, backend="triton"), ops.dwconv_nhwc_reference, [x, w, b],
              dtype, f"dwconv bf16 K={k}", ["x", "weight", "bias"])
-    run_both(lambda x, w, b: ops.half_stage(x, w, b, "scaled", 0.3, backend="triton"),
-             lambda x, w, b: ops.half_stage_reference(x, w, b, "scaled", 0.3), [x, w, b], dtype,
-             f"half_stage bf16 K={k}", ["x", "weight", "bias"])
-    xg, out = torch.randn(2, 7, 11, c), torch.randn(2, 13, 21, c // 2)
-    run_both(lambda x, o: ops.gate_upsample_add(x, (13, 21), o, "sigmoid", 1.0, backend="triton"),
-             lambda x, o: ops.gate_upsample_add_reference(x, (13, 21), o, "sigmoid", 1.0), [xg, out], dtype,
-             "gate_upsample_add bf16", ["x", "out"])
+    for pool in (True, False):
+        run_both(lambda x, w, b: ops.stage(x, w, b, "scaled", 0.3, pool=pool, backend="triton"),
+                 lambda x, w, b: ops.stage_reference(x, w, b, "scaled", 0.3, pool=pool), [x, w, b], dtype,
+                 f"stage bf16 K={k} pool={pool}", ["x", "weight", "bias"])
+    xu = torch.randn(2, 7, 11, c)
+    run_both(lambda x: ops.upsample_bilinear_nhwc(x, (13, 21), backend="triton"),
+             lambda x: ops.upsample_bilinear_nhwc_reference(x, (13, 21)), [xu], dtype, "upsample bf16", ["x"])

@@ -142,7 +142,7 @@ def test_ring_mass_bf16_on_gpu(grid):
 @pytest.mark.parametrize("joint,n_text", [(None, 0), ("image_last", 3), ("image_first", 4)])
 def test_capture_uses_kernel_and_matches_reference_path(joint, n_text):
     """The capture's unfiltered rings through the fused kernel equal the chunked PyTorch path."""
-    from attnprobe.arch import AttnSite
+    from attnprobe.core.sites import AttnSite
     from attnprobe.capture import LayerAccumulator
 
     class _Cap:

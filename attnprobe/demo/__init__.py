@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from attnprobe.core.families.pixart import DEMO_DIR, DEMO_RESOLUTION
 from attnprobe.demo.data import CAPTIONS
 
-DEMO_DIR: Path = Path(__file__).resolve().parent / "pipeline"
+DEMO_DIR: Path = DEMO_DIR
 """Folder of the shipped pipeline (``model_index.json`` and one sub-folder per component)."""
 
 PROMPTS_FILE: Path = Path(__file__).resolve().parent / "prompts.txt"
@@ -29,7 +30,7 @@ PROMPTS_FILE: Path = Path(__file__).resolve().parent / "prompts.txt"
 DEMO_PROMPTS: list[str] = list(CAPTIONS)
 """The captions the demo model was trained on, in label order."""
 
-DEFAULT_RESOLUTION: int = 256
+DEFAULT_RESOLUTION: int = DEMO_RESOLUTION
 """Image side in pixels the demo model was trained at (32×32 latent, 16×16 tokens)."""
 
 TOKEN_GRID: tuple[int, int] = (16, 16)

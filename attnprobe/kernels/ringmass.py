@@ -29,10 +29,11 @@ PyTorch (chunked softmax + ``scatter_add_``); the tests compare the two.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
+
+from attnprobe.core import backends
 
 try:
     import triton
@@ -42,12 +43,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = ["ring_mass_attention", "ring_mass_attention_reference", "triton_usable"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_usable(t: torch.Tensor) -> bool:
-    """The Triton kernel can run on tensor ``t`` (CUDA, or the CPU interpreter is on)."""
-    return triton is not None and (t.is_cuda or INTERPRET)
+INTERPRET = backends.interpreting()
+triton_usable = backends.triton_usable  # the capability check of the Triton kernel
 
 
 def _check_args(q, k, grid, query_index, key_slice):
@@ -293,6 +290,30 @@ def _ring_mass_triton(q, k, grid, query_index, scale, key_slice, use_gather=True
 _GATHER_BROKEN = False
 
 
+def _ring_mass_triton_with_fallback(q, k, grid, query_index, scale=None, key_slice=None):
+    """The Triton kernel; if ``tl.gather`` fails to *compile* here, the gather-free variant."""
+    global _GATHER_BROKEN
+    if not _GATHER_BROKEN:
+        try:
+            return _ring_mass_triton(q, k, grid, query_index, scale, key_slice, use_gather=True)
+        except Exception as err:  # pragma: no cover - GPU/compiler specific
+            # Only a failure to *compile* tl.gather falls back; anything else (bad input, OOM) is raised.
+            if not (isinstance(err, triton.CompilationError) or "PassManager" in str(err)):
+                raise
+            warnings.warn(f"ring-mass kernel with tl.gather failed to compile ({err!r}); using the gather-free variant")
+            _GATHER_BROKEN = True
+    return _ring_mass_triton(q, k, grid, query_index, scale, key_slice, use_gather=False)
+
+
+def _reference_fp32(q, k, grid, query_index, scale=None, key_slice=None):
+    return ring_mass_attention_reference(q, k, grid, query_index, scale, key_slice).float()
+
+
+backends.register("ring_mass_attention", "reference")(_reference_fp32)
+if triton is not None:
+    backends.register("ring_mass_attention", "triton", usable=backends.triton_usable)(_ring_mass_triton_with_fallback)
+
+
 def ring_mass_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -313,31 +334,11 @@ def ring_mass_attention(
         query_index: LongTensor [Q] of image-query grid positions (row i // W, column i % W).
         scale: softmax scale, default 1/√d.
         key_slice: (start, stop) of the image keys in ``k`` (stop − start = H·W); default all keys.
-        backend: ``None``/"auto" (Triton on CUDA, else the PyTorch reference), "triton" or "reference".
+        backend: ``None`` (the registry's choice, :mod:`attnprobe.core.backends`), "auto", "triton"
+            or "reference".
 
     Returns:
         fp32 [B, heads, Q, R], R = max(H, W): out[..., q, r] = attention mass of query q on the
         image keys at ℓ∞ distance r.
     """
-    global _GATHER_BROKEN
-    choice = backend or "auto"
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(f"unknown backend {choice!r}; choose 'auto', 'triton' or 'reference'")
-    use_triton = choice == "triton" or (choice == "auto" and q.is_cuda and triton_usable(q))
-    if choice == "triton" and not triton_usable(q):
-        raise RuntimeError(
-            "backend 'triton' needs `pip install triton` and CUDA tensors (or TRITON_INTERPRET=1 for tests)"
-        )
-    if not use_triton:
-        return ring_mass_attention_reference(q, k, grid, query_index, scale, key_slice).float()
-    if not _GATHER_BROKEN:
-        try:
-            return _ring_mass_triton(q, k, grid, query_index, scale, key_slice, use_gather=True)
-        except Exception as err:  # pragma: no cover - GPU/compiler specific
-            # Only a failure to *compile* tl.gather falls back; anything else (bad input, OOM) is raised.
-            compile_failure = isinstance(err, triton.CompilationError) or "PassManager" in str(err)
-            if not compile_failure:
-                raise
-            warnings.warn(f"ring-mass kernel with tl.gather failed to compile ({err!r}); using the gather-free variant")
-            _GATHER_BROKEN = True
-    return _ring_mass_triton(q, k, grid, query_index, scale, key_slice, use_gather=False)
+    return backends.call("ring_mass_attention", q, k, grid, query_index, scale, key_slice, backend=backend)

@@ -1,13 +1,9 @@
-"""Triton kernels for the ΔConvBlock primitives.
+"""Triton kernels for the ΔConvBlock primitives, registered with :mod:`attnprobe.core.backends`.
 
-Importing this package registers ``triton`` backends with :mod:`deltadistill.ops` (which imports
-it lazily, only when Triton is usable). Without Triton installed the import is a no-op, so the
-CPU reference path never depends on it.
+:mod:`deltadistill.ops` declares this package as the GPU provider of its ops; the registry imports
+it only when Triton is installed, so the CPU reference path never depends on it. One module per
+op, each beside the PyTorch reference it is tested against: :mod:`.dwconv` (forward, dgrad,
+wgrad), :mod:`.pool`, :mod:`.gate`, :mod:`.upsample`, and :mod:`.stage`, the fused
+[pool →] conv → gate pyramid stage.
 """
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the install
-    TRITON_IMPORTED = False
-else:
-    TRITON_IMPORTED = True
-    from deltadistill.kernels import dwconv, pool_upsample  # noqa: F401  (registers the kernels)
+from deltadistill.kernels import dwconv, gate, pool, stage, upsample  # noqa: F401  (importing registers them)

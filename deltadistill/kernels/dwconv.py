@@ -15,7 +15,7 @@ over the K² taps, loading the shifted input tile (masked at the image border an
 H, W, C) and a [BLOCK_C] weight row per tap; accumulation is fp32 whatever the input dtype.
 Channels are the contiguous axis, so every load is a coalesced row of channels. Compile-time
 switches turn it into the dgrad kernel (``FLIP``) and add the epilogues that
-:mod:`deltadistill.kernels.pool_upsample` fuses into it:
+:mod:`deltadistill.kernels.stage` fuses into it:
 
 * ``GATE`` (1 = scaled ``x1·x2·s``, 2 = sigmoid ``x1·σ(x2)``): the program convolves channel c and
   c + C/2 together and writes only the gated value (C/2 channels); ``STORE_PRE`` also keeps the
@@ -34,15 +34,15 @@ Every launcher has a plain PyTorch ``*_reference`` beside it computing the same 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from attnprobe.core import backends
 from deltadistill import ops
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = backends.interpreting()
 
 GATE_MODES = {"none": 0, "scaled": 1, "sigmoid": 2}
 
@@ -396,7 +396,7 @@ class DWConvNHWC(torch.autograd.Function):
         return dx, dw, db
 
 
-@ops.register("dwconv", "triton")
+@backends.register("dwconv", "triton", usable=backends.triton_usable)
 def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Depth-wise K×K 'same' conv of x [B, H, W, C] with weight [C, K, K], bias [C] (Triton)."""
     return DWConvNHWC.apply(x, weight, bias)

@@ -1,0 +1,144 @@
+"""Atomic, resumable checkpoints of a distillation run (``<run>/checkpoints/step-N/``).
+
+A checkpoint holds the trainable block parameters (``blocks.safetensors``), the optimizer and
+scheduler state (``torch.save``, read back with ``weights_only=True``), every RNG state as tensors
+(``rng.safetensors``) and ``state.json``, written last. It is written into a temporary sibling,
+fsync'ed and renamed into place, so any ``step-*`` folder with a ``state.json`` is complete;
+``resume="latest"`` picks the highest step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnprobe.core.outputs import replace_dir
+from deltadistill.train_config import TrainError
+
+__all__ = ["ckpt_name", "list_checkpoints", "find_checkpoint", "save_checkpoint", "load_checkpoint", "clean_stale_tmp"]
+
+
+def ckpt_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a ``step-*`` folder with ``state.json``)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_checkpoint(resume: str, out) -> Path:
+    """``"latest"`` → newest checkpoint of ``out``; a run folder → its newest; a checkpoint folder → itself."""
+    if resume == "latest":
+        found = list_checkpoints(out)
+        if not found:
+            raise TrainError(f"--resume latest: no checkpoint in {Path(out) / 'checkpoints'}; start without --resume")
+        return found[-1]
+    path = Path(resume)
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise TrainError(f"--resume {resume}: not a checkpoint folder (no state.json) nor a run folder with checkpoints")
+
+
+def _rng_tensors() -> tuple[dict, dict]:
+    """Current RNG states as tensors (safetensors-friendly, no pickle) plus JSON scalars."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(state, dtype=torch.int64),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    meta = {"python_version": version, "python_gauss": gauss, "numpy_pos": int(np_state[2]),
+            "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4])}
+    return tensors, meta
+
+
+def _set_rng(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    random.setstate((meta["python_version"], tuple(int(v) for v in tensors["python"].tolist()), meta["python_gauss"]))
+    np.random.set_state(("MT19937", tensors["numpy"].numpy().astype(np.uint32), meta["numpy_pos"],
+                         meta["numpy_has_gauss"], meta["numpy_gauss"]))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda.{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda.{i}"], i)
+
+
+def _block_state(student) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir, step: int, student, optimizer, scheduler, state: dict, keep: int = 3) -> Path:
+    """Write ``checkpoints/step-N`` atomically (temp folder, then rename); prune to ``keep`` newest."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / ckpt_name(step)
+    tmp = root / f".tmp-{ckpt_name(step)}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(_block_state(student), str(tmp / "blocks.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng, rng_meta = _rng_tensors()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_meta}, indent=2))
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_stale_tmp(run_dir) -> None:
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-") or ".old-" in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, student, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    blocks = load_file(str(path / "blocks.safetensors"))
+    params = dict(student.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(blocks) != trainable:
+        diff = sorted(set(blocks) ^ trainable)
+        raise TrainError(f"--resume {path}: checkpoint blocks do not match this model/kernel sizes (e.g. {diff[0]!r})")
+    with torch.no_grad():
+        for n, v in blocks.items():
+            if params[n].shape != v.shape:
+                raise TrainError(f"--resume {path}: {n} has shape {tuple(v.shape)}, the model {tuple(params[n].shape)}")
+            params[n].copy_(v.to(params[n].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    _set_rng(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state
+
+

@@ -1,0 +1,202 @@
+"""Settings of a distillation run (``TrainConfig``), validated before anything is loaded or written.
+
+:func:`validate` is the one place that checks a :class:`TrainConfig`: every option's range, that
+the data source and report exist, and that ``--out`` does not already hold a run (unless
+``--resume`` or ``--overwrite``). Errors are :class:`TrainError` (a user error: one line, exit 2).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from attnprobe.core.errors import UserError
+from deltadistill.losses import SNR_WEIGHTINGS
+
+__all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "validate", "RUN_ARTEFACTS", "resolve_device",
+           "mixed_precision", "lr_lambda", "step_generator", "load_report_of", "check_report_model"]
+
+RUN_ARTEFACTS = ("config.json", "delta_blocks.safetensors", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+class TrainError(UserError):
+    """Bad training input (usage error): the message says what to change."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one distillation run (the CLI flags of ``deltadistill train``)."""
+
+    data: str  # folder of captioned images, or a prompt file
+    out: str  # run folder (becomes the distilled model folder)
+    model: str | None = None  # alias / folder / Hub id; default: the report's model, else "demo"
+    erf_report: str | None = None  # erf.json giving per-layer kernel sizes
+    kernel_size: int | None = None  # one K for all layers (overrides the report)
+    kernel_ratio: float | None = None  # recompute the report's kernel sizes as odd(ceil(ratio · ERF))
+    steps: int = 1000
+    batch_size: int = 4  # global batch (split over processes)
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    beta: float = 1e-3  # weight of the feature loss
+    gamma: float = 5.0  # Min-SNR γ
+    snr_weighting: str = "standard"  # standard | paper
+    clip: float = 1.0  # gradient-norm clip (0 = off)
+    warmup: int = 100  # linear warm-up steps (at most a quarter of the run)
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    resolution: int | None = None  # image side in pixels; default: the model's
+    seed: int = 0
+    caption_dropout: float = 0.1
+    cache: bool = False
+    sample_steps: int = 8  # teacher sampling steps for prompt-file data
+    sample_guidance: float | None = None
+    samples_per_prompt: int = 1
+    checkpoint_every: int = 500  # 0: only the final checkpoint
+    keep_checkpoints: int = 3
+    resume: str | None = None  # None | "latest" | checkpoint or run folder
+    overwrite: bool = False
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    dtype: str = "auto"  # frozen weights: auto (fp32 on CPU, bf16/fp16 on GPU) | fp32 | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, no on CPU) | no | bf16 | fp16
+    max_bad_steps: int = 10
+    gate: str = "scaled"
+    init: str = "mean_field"
+    probe: bool = True  # loss on a fixed probe batch at start and end
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        return cls(**kw)
+
+
+def validate(cfg: TrainConfig) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise TrainError(msg)
+
+    need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
+    need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
+    need(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")
+    need(cfg.gamma > 0, f"--gamma must be > 0, got {cfg.gamma}")
+    need(cfg.snr_weighting in SNR_WEIGHTINGS, f"--snr-weighting must be one of {SNR_WEIGHTINGS}, got {cfg.snr_weighting!r}")
+    need(cfg.clip >= 0, f"--clip must be >= 0 (0 disables clipping), got {cfg.clip}")
+    need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    need(0.0 <= cfg.caption_dropout < 1.0, f"--caption-dropout must be in [0, 1), got {cfg.caption_dropout}")
+    need(cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}")
+    need(cfg.samples_per_prompt >= 1, f"--samples-per-prompt must be >= 1, got {cfg.samples_per_prompt}")
+    need(cfg.sample_steps >= 1, f"--sample-steps must be >= 1, got {cfg.sample_steps}")
+    need(cfg.mixed_precision in ("auto", "no", "bf16", "fp16"), "--mixed-precision must be auto, no, bf16 or fp16")
+    if cfg.kernel_size is not None:
+        need(cfg.kernel_size >= 3 and cfg.kernel_size % 2 == 1, f"--kernel-size must be odd and >= 3, got {cfg.kernel_size}")
+    if cfg.kernel_ratio is not None:
+        need(cfg.kernel_ratio > 0 and math.isfinite(cfg.kernel_ratio),
+             f"--kernel-ratio must be a finite number > 0, got {cfg.kernel_ratio}")
+    if cfg.resolution is not None:
+        need(cfg.resolution > 0, f"--resolution must be positive, got {cfg.resolution}")
+    need(cfg.erf_report is not None or cfg.kernel_size is not None,
+         "give --erf-report erf.json (per-layer kernel sizes) or --kernel-size K")
+    data = Path(cfg.data)
+    need(data.exists(), f"--data {data} does not exist; pass a folder of captioned images or a prompt file")
+    if data.is_file():
+        need(data.stat().st_size > 0, f"--data {data} is empty; write one prompt per line")
+        from deltadistill.data import DataError, read_prompts
+
+        try:
+            read_prompts(data)
+        except DataError as exc:
+            raise TrainError(f"--data: {exc}") from None
+    if cfg.erf_report is not None:
+        rp = Path(cfg.erf_report)
+        need(rp.exists(), f"--erf-report {rp} does not exist; run `attnprobe analyze` first or pass --kernel-size")
+    out = Path(cfg.out)
+    need(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    if cfg.resume is None and out.is_dir() and not cfg.overwrite:
+        present = [n for n in RUN_ARTEFACTS if (out / n).exists()]
+        need(not present, f"--out {out} already holds a run ({present[0]}); pass --resume latest to continue it or --overwrite to replace it")
+
+
+def resolve_device(cfg: TrainConfig) -> bool:
+    """True to force CPU in the Accelerator."""
+    if cfg.device == "auto":
+        return not torch.cuda.is_available()
+    if cfg.device == "cpu":
+        return True
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {cfg.device} requested but no CUDA device is available; use --device cpu")
+        return False
+    raise TrainError(f"--device must be auto, cpu or cuda[:i], got {cfg.device!r}")
+
+
+def mixed_precision(cfg: TrainConfig, cpu: bool) -> str:
+    if cfg.mixed_precision != "auto":
+        if cpu and cfg.mixed_precision == "fp16":
+            raise TrainError("--mixed-precision fp16 needs a GPU; use bf16 or no on CPU")
+        return cfg.mixed_precision
+    if cpu:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm = min(cfg.warmup, cfg.steps // 4)
+
+    def fn(step: int) -> float:  # step = optimizer updates done so far
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.steps - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / span)))
+        return 1.0
+
+    return fn
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """CPU generator for (seed, step): the same draws on every rank, in every run."""
+    return torch.Generator("cpu").manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + stream * 104_729) % (2**63))
+
+
+def load_report_of(cfg: TrainConfig):
+    if cfg.erf_report is None:
+        return None
+    from attnprobe.report import load_report
+
+    try:
+        return load_report(cfg.erf_report)
+    except ValueError as exc:
+        raise TrainError(f"--erf-report: {exc}") from None
+
+
+def check_report_model(report, den, model_name: str, overridden: bool) -> None:
+    """A report must describe this model: same config hash, same self-attention layer names."""
+    from attnprobe.core.family import find_self_attention
+    from attnprobe.core.registry import config_hash
+
+    if report is None:
+        return
+    rm = report.model or {}
+    want, have = rm.get("config_hash"), config_hash(den.config)
+    names = {s.name for s in find_self_attention(den)}
+    if (want and want != have) or {layer.name for layer in report.layers} != names:
+        msg = (f"--erf-report was measured on {rm.get('alias', '?')} (config {want}), not on --model {model_name} "
+               f"(config {have}); run `attnprobe analyze --model {model_name}` or pass --kernel-size")
+        if overridden:
+            warnings.warn(msg + " (ignored: --kernel-size overrides the report)", stacklevel=2)
+            return
+        raise TrainError(msg)

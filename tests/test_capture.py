@@ -9,6 +9,8 @@ from attnprobe.core.sites import AttnSite, UnsupportedModelError
 from attnprobe.capture import CaptureProcessor, LayerAccumulator, capture, parse_queries
 from attnprobe.core.pipeline import generate_one
 
+from brute import highpass_numpy as _highpass_numpy
+from brute import rings_brute as _rings_brute
 from conftest import TINY
 
 
@@ -90,26 +92,6 @@ def test_parse_queries():
 
 
 # -- brute force: the accumulators against explicit N×N maps ------------------------------------------
-
-
-def _rings_brute(maps, grid, positions):
-    """(Q, N) maps → (Q, R) with an explicit ℓ∞ distance table."""
-    h, w = grid
-    rr, cc = np.divmod(np.arange(h * w), w)
-    out = np.zeros((len(positions), max(h, w)))
-    for i, p in enumerate(positions):
-        d = np.maximum(np.abs(rr - rr[p]), np.abs(cc - cc[p]))
-        np.add.at(out[i], d, maps[i])
-    return out
-
-
-def _highpass_numpy(maps, grid, cutoff, order):
-    h, w = grid
-    d = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
-    with np.errstate(divide="ignore"):
-        resp = 1.0 / (1.0 + (cutoff / d) ** (2 * order))
-    resp[0, 0] = 0.0
-    return np.real(np.fft.ifft2(np.fft.fft2(maps.reshape(-1, h, w)) * resp)).reshape(maps.shape)
 
 
 class _FakeCapture:

@@ -23,6 +23,7 @@ from attnprobe.capture import CaptureMissedError, LayerAccumulator, capture
 from attnprobe.core.family import families, family_of, find_self_attention
 from attnprobe.core.pipeline import generate_one
 from attnprobe.core.registry import aliases
+from brute import rings_brute as _rings_brute
 from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,16 +82,6 @@ def real_attention_inputs(pipe, monkeypatch):
     finally:
         for h in handles:
             h.remove()
-
-
-def _rings_brute(maps, grid, positions):
-    h, w = grid
-    rr, cc = np.divmod(np.arange(h * w), w)
-    out = np.zeros((len(positions), max(h, w)))
-    for i, p in enumerate(positions):
-        d = np.maximum(np.abs(rr - rr[p]), np.abs(cc - cc[p]))
-        np.add.at(out[i], d, maps[i])
-    return out
 
 
 @pytest.mark.parametrize("alias", TINY)

@@ -8,12 +8,16 @@ onto their H×W grid). With ρ = ``inter_ratio`` and C' = C·ρ::
     y      = proj_out( concat_s g_s )                       1×1, C'/2·|scales| → C
     out    = y + global_proj( mean_{H×W} z )                global branch, broadcast over H×W
 
-* ``pool_s`` for s = 1/2^k is k successive 2×2 average pools (stride 2, ceil mode: an odd
-  side keeps its last row/column, partial windows average only real pixels); s = 1 skips it.
-* ``dwconv_K`` is a depth-wise K×K convolution (K odd, zero 'same' padding) with bias, its own
-  weights per stage.
-* ``gate`` splits channels into halves x1, x2: ``scaled`` = x1·x2/√C' (the paper's FP16-safe
-  gate), ``sigmoid`` = x1·σ(x2).
+* ``pool_s`` for s = 1/2^k: with ``pool="ceil"`` (default) k successive 2×2 average pools
+  (stride 2, ceil mode: an odd side keeps its last row/column, partial windows average only real
+  pixels); with ``pool="adaptive"`` one adaptive average pool to (⌊H·s⌋, ⌊W·s⌋), the official
+  ΔConvFusion code's choice (overlapping windows on odd sides: 7 → 3). The two agree on sides
+  divisible by 2^k. s = 1 skips it.
+* ``dwconv_K`` is a depth-wise K×K convolution (K odd, zero 'same' padding), its own weights per
+  stage, with a bias when ``dw_bias`` (the official PixArt/SD checkpoints have none).
+* ``gate`` splits channels into halves x1, x2: ``scaled`` = x1·x2·s with s = ``gate_scale``
+  (default 1/√C', the paper's printed FP16-safe gate; the official SD code multiplies by
+  √(C'/2)), ``sigmoid`` = x1·σ(x2) (the official PixArt blocks).
 * ``up_{H×W}`` is bilinear resizing back to H×W (align_corners=False); identity for s = 1.
 
 All primitives go through :mod:`deltadistill.ops` (the single backend dispatch point: PyTorch
@@ -62,13 +66,13 @@ def scale_level(s) -> int:
 
 
 class _DepthwiseStage(nn.Module):
-    """Weights of one pyramid stage: a depth-wise K×K kernel per channel, plus bias."""
+    """Weights of one pyramid stage: a depth-wise K×K kernel per channel, and optionally a bias."""
 
-    def __init__(self, channels: int, kernel_size: int, level: int):
+    def __init__(self, channels: int, kernel_size: int, level: int, bias: bool = True):
         super().__init__()
         self.level = level  # k of s = 1/2^k
         self.weight = nn.Parameter(torch.empty(channels, kernel_size, kernel_size))  # [C', K, K]
-        self.bias = nn.Parameter(torch.empty(channels))  # [C']
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None  # [C']
 
     def extra_repr(self) -> str:
         c, k, _ = self.weight.shape
@@ -83,7 +87,11 @@ class DeltaConvBlock(nn.Module):
         kernel_size: odd K ≥ 3, shared by all stages.
         scales: pyramid stages, each 1/2^k, distinct (default ``(1, 0.5)``).
         inter_ratio: ρ; C·ρ must be an even integer (the gate halves it).
-        gate: ``"scaled"`` (x1·x2/√(C·ρ)) or ``"sigmoid"`` (x1·σ(x2)).
+        gate: ``"scaled"`` (x1·x2·gate_scale) or ``"sigmoid"`` (x1·σ(x2)).
+        gate_scale: the scaled gate's factor; ``None`` = 1/√(C·ρ) (the paper's text), ``"official"`` =
+            √(C·ρ/2) (the official SD1.5/SDXL code), or a number.
+        pool: ``"ceil"`` (2×2 average pools) or ``"adaptive"`` (the official code), see above.
+        dw_bias: a bias in each depth-wise convolution.
         backend: ``None`` (auto), ``"reference"`` or ``"triton"``; passed to every op.
     """
 
@@ -95,6 +103,10 @@ class DeltaConvBlock(nn.Module):
         inter_ratio: float = 0.5,
         gate: str = "scaled",
         backend: str | None = None,
+        *,
+        gate_scale: float | str | None = None,
+        pool: str = "ceil",
+        dw_bias: bool = True,
     ):
         super().__init__()
         dim, kernel_size = int(dim), int(kernel_size)
@@ -104,6 +116,14 @@ class DeltaConvBlock(nn.Module):
             raise ValueError(f"kernel_size must be odd and >= 3 (centred 'same' conv), got {kernel_size}")
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+        if pool not in ops.POOLS:
+            raise ValueError(f"unknown pool {pool!r}; choose one of {ops.POOLS}")
+        if gate_scale is not None and gate != "scaled":
+            raise ValueError(f"gate_scale only applies to the scaled gate (gate={gate!r})")
+        if isinstance(gate_scale, str) and gate_scale != "official":
+            raise ValueError(f"gate_scale must be a positive number, None (1/√C') or 'official' (√(C'/2)), got {gate_scale!r}")
+        if gate_scale is not None and not isinstance(gate_scale, str) and not (math.isfinite(gate_scale) and gate_scale > 0):
+            raise ValueError(f"gate_scale must be a positive number, got {gate_scale}")
         scales = tuple(scales)
         if not scales:
             raise ValueError("scales must name at least one pyramid stage, e.g. (1, 0.5)")
@@ -122,10 +142,18 @@ class DeltaConvBlock(nn.Module):
         self.inter_ratio = float(inter_ratio)
         self.gate = gate
         self.backend = backend
-        self.gate_scale = 1.0 / math.sqrt(inner) if gate == "scaled" else 1.0
+        self.pool, self.dw_bias = pool, bool(dw_bias)
+        if gate != "scaled":
+            self.gate_scale = 1.0
+        elif gate_scale is None:
+            self.gate_scale = 1.0 / math.sqrt(inner)  # the paper's text
+        elif gate_scale == "official":
+            self.gate_scale = math.sqrt(inner / 2)  # the official SD code: x1 · (x2 / (C'/2)^-½)
+        else:
+            self.gate_scale = float(gate_scale)
 
         self.proj_in = nn.Linear(dim, inner)  # C → C'
-        self.stages = nn.ModuleList(_DepthwiseStage(inner, kernel_size, k) for k in levels)
+        self.stages = nn.ModuleList(_DepthwiseStage(inner, kernel_size, k, bias=dw_bias) for k in levels)
         self.proj_out = nn.Linear(inner // 2 * len(levels), dim)  # C'/2·S → C
         self.global_proj = nn.Linear(dim, dim)  # C → C
         self.reset_parameters()
@@ -139,7 +167,8 @@ class DeltaConvBlock(nn.Module):
         nn.init.zeros_(self.proj_in.bias)
         for stage in self.stages:
             nn.init.normal_(stage.weight, std=1.0 / self.kernel_size)
-            nn.init.zeros_(stage.bias)
+            if stage.bias is not None:
+                nn.init.zeros_(stage.bias)
         for lin in (self.proj_out, self.global_proj):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
@@ -147,7 +176,8 @@ class DeltaConvBlock(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, kernel_size={self.kernel_size}, scales={self.scales}, "
-            f"inter_ratio={self.inter_ratio:g}, gate={self.gate!r}"
+            f"inter_ratio={self.inter_ratio:g}, gate={self.gate!r}, gate_scale={self.gate_scale:.4g}, pool={self.pool!r}, "
+            f"dw_bias={self.dw_bias}"
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -158,11 +188,15 @@ class DeltaConvBlock(nn.Module):
         x = self.proj_in(z)  # [B, H, W, C']
         feats = []
         for stage in self.stages:
-            xp = x
-            for _ in range(stage.level - 1):
-                xp = ops.avgpool2_nhwc(xp, backend=be)  # [B, ⌈H/2⌉, ⌈W/2⌉, C'], repeated
+            xp, pool, size = x, None, None
+            if stage.level > 0 and self.pool == "ceil":
+                for _ in range(stage.level - 1):
+                    xp = ops.avgpool2_nhwc(xp, backend=be)  # [B, ⌈H/2⌉, ⌈W/2⌉, C'], repeated
+                pool = "ceil"
+            elif stage.level > 0:
+                pool, size = "adaptive", ops.adaptive_size(h, w, stage.level)  # (⌊H·s⌋, ⌊W·s⌋)
             # [pool →] conv → gate, fused on GPU: [B, h_k, w_k, C'/2]
-            g = ops.stage(xp, stage.weight, stage.bias, mode, scale, pool=stage.level > 0, backend=be)
+            g = ops.stage(xp, stage.weight, stage.bias, mode, scale, pool=pool, size=size, backend=be)
             if stage.level > 0:
                 g = ops.upsample_bilinear_nhwc(g, (h, w), backend=be)  # [B, H, W, C'/2]
             feats.append(g)

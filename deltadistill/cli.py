@@ -29,6 +29,26 @@ app = make_app(
 class SNRWeighting(str, Enum):
     standard = "standard"
     paper = "paper"
+    none = "none"
+
+
+class Preset(str, Enum):
+    toolkit = "toolkit"
+    paper = "paper"
+
+
+class FeatureTarget(str, Enum):
+    attention = "attention"
+    residual = "residual"
+
+
+def _gate_scale(text: str | None):
+    if text is None or text == "official":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--gate-scale must be a number or 'official', got {text!r}") from None
 
 
 class Schedule(str, Enum):
@@ -54,18 +74,21 @@ def train(
     kernel_size: Optional[int] = typer.Option(None, "--kernel-size", help="One odd kernel size for every layer; overrides the report."),
     kernel_ratio: Optional[float] = typer.Option(None, "--kernel-ratio", help="Recompute the report's kernel sizes as odd(ceil(ratio × ERF)) (default: the report's ratio, 0.6)."),
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps in total (a resumed run continues up to this)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Global batch size, split evenly over processes."),
-    lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate (betas 0.9, 0.99)."),
-    beta: float = typer.Option(1e-3, "--beta", help="Weight β of the feature loss: L = L_z + β·L_f."),
-    gamma: float = typer.Option(5.0, "--gamma", help="Min-SNR γ."),
-    snr_weighting: SNRWeighting = typer.Option(SNRWeighting.standard, "--snr-weighting", help="standard: min(SNR, γ)/SNR (Min-SNR for ε-prediction); paper: min(γ·SNR, 1) as printed in the ΔConvFusion paper."),
-    clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping (0 disables)."),
-    warmup: int = typer.Option(100, "--warmup", help="Linear learning-rate warm-up steps (at most a quarter of --steps)."),
+    preset: Preset = typer.Option(Preset.toolkit, "--preset", help="Recipe for every option not given: toolkit (this toolkit's defaults) or paper (the official ΔConvFusion code for the model family: gate, pooling, kernel table, residual-stream feature loss, no Min-SNR, AdamW wd 1e-2, 500 warm-up steps, batch 16, caption dropout 0.15)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size, split evenly over processes [toolkit 4, paper 16]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate [3e-4]."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [toolkit 0, paper 1e-2]."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Weight β of the feature loss: L = L_z + β·L_f [1e-3]."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="Min-SNR γ [5]."),
+    snr_weighting: Optional[SNRWeighting] = typer.Option(None, "--snr-weighting", help="standard: min(SNR, γ)/SNR (Min-SNR for ε-prediction) [toolkit]; paper: min(γ·SNR, 1) as printed in the ΔConvFusion paper; none: plain MSE [paper preset, the official code]."),
+    feature_target: Optional[FeatureTarget] = typer.Option(None, "--feature-target", help="What L_f compares per layer: attention (block output vs attention output) [toolkit] or residual (the host's residual stream after the step) [paper]."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clipping, 0 disables [1.0]."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear learning-rate warm-up steps, at most a quarter of --steps [toolkit 100, paper 500]."),
     lr_schedule: Schedule = typer.Option(Schedule.constant, "--lr-schedule", help="Learning rate after warm-up."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Training image side in pixels (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, noise and timesteps (runs are deterministic)."),
     cache: bool = typer.Option(False, "--cache/--no-cache", help="Cache latents + text embeddings once in <out>/cache (safetensors)."),
-    caption_dropout: float = typer.Option(0.1, "--caption-dropout", help="Probability of training on the empty caption (for classifier-free guidance)."),
+    caption_dropout: Optional[float] = typer.Option(None, "--caption-dropout", help="Probability of training on the empty caption, for classifier-free guidance [toolkit 0.1, paper 0.15]."),
     sample_steps: int = typer.Option(8, "--sample-steps", help="Teacher sampling steps per latent when --data is a prompt file."),
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Latents sampled per prompt (different seeds) when --data is a prompt file."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write a checkpoint every N steps (0: only at the end)."),
@@ -77,6 +100,10 @@ def train(
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help="Autocast: auto (bf16/fp16 on GPU, none on CPU), no, bf16, fp16."),
     max_bad_steps: int = typer.Option(10, "--max-bad-steps", help="Stop after this many consecutive steps with NaN/inf loss or gradients (each is skipped)."),
     init: str = typer.Option("mean_field", "--init", help="Global-branch initialisation: mean_field (the teacher's attention under uniform weights) or zero."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="Block gate: scaled (x1·x2·s) or sigmoid (x1·σ(x2)) [toolkit scaled; paper: sigmoid for PixArt, scaled for SD]."),
+    gate_scale: Optional[str] = typer.Option(None, "--gate-scale", help="Scaled gate's factor s: a number, or 'official' for √(C'/2) [toolkit 1/√C' (the paper's text); paper SD: official]."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Half-scale pooling: ceil (2×2, ⌈n/2⌉) or adaptive (⌊n/2⌋, overlapping windows, the official code) [toolkit ceil, paper adaptive]."),
+    dw_bias: Optional[bool] = typer.Option(None, "--dw-bias/--no-dw-bias", help="Bias in the depth-wise convolutions [toolkit yes, paper no]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ):
     """Distil every self-attention layer into a ΔConvBlock (teacher frozen, only blocks train).
@@ -88,8 +115,10 @@ def train(
 
     cfg = TrainConfig(
         data=str(data), out=str(out), model=model, erf_report=str(erf_report) if erf_report else None,
-        kernel_size=kernel_size, kernel_ratio=kernel_ratio, steps=steps, batch_size=batch_size, lr=lr, beta=beta,
-        gamma=gamma, snr_weighting=snr_weighting.value, clip=clip, warmup=warmup, lr_schedule=lr_schedule.value,
+        kernel_size=kernel_size, kernel_ratio=kernel_ratio, steps=steps, preset=preset.value, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, beta=beta, gamma=gamma, snr_weighting=snr_weighting.value if snr_weighting else None,
+        feature_target=feature_target.value if feature_target else None, clip=clip, warmup=warmup,
+        lr_schedule=lr_schedule.value, gate=gate, gate_scale=_gate_scale(gate_scale), pool=pool, dw_bias=dw_bias,
         resolution=resolution, seed=seed, cache=cache, caption_dropout=caption_dropout, sample_steps=sample_steps,
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,

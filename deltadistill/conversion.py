@@ -183,8 +183,9 @@ def attn_dim(attn: nn.Module, name: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def convert(pipe, report_or_kernel_size, *, layers=None, gate: str = "scaled", inter_ratio: float = 0.5,
-            scales=(1, 0.5), init: str = "mean_field", kernel_ratio: float | None = None):
+def convert(pipe, report_or_kernel_size=None, *, layers=None, gate: str | None = None, inter_ratio: float = 0.5,
+            scales=(1, 0.5), init: str = "mean_field", kernel_ratio: float | None = None, gate_scale: float | None = None,
+            pool: str | None = None, dw_bias: bool | None = None, preset: str | None = None):
     """Replace self-attention with ΔConvBlocks in place; returns ``pipe``.
 
     Args:
@@ -193,7 +194,11 @@ def convert(pipe, report_or_kernel_size, *, layers=None, gate: str = "scaled", i
             dict; an ``erf.json`` path (or its folder); or a report from ``attnprobe.load_report``
             whose layer names must match this model.
         layers: which sites to convert: ``None`` (all), names/labels, or a predicate on the name.
-        gate, inter_ratio, scales: :class:`DeltaConvBlock` settings, shared by all layers.
+        gate, gate_scale, pool, dw_bias, inter_ratio, scales: :class:`DeltaConvBlock` settings, shared
+            by all layers (``None``: the preset's value).
+        preset: ``"toolkit"`` (default) or ``"paper"`` (the official ΔConvFusion code for the model's
+            family: gate, gate scale, pooling, depth-wise bias, and its kernel table when no kernel
+            sizes are given), see :mod:`deltadistill.presets`.
         init: ``"mean_field"`` (global branch = teacher attention under uniform weights) or ``"zero"``.
         kernel_ratio: with a report, recompute its kernel sizes as odd(ceil(ratio · ERF)).
 
@@ -201,10 +206,16 @@ def convert(pipe, report_or_kernel_size, *, layers=None, gate: str = "scaled", i
         ValueError: joint-attention models (FLUX, SD3), already converted models, bad kernel specs,
             models without self-attention.
     """
+    from deltadistill.presets import block_settings, preset_kernel_sizes
+
     if init not in INITS:
         raise UserError(f"unknown init {init!r}; choose one of {INITS}")
     den, family, sites = convertible_sites(pipe)
+    block_kw = block_settings(preset, family, gate=gate, gate_scale=gate_scale, pool=pool, dw_bias=dw_bias)
+    if report_or_kernel_size is None:
+        report_or_kernel_size = preset_kernel_sizes(preset, family, sites)
     sizes, info = kernel_sizes(report_or_kernel_size, sites, den, kernel_ratio)
+    info["preset"] = preset or "toolkit"
     chosen = select(layers, sites)
     missing = [s.name for s in chosen if s.name not in sizes]
     if missing:
@@ -215,7 +226,7 @@ def convert(pipe, report_or_kernel_size, *, layers=None, gate: str = "scaled", i
     blocks, mean_field = {}, []
     for site in chosen:
         block = DeltaConvBlock(attn_dim(site.module, site.name), sizes[site.name], scales=scales,
-                               inter_ratio=inter_ratio, gate=gate)
+                               inter_ratio=inter_ratio, **block_kw)
         if init == "mean_field":
             mean_field.append(_mean_field_init(block, site.module))
         blocks[site.name] = block

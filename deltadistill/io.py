@@ -4,7 +4,8 @@ A folder holds
 
 * ``config.json``: format name and version, the base model (alias, source, pipeline, arch), the
   base denoiser's class and config hash, the report hash when kernel sizes came from ``erf.json``,
-  and per converted layer its name, label, dim, kernel_size, scales, inter_ratio and gate;
+  and per converted layer its name, label, dim, kernel_size, scales, inter_ratio, gate, gate_scale,
+  pool and dw_bias (folders written before those three existed load with the defaults);
 * ``delta_blocks.safetensors``: every block's parameters, keyed ``<layer name>.<parameter>``
   (e.g. ``transformer_blocks.3.attn1.proj_in.weight``).
 
@@ -102,6 +103,9 @@ def save(pipe, folder, *, base_model, extra: dict | None = None, overwrite: bool
                 "scales": list(mod.block.scales),
                 "inter_ratio": mod.block.inter_ratio,
                 "gate": mod.block.gate,
+                "gate_scale": mod.block.gate_scale,
+                "pool": mod.block.pool,
+                "dw_bias": mod.block.dw_bias,
             }
             for name, mod in mods.items()
         ],
@@ -209,6 +213,9 @@ def load(pipe, folder):
                 scales=tuple(layer.get("scales", (1, 0.5))),
                 inter_ratio=layer.get("inter_ratio", 0.5),
                 gate=layer.get("gate", "scaled"),
+                gate_scale=layer.get("gate_scale") if layer.get("gate", "scaled") == "scaled" else None,
+                pool=layer.get("pool", "ceil"),
+                dw_bias=bool(layer.get("dw_bias", True)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FolderMismatchError(f"{folder}: layer {name} has invalid settings in {CONFIG_NAME}: {exc}") from None

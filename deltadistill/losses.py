@@ -21,6 +21,7 @@ Min-SNR-γ weighting, γ = 5 by default (:func:`snr_weight`):
   for SNR ≥ 1/γ and γ·SNR < 1 for very noisy steps, i.e. it *down-weights the high-noise end*
   instead: the opposite emphasis of the standard rule. We keep it as an option for
   reproducing the paper; for the standard behaviour use the default.
+* ``"none"``: ``w = 1``, what the official ΔConvFusion training code does.
 
 Model outputs are first turned into ε predictions (:func:`to_epsilon`): learned-sigma outputs
 (PixArt and DiT have ``out_channels = 2 × in_channels``) keep the first half; ``v_prediction``
@@ -46,7 +47,7 @@ __all__ = [
     "distill_loss",
 ]
 
-SNR_WEIGHTINGS = ("standard", "paper")
+SNR_WEIGHTINGS = ("standard", "paper", "none")
 
 
 def _gather(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -68,6 +69,8 @@ def snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float = 5.0
     if gamma <= 0:
         raise ValueError(f"gamma must be positive, got {gamma}")
     s = snr(alphas_cumprod, t)  # [B]
+    if mode == "none":  # the official code: plain MSE
+        return torch.ones_like(s)
     if mode == "standard":
         return torch.minimum(s, torch.full_like(s, gamma)) / s.clamp_min(1e-12)
     return torch.clamp(gamma * s, max=1.0)
@@ -121,22 +124,31 @@ def output_loss(
 
 
 class FeatureTaps:
-    """Forward hooks that record the outputs of same-named modules in a teacher and a student.
+    """Forward hooks that record same-named tensors in a teacher and a student denoiser.
 
-    ``names`` are qualified module names inside each denoiser (the student's replaced
-    self-attention sites). Use as a context manager; hooks are removed on exit, even on error::
+    ``names`` are the student's replaced self-attention sites. What is compared per site
+    (``targets``, default: the site's own output):
+
+    * ``(module name, "output")``: the output of that module — the self-attention output of the
+      teacher vs the ΔConvBlock output of the student (``feature_target="attention"``);
+    * ``(module name, "input")``: the first input of that module, e.g. the host block's residual
+      stream right after the self-attention step, hidden + gate · output (``"residual"``, what the
+      official code compares; the family adapter names the module: ``Family.residual_tap``).
+
+    Use as a context manager; hooks are removed on exit, even on error::
 
         with FeatureTaps(teacher, student, names) as taps:
             teacher(...); student(...)
-            lf = taps.loss()    # Σ_layers MSE(student output, teacher output)
+            lf = taps.loss()    # Σ_sites MSE(student, teacher)
 
-    Outputs are kept only until :meth:`clear` (called by :meth:`loss`) so that memory does not grow.
+    Tensors are kept only until :meth:`clear` (called by :meth:`loss`) so that memory does not grow.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, names):
+    def __init__(self, teacher: nn.Module, student: nn.Module, names, targets: dict | None = None):
         self.names = list(names)
         if not self.names:
             raise ValueError("FeatureTaps needs at least one module name; the student has no replaced layers")
+        self.targets = {n: (targets or {}).get(n, (n, "output")) for n in self.names}
         self.teacher, self.student = teacher, student
         self.teacher_out: dict[str, torch.Tensor] = {}
         self.student_out: dict[str, torch.Tensor] = {}
@@ -144,8 +156,13 @@ class FeatureTaps:
 
     def _hook(self, store: dict, name: str):
         def fn(module, args, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output  # [B, N, C]
-            store[name] = out
+            store[name] = output[0] if isinstance(output, (tuple, list)) else output  # [B, N, C]
+
+        return fn
+
+    def _pre_hook(self, store: dict, name: str):
+        def fn(module, args, kwargs):
+            store[name] = args[0] if args else kwargs["hidden_states"]  # [B, N, C]
 
         return fn
 
@@ -154,10 +171,13 @@ class FeatureTaps:
             raise RuntimeError("FeatureTaps is already active; exit it before entering again")
         try:
             for name in self.names:
-                t_mod = self.teacher.get_submodule(name)
-                s_mod = self.student.get_submodule(name)
-                self._handles.append(t_mod.register_forward_hook(self._hook(self.teacher_out, name)))
-                self._handles.append(s_mod.register_forward_hook(self._hook(self.student_out, name)))
+                module, kind = self.targets[name]
+                for model, store in ((self.teacher, self.teacher_out), (self.student, self.student_out)):
+                    mod = model.get_submodule(module)
+                    if kind == "input":
+                        self._handles.append(mod.register_forward_pre_hook(self._pre_hook(store, name), with_kwargs=True))
+                    else:
+                        self._handles.append(mod.register_forward_hook(self._hook(store, name)))
         except AttributeError as exc:
             self.__exit__(None, None, None)
             raise ValueError(f"cannot tap module: {exc}; teacher and student must share module names") from None
@@ -174,7 +194,7 @@ class FeatureTaps:
         self.student_out.clear()
 
     def loss(self) -> torch.Tensor:
-        """Σ over tapped layers of MSE(student, teacher.detach()) (float32 scalar); then clears."""
+        """Σ over tapped sites of MSE(student, teacher.detach()) (float32 scalar); then clears."""
         missing = [n for n in self.names if n not in self.teacher_out or n not in self.student_out]
         if missing:
             raise RuntimeError(

@@ -7,8 +7,9 @@ implementation in :mod:`deltadistill.kernels`. Which one runs is decided by
 :mod:`attnprobe.core.backends` (``backend=`` argument, else ``ATTNPROBE_BACKEND``, else auto).
 
 Ops: ``dwconv`` (depth-wise K×K, 'same' zero padding), ``avgpool2`` (2×2, stride 2, ceil mode),
-``upsample`` (bilinear, align_corners=False), ``gate`` (x1·x2·s or x1·σ(x2)) and the fused
-``stage`` = [avgpool2 →] dwconv → gate, one pyramid stage before its upsampling.
+``adaptive_pool`` (adaptive average pooling to a size: the official code's ⌊n/2⌋ with overlapping
+windows on odd sides), ``upsample`` (bilinear, align_corners=False), ``gate`` (x1·x2·s or
+x1·σ(x2)) and the fused ``stage`` = [pool →] dwconv → gate, one pyramid stage before its upsampling.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ __all__ = [
     "OPS",
     "dwconv_nhwc",
     "avgpool2_nhwc",
+    "adaptive_pool_nhwc",
+    "adaptive_size",
     "upsample_bilinear_nhwc",
     "gate",
     "stage",
@@ -29,13 +32,20 @@ __all__ = [
     "resolve_backend",
 ]
 
-OPS = ("dwconv", "avgpool2", "upsample", "gate", "stage")
+OPS = ("dwconv", "avgpool2", "adaptive_pool", "upsample", "gate", "stage")
+POOLS = ("ceil", "adaptive")
 backends.provide("deltadistill.kernels", *OPS)
 
 
 def pooled_size(h: int, w: int) -> tuple[int, int]:
     """Grid after 2x2 average pooling with ceil mode (odd sizes keep their last row/column)."""
     return halve_grid((h, w))
+
+
+def adaptive_size(h: int, w: int, level: int = 1) -> tuple[int, int]:
+    """Grid of the official adaptive pooling to scale 1/2^level: (⌊H·s⌋, ⌊W·s⌋), at least 1×1."""
+    s = 0.5**level
+    return max(1, int(h * s)), max(1, int(w * s))
 
 
 def resolve_backend(op: str, x: torch.Tensor, backend: str | None = None) -> str:
@@ -63,6 +73,12 @@ def avgpool2_nhwc_reference(x: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1)
 
 
+@backends.register("adaptive_pool", "reference")
+def adaptive_pool_reference(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Adaptive average pooling to ``size`` = (h, w): window [⌊i·H/h⌋, ⌈(i+1)·H/h⌉) per axis."""
+    return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), tuple(int(v) for v in size)).permute(0, 2, 3, 1)
+
+
 @backends.register("upsample", "reference")
 def upsample_bilinear_nhwc_reference(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize to ``size`` = (H, W), align_corners=False."""
@@ -83,11 +99,26 @@ def gate_reference(x: torch.Tensor, mode: str = "scaled", scale: float = 1.0) ->
 
 @backends.register("stage", "reference")
 def stage_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str = "scaled",
-                    scale: float = 1.0, pool: bool = False) -> torch.Tensor:
-    """One pyramid stage before upsampling: [avgpool2 →] depth-wise conv → gate. [B, h, w, C] → [B, h', w', C/2]."""
-    if pool:
-        x = avgpool2_nhwc_reference(x)
+                    scale: float = 1.0, pool: str | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """One pyramid stage before upsampling: [pool →] depth-wise conv → gate. [B, H, W, C] → [B, h, w, C/2].
+
+    ``pool``: None (full resolution), ``"ceil"`` (2×2 average pooling, ceil mode) or
+    ``"adaptive"`` (adaptive average pooling to ``size``).
+    """
+    x = _pool(x, pool, size)
     return gate_reference(dwconv_nhwc_reference(x, weight, bias), mode, scale)
+
+
+def _pool(x, pool, size):
+    if pool is None:
+        return x
+    if pool == "ceil":
+        return avgpool2_nhwc_reference(x)
+    if pool == "adaptive":
+        if size is None:
+            raise ValueError("adaptive pooling needs the output size")
+        return adaptive_pool_reference(x, size)
+    raise ValueError(f"unknown pool {pool!r}; choose one of {POOLS}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +134,10 @@ def avgpool2_nhwc(x, backend: str | None = None):
     return backends.call("avgpool2", x, backend=backend)
 
 
+def adaptive_pool_nhwc(x, size, backend: str | None = None):
+    return backends.call("adaptive_pool", x, tuple(int(v) for v in size), backend=backend)
+
+
 def upsample_bilinear_nhwc(x, size, backend: str | None = None):
     return backends.call("upsample", x, size, backend=backend)
 
@@ -111,5 +146,8 @@ def gate(x, mode: str = "scaled", scale: float = 1.0, backend: str | None = None
     return backends.call("gate", x, mode, scale, backend=backend)
 
 
-def stage(x, weight, bias=None, mode: str = "scaled", scale: float = 1.0, pool: bool = False, backend: str | None = None):
-    return backends.call("stage", x, weight, bias, mode, scale, pool, backend=backend)
+def stage(x, weight, bias=None, mode: str = "scaled", scale: float = 1.0, pool: str | None = None, size=None,
+          backend: str | None = None):
+    if pool not in (None, *POOLS):
+        raise ValueError(f"unknown pool {pool!r}; choose one of {POOLS}")
+    return backends.call("stage", x, weight, bias, mode, scale, pool, size, backend=backend)

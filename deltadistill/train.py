@@ -94,7 +94,8 @@ class Trainer:
 
         if isinstance(cfg, dict):
             cfg = TrainConfig.from_dict(cfg)
-        validate(cfg)
+        self.requested = cfg  # as given (None = "the preset's value")
+        cfg = validate(cfg)  # preset values filled in
         self.cfg = cfg
         self.batch_hook, self.setup_hook = batch_hook, setup_hook
         cpu = resolve_device(cfg)
@@ -167,7 +168,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         kernel_spec = cfg.kernel_size if cfg.kernel_size is not None else report
         try:
-            convert(pipe, kernel_spec, gate=cfg.gate, init=cfg.init, kernel_ratio=cfg.kernel_ratio)
+            convert(pipe, kernel_spec, gate=cfg.gate, gate_scale=cfg.gate_scale, pool=cfg.pool, dw_bias=cfg.dw_bias,
+                    init=cfg.init, kernel_ratio=cfg.kernel_ratio, preset=cfg.preset)
         except ValueError as exc:
             raise TrainError(f"cannot convert {self.model_name}: {exc}") from None
         self.pipe = pipe
@@ -237,6 +239,15 @@ class Trainer:
             tmp = self.out / f".metrics.jsonl.tmp-{os.getpid()}"
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, metrics)
+
+    def _feature_targets(self) -> dict:
+        """What L_f compares per site: the attention/block output, or the host's residual stream."""
+        if self.cfg.feature_target == "attention":
+            return {}
+        from attnprobe.core.family import find_self_attention
+
+        sites = {s.name: s for s in find_self_attention(self.teacher)}
+        return {n: (self.family.residual_tap(sites[n]), "input") for n in self.names}
 
     # -- one step --------------------------------------------------------------------------------
     def draw(self, step: int, stream: int = 0):
@@ -322,7 +333,7 @@ class Trainer:
         """Train up to ``cfg.steps``; returns the summary (see :func:`train`)."""
         cfg, acc = self.cfg, self.accelerator
         interrupted, consecutive, last_ckpt = False, 0, None
-        with FeatureTaps(self.teacher, self.student, self.names) as taps, StopFlag() as stop, \
+        with FeatureTaps(self.teacher, self.student, self.names, self._feature_targets()) as taps, StopFlag() as stop, \
                 TrainProgress(self.main and cfg.progress, cfg.steps, self.start_step) as bar:
             probe_start = self.probe(taps) if cfg.probe else None
             metrics = open(self.out / "metrics.jsonl", "a") if self.main else None

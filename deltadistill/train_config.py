@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -41,19 +41,21 @@ class TrainConfig:
     kernel_size: int | None = None  # one K for all layers (overrides the report)
     kernel_ratio: float | None = None  # recompute the report's kernel sizes as odd(ceil(ratio · ERF))
     steps: int = 1000
-    batch_size: int = 4  # global batch (split over processes)
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    beta: float = 1e-3  # weight of the feature loss
-    gamma: float = 5.0  # Min-SNR γ
-    snr_weighting: str = "standard"  # standard | paper
-    clip: float = 1.0  # gradient-norm clip (0 = off)
-    warmup: int = 100  # linear warm-up steps (at most a quarter of the run)
+    preset: str = "toolkit"  # toolkit | paper: the values of every option left at None below
+    batch_size: int | None = None  # global batch (split over processes)
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    beta: float | None = None  # weight of the feature loss
+    gamma: float | None = None  # Min-SNR γ
+    snr_weighting: str | None = None  # standard | paper | none
+    feature_target: str | None = None  # attention (block vs attention output) | residual (host residual stream)
+    clip: float | None = None  # gradient-norm clip (0 = off)
+    warmup: int | None = None  # linear warm-up steps (at most a quarter of the run)
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
     resolution: int | None = None  # image side in pixels; default: the model's
     seed: int = 0
-    caption_dropout: float = 0.1
+    caption_dropout: float | None = None
     cache: bool = False
     sample_steps: int = 8  # teacher sampling steps for prompt-file data
     sample_guidance: float | None = None
@@ -66,10 +68,20 @@ class TrainConfig:
     dtype: str = "auto"  # frozen weights: auto (fp32 on CPU, bf16/fp16 on GPU) | fp32 | bf16 | fp16
     mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, no on CPU) | no | bf16 | fp16
     max_bad_steps: int = 10
-    gate: str = "scaled"
+    gate: str | None = None  # scaled | sigmoid (None: the preset's)
+    gate_scale: float | str | None = None  # None: the preset's (toolkit 1/√C'; paper SD √(C'/2)); a number; official
+    pool: str | None = None  # ceil | adaptive (None: the preset's)
+    dw_bias: bool | None = None
     init: str = "mean_field"
     probe: bool = True  # loss on a fixed probe batch at start and end
     progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every option left at None filled in from the preset (training part)."""
+        from deltadistill.presets import train_settings
+
+        values = train_settings(self.preset)
+        return replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -80,10 +92,20 @@ class TrainConfig:
         return cls(**kw)
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every option (preset values filled in); returns the resolved config."""
+    from deltadistill.presets import PRESETS
+
     def need(cond, msg):
         if not cond:
             raise TrainError(msg)
+
+    need(cfg.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    cfg = cfg.resolved()
+    need(cfg.feature_target in ("attention", "residual"), f"--feature-target must be attention or residual, got {cfg.feature_target!r}")
+    need(cfg.gate in (None, "scaled", "sigmoid"), f"--gate must be scaled or sigmoid, got {cfg.gate!r}")
+    need(cfg.pool in (None, "ceil", "adaptive"), f"--pool must be ceil or adaptive, got {cfg.pool!r}")
+    need(cfg.init in ("mean_field", "zero"), f"--init must be mean_field or zero, got {cfg.init!r}")
 
     need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
@@ -108,8 +130,8 @@ def validate(cfg: TrainConfig) -> None:
              f"--kernel-ratio must be a finite number > 0, got {cfg.kernel_ratio}")
     if cfg.resolution is not None:
         need(cfg.resolution > 0, f"--resolution must be positive, got {cfg.resolution}")
-    need(cfg.erf_report is not None or cfg.kernel_size is not None,
-         "give --erf-report erf.json (per-layer kernel sizes) or --kernel-size K")
+    need(cfg.erf_report is not None or cfg.kernel_size is not None or cfg.preset == "paper",
+         "give --erf-report erf.json (per-layer kernel sizes), --kernel-size K, or --preset paper (its kernel table)")
     data = Path(cfg.data)
     need(data.exists(), f"--data {data} does not exist; pass a folder of captioned images or a prompt file")
     if data.is_file():
@@ -128,6 +150,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.resume is None and out.is_dir() and not cfg.overwrite:
         present = [n for n in RUN_ARTEFACTS if (out / n).exists()]
         need(not present, f"--out {out} already holds a run ({present[0]}); pass --resume latest to continue it or --overwrite to replace it")
+    return cfg
 
 
 def resolve_device(cfg: TrainConfig) -> bool:

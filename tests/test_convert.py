@@ -244,8 +244,8 @@ def test_save_load_roundtrip_and_mismatches(tmp_path):
     assert [layer["kernel_size"] for layer in config["layers"]] == [3, 5, 3, 7]
     assert config["layers"][0] == {
         "name": "transformer_blocks.0.attn1", "label": "block 0", "dim": 32, "kernel_size": 3,
-        "scales": [1.0, 0.5], "inter_ratio": 0.5, "gate": "scaled",
-    }
+        "scales": [1.0, 0.5], "inter_ratio": 0.5, "gate": "scaled", "gate_scale": 0.25, "pool": "ceil", "dw_bias": True,
+    }  # gate_scale = 1/√C' with C' = 32 · 0.5
 
     fresh, _ = load_pipeline("tiny-pixart")
     assert load(fresh, folder) is fresh

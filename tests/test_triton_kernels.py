@@ -28,7 +28,7 @@ import deltadistill.kernels.dwconv as dwk  # noqa: E402
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET and not dwk.INTERPRET:  # imported earlier without the interpreter: rebuild the kernels
     dwk = importlib.reload(dwk)
-    for name in ("common", "pool", "gate", "upsample", "stage"):
+    for name in ("common", "pool", "adaptive_pool", "gate", "upsample", "stage"):
         importlib.reload(importlib.import_module(f"deltadistill.kernels.{name}"))
 DEVICE = "cpu" if INTERPRET else "cuda"
 
@@ -178,12 +178,14 @@ def test_gate_kernel(mode, dtype):
 
 
 STAGE_CASES = [
-    pytest.param(3, "scaled", torch.float32, True, id="K3-scaled-float32-pool"),
-    pytest.param(3, "sigmoid", torch.float16, True, id="K3-sigmoid-float16-pool"),
-    pytest.param(13, "scaled", torch.float16, True, id="K13-scaled-float16-pool"),
-    pytest.param(13, "sigmoid", torch.float32, True, id="K13-sigmoid-float32-pool"),
-    pytest.param(3, "scaled", torch.float32, False, id="K3-scaled-float32-full"),
-    pytest.param(5, "sigmoid", torch.float16, False, id="K5-sigmoid-float16-full"),
+    pytest.param(3, "scaled", torch.float32, "ceil", id="K3-scaled-float32-ceil"),
+    pytest.param(3, "sigmoid", torch.float16, "ceil", id="K3-sigmoid-float16-ceil"),
+    pytest.param(13, "scaled", torch.float16, "ceil", id="K13-scaled-float16-ceil"),
+    pytest.param(13, "sigmoid", torch.float32, "ceil", id="K13-sigmoid-float32-ceil"),
+    pytest.param(3, "scaled", torch.float32, None, id="K3-scaled-float32-full"),
+    pytest.param(5, "sigmoid", torch.float16, None, id="K5-sigmoid-float16-full"),
+    pytest.param(3, "sigmoid", torch.float32, "adaptive", id="K3-sigmoid-float32-adaptive"),
+    pytest.param(5, "scaled", torch.float16, "adaptive", id="K5-scaled-float16-adaptive"),
 ]
 
 
@@ -192,8 +194,9 @@ def test_stage_kernel(k, mode, dtype, pool):
     seed("stage", k, mode, dtype, pool)
     c = 24 if k == 3 else 8  # K=3: two channel blocks per half with a tail; K=13: kept small (slow in the interpreter)
     x, w, b = torch.randn(1, 9, 13, c), torch.randn(c, k, k) / k, torch.randn(c)
-    run_both(lambda x, w, b: ops.stage(x, w, b, mode, 0.3, pool=pool, backend="triton"),
-             lambda x, w, b: ops.stage_reference(x, w, b, mode, 0.3, pool=pool), [x, w, b], dtype,
+    size = ops.adaptive_size(9, 13) if pool == "adaptive" else None  # (4, 6): overlapping windows
+    run_both(lambda x, w, b: ops.stage(x, w, b, mode, 0.3, pool=pool, size=size, backend="triton"),
+             lambda x, w, b: ops.stage_reference(x, w, b, mode, 0.3, pool=pool, size=size), [x, w, b], dtype,
              f"stage K={k} {mode} pool={pool}", ["x", "weight", "bias"])
 
 
@@ -201,24 +204,73 @@ def test_stage_inference_skips_pre_gate_buffer():
     seed("stage-nograd")
     x, w, b = torch.randn(1, 6, 7, 8), torch.randn(8, 3, 3), torch.randn(8)
     with torch.no_grad():
-        y = ops.stage(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "scaled", 0.5, pool=True, backend="triton")
-    assert_close(y, ops.stage_reference(x.double(), w.double(), b.double(), "scaled", 0.5, pool=True), torch.float32,
+        y = ops.stage(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "scaled", 0.5, pool="ceil", backend="triton")
+    assert_close(y, ops.stage_reference(x.double(), w.double(), b.double(), "scaled", 0.5, pool="ceil"), torch.float32,
                  "stage no-grad")
 
 
-def test_delta_conv_block_triton_backend_matches_reference():
+def _adaptive_pool_explicit(x: torch.Tensor, size) -> torch.Tensor:
+    """Adaptive average pooling written out: window [⌊i·H/h⌋, ⌈(i+1)·H/h⌉) per axis (float64, NHWC)."""
+    bsz, hh, ww, c = x.shape
+    h, w = size
+    out = torch.zeros(bsz, h, w, c, dtype=torch.float64)
+    for i in range(h):
+        r0, r1 = (i * hh) // h, -((-(i + 1) * hh) // h)
+        for j in range(w):
+            c0, c1 = (j * ww) // w, -((-(j + 1) * ww) // w)
+            out[:, i, j] = x[:, r0:r1, c0:c1].double().mean(dim=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("grid", [(7, 9), (15, 17), (16, 16)])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_adaptive_pool_matches_explicit_windows(grid, backend):
+    seed("adaptive", grid)
+    size = ops.adaptive_size(*grid)
+    assert size == (grid[0] // 2, grid[1] // 2)
+    x = torch.randn(2, *grid, 20)
+    want = _adaptive_pool_explicit(x, size)
+    dev = DEVICE if backend == "triton" else "cpu"
+    xt = x.clone().to(dev).requires_grad_()
+    got = ops.adaptive_pool_nhwc(xt, size, backend=backend)
+    assert_close(got, want, torch.float32, f"adaptive pool {grid} ({backend})")
+    dy = torch.randn(want.shape, dtype=torch.float64)
+    got.backward(dy.to(dev, torch.float32))
+    x64 = x.double().requires_grad_()
+    _adaptive_pool_explicit(x64, size).backward(dy)
+    assert_close(xt.grad, x64.grad, torch.float32, f"adaptive pool d/dx {grid} ({backend})")
+
+
+@pytest.mark.parametrize("pool", ["ceil", "adaptive"])
+def test_block_pool_modes_agree_on_even_grids_and_differ_on_odd(pool):
+    block_mod = pytest.importorskip("deltadistill.block")
+    seed("pool-modes")
+    blocks = {p: block_mod.DeltaConvBlock(16, 3, pool=p, backend="reference") for p in ("ceil", "adaptive")}
+    with torch.no_grad():
+        for p in blocks["ceil"].parameters():
+            p.normal_(0, 0.3)
+    blocks["adaptive"].load_state_dict(blocks["ceil"].state_dict())
+    even, odd = torch.randn(1, 8, 10, 16), torch.randn(1, 7, 9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(blocks["ceil"](even), blocks["adaptive"](even))
+        assert (blocks["ceil"](odd) - blocks["adaptive"](odd)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pool,dw_bias,gate", [("ceil", True, "scaled"), ("adaptive", False, "sigmoid")])
+def test_delta_conv_block_triton_backend_matches_reference(pool, dw_bias, gate):
     block_mod = pytest.importorskip("deltadistill.block", reason="deltadistill.block not available")
-    seed("block")
+    seed("block", pool)
     blocks = {}
     for be in ("triton", "reference"):
-        blk = block_mod.DeltaConvBlock(16, 5, scales=(1, 0.5, 0.25), backend=be)
+        blk = block_mod.DeltaConvBlock(16, 5, scales=(1, 0.5, 0.25), backend=be, pool=pool, dw_bias=dw_bias, gate=gate)
         blocks[be] = blk
     with torch.no_grad():  # the block zero-initialises proj_out; give every branch a say
         ref = blocks["reference"]
         for lin in (ref.proj_out, ref.global_proj):
             lin.weight.normal_(0, lin.in_features**-0.5)
         for stage in ref.stages:
-            stage.bias.normal_(0, 0.1)
+            if stage.bias is not None:
+                stage.bias.normal_(0, 0.1)
     blocks["triton"].load_state_dict(blocks["reference"].state_dict())
     tri, ref = blocks["triton"].to(DEVICE), blocks["reference"].double()
     z = torch.randn(2, 7, 9, 16)
@@ -263,9 +315,9 @@ def test_bf16_kernels_on_gpu(k):
     x, w, b = torch.randn(2, 13, 21, c), torch.randn(c, k, k) / k, torch.randn(c)
     run_both(lambda x, w, b: ops.dwconv_nhwc(x, w, b, backend="triton"), ops.dwconv_nhwc_reference, [x, w, b],
              dtype, f"dwconv bf16 K={k}", ["x", "weight", "bias"])
-    for pool in (True, False):
-        run_both(lambda x, w, b: ops.stage(x, w, b, "scaled", 0.3, pool=pool, backend="triton"),
-                 lambda x, w, b: ops.stage_reference(x, w, b, "scaled", 0.3, pool=pool), [x, w, b], dtype,
+    for pool, size in (("ceil", None), (None, None), ("adaptive", ops.adaptive_size(13, 21))):
+        run_both(lambda x, w, b: ops.stage(x, w, b, "scaled", 0.3, pool=pool, size=size, backend="triton"),
+                 lambda x, w, b: ops.stage_reference(x, w, b, "scaled", 0.3, pool=pool, size=size), [x, w, b], dtype,
                  f"stage bf16 K={k} pool={pool}", ["x", "weight", "bias"])
     xu = torch.randn(2, 7, 11, c)
     run_both(lambda x: ops.upsample_bilinear_nhwc(x, (13, 21), backend="triton"),

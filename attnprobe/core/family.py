@@ -87,6 +87,9 @@ class Family:
     text_tokens: ClassVar[int] = 77  # text length of a typical prompt encoding (benchmarks)
     max_sequence_length: ClassVar[int | None] = None  # cap passed to the pipeline, if it takes one
     aliases: ClassVar[tuple[Alias, ...]] = ()
+    # The official ΔConvFusion recipe of this family (block settings; None: there is none), and its
+    # kernel table (:meth:`paper_kernel_size`). Used by ``--preset paper``.
+    paper_block: ClassVar[dict | None] = None
 
     # -- identity ---------------------------------------------------------------------------
     def matches(self, denoiser: torch.nn.Module) -> bool:
@@ -99,6 +102,15 @@ class Family:
     # -- self-attention sites -----------------------------------------------------------------
     def self_attention(self, denoiser: torch.nn.Module) -> list[AttnSite]:
         raise NotImplementedError
+
+    def residual_tap(self, site: AttnSite) -> str:
+        """Qualified name of the module whose first input is the host block's residual stream right
+        after this site's self-attention step (hidden + gate · attention output)."""
+        raise UnsupportedModelError(f"{self.name}: no residual-stream tap is known for {site.name}")
+
+    def paper_kernel_size(self, site: AttnSite) -> int | None:
+        """The official recipe's kernel size for ``site`` (None: the table has no entry for it)."""
+        return None
 
     def query_key(self, site: AttnSite, attn, call: dict) -> QueryKey:
         """Queries and keys of one processor call; ``call`` maps the processor's argument names

@@ -31,6 +31,9 @@ class DiT(Family):
         return [AttnSite(f"transformer_blocks.{i}.attn1", f"block {i}", self.name, module=b.attn1)
                 for i, b in enumerate(denoiser.transformer_blocks)]
 
+    def residual_tap(self, site) -> str:
+        return site.name.rsplit(".", 1)[0] + ".norm3"  # no cross-attention: norm3(residual) → feed-forward
+
     def check_resolution(self, config, vae_factor, height, width) -> None:
         super().check_resolution(config, vae_factor, height, width)
         native = self.default_resolution(config, vae_factor)

@@ -27,6 +27,9 @@ class HunyuanDiT(Family):
     def self_attention(self, denoiser) -> list[AttnSite]:
         return [AttnSite(f"blocks.{i}.attn1", f"block {i}", self.name, module=b.attn1) for i, b in enumerate(denoiser.blocks)]
 
+    def residual_tap(self, site) -> str:
+        return site.name.rsplit(".", 1)[0] + ".norm2"  # hidden + attn1(...) → norm2 → cross-attention
+
     def query_key(self, site, attn, call) -> QueryKey:
         return attention_query_key(attn, call["hidden_states"], call.get("attention_mask"), rotary=call.get("image_rotary_emb"))
 

@@ -35,6 +35,14 @@ class PixArt(Family):
               "small trained PixArt-family model shipped with the package (runs on CPU)"),
     )
 
+    paper_block = {"gate": "sigmoid", "gate_scale": None, "pool": "adaptive", "dw_bias": False}
+
+    def paper_kernel_size(self, site) -> int:
+        return 13  # official PixArt-Σ: K = 13 in every block
+
+    def residual_tap(self, site) -> str:
+        return site.name.rsplit(".", 1)[0] + ".attn2"  # PixArt feeds the raw residual stream to cross-attention
+
     def self_attention(self, denoiser) -> list[AttnSite]:
         return [AttnSite(f"transformer_blocks.{i}.attn1", f"block {i}", self.name, module=b.attn1)
                 for i, b in enumerate(denoiser.transformer_blocks)]

@@ -19,6 +19,8 @@ class SDXL(UNet):
     aliases = (Alias("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "StableDiffusionXLPipeline", 1024,
                      "Stable Diffusion XL base 1.0 UNet"),)
 
+    paper_kernels = {"down": (None, 9, 7), "mid": (9,), "up": (9, 13, None)}  # official SDXL table
+
     def matches(self, denoiser) -> bool:
         return Family.matches(self, denoiser) and getattr(denoiser.config, "addition_embed_type", None) == "text_time"
 

@@ -26,8 +26,21 @@ class UNet(Family):
     aliases = (Alias("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline", 512,
                      "Stable Diffusion 1.5 UNet"),)
 
+    paper_block = {"gate": "scaled", "gate_scale": "official", "pool": "adaptive", "dw_bias": False}
+    # official SD1.5 kernel table, by block index (None: no attention there)
+    paper_kernels = {"down": (7, 9, 5, None), "mid": (3,), "up": (None, 5, 9, 11)}
+
     def matches(self, denoiser) -> bool:
         return super().matches(denoiser) and getattr(denoiser.config, "addition_embed_type", None) != "text_time"
+
+    def paper_kernel_size(self, site) -> int | None:
+        kind, index = site.label.split(".")[:2]
+        table = self.paper_kernels.get(kind, ())
+        i = 0 if kind == "mid" else int(index)
+        return table[i] if i < len(table) else None
+
+    def residual_tap(self, site) -> str:
+        return site.name.rsplit(".", 1)[0] + ".norm2"  # BasicTransformerBlock: norm2(residual) → cross-attention
 
     def self_attention(self, denoiser) -> list[AttnSite]:
         n_down = len(denoiser.config.down_block_types)

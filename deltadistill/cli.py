@@ -215,6 +215,24 @@ def plot(
     typer.echo(f"wrote {', '.join(str(p) for p in paths)}")
 
 
+@app.command("import-official", no_args_is_help=True)
+@command
+def import_official(
+    checkpoint: Path = typer.Argument(..., help="An official ΔConvFusion checkpoint: .safetensors, or a torch file (read with weights_only=True)."),
+    model: str = typer.Option(..., "--model", help="Its base model: sd15, sdxl, pixart (pixart-1024, ...), or a local diffusers folder."),
+    out: Path = typer.Option(..., "--out", help="Distilled-model folder to write (use it with deltadistill.load / generate --distilled)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Convert an official ΔConvFusion checkpoint (blocks mounted as `conv1`) into a distilled folder."""
+    from deltadistill.io import read_config
+    from deltadistill.official import import_official as run_import
+
+    folder = run_import(checkpoint, model, out, overwrite=overwrite)
+    layers = read_config(folder)["layers"]
+    ks = sorted({layer["kernel_size"] for layer in layers})
+    typer.echo(f"wrote {folder}: {len(layers)} blocks (kernel sizes {ks}, gate {layers[0]['gate']}, pool {layers[0]['pool']})")
+
+
 register_bench(app)
 
 

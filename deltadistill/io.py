@@ -38,7 +38,7 @@ from deltadistill.conversion import (
     install,
 )
 
-__all__ = ["save", "save_into_run", "load", "read_config", "FolderMismatchError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "save_blocks", "save_into_run", "load", "read_config", "FolderMismatchError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "delta_blocks.safetensors"
@@ -75,47 +75,55 @@ def save(pipe, folder, *, base_model, extra: dict | None = None, overwrite: bool
             users know which pipeline to load the blocks onto.
         extra: JSON-serialisable metadata stored under ``"extra"`` (training step, losses, ...).
     """
-    from safetensors.torch import save_file
-
     den = get_denoiser(pipe)
     mods = delta_modules(den)
     if not mods:
         raise ValueError("the pipeline has no ΔConvBlocks to save; run deltadistill.convert(pipe, ...) first")
+    info = conversion_info(den)
+    return save_blocks({name: mod.block for name, mod in mods.items()}, {name: mod.label for name, mod in mods.items()},
+                       den, folder, base_model=base_model, info=info, extra=extra, overwrite=overwrite)
+
+
+def save_blocks(blocks: dict[str, DeltaConvBlock], labels: dict[str, str], denoiser, folder, *, base_model,
+                info: dict | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``blocks`` ({site name: block}) for ``denoiser`` (may live on the meta device) as a folder."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; pass overwrite=True (or --overwrite) to replace it")
-    info = conversion_info(den)
+    info = info or {}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "deltadistill_version": _version(),
         "base_model": _base_model_info(base_model),
-        "denoiser_class": type(den).__name__,
-        "base_config_hash": config_hash(den.config),
+        "denoiser_class": type(denoiser).__name__,
+        "base_config_hash": config_hash(denoiser.config),
         "report_hash": info.get("report_hash"),
         "kernel_source": info.get("kernel_source"),
         "layers": [
             {
                 "name": name,
-                "label": mod.label,
-                "dim": mod.block.dim,
-                "kernel_size": mod.block.kernel_size,
-                "scales": list(mod.block.scales),
-                "inter_ratio": mod.block.inter_ratio,
-                "gate": mod.block.gate,
-                "gate_scale": mod.block.gate_scale,
-                "pool": mod.block.pool,
-                "dw_bias": mod.block.dw_bias,
+                "label": labels.get(name, name),
+                "dim": block.dim,
+                "kernel_size": block.kernel_size,
+                "scales": list(block.scales),
+                "inter_ratio": block.inter_ratio,
+                "gate": block.gate,
+                "gate_scale": block.gate_scale,
+                "pool": block.pool,
+                "dw_bias": block.dw_bias,
             }
-            for name, mod in mods.items()
+            for name, block in blocks.items()
         ],
         "extra": extra or {},
     }
     text = json.dumps(config, indent=2, ensure_ascii=False)  # fail before writing anything if not JSON
     tensors = {
         f"{name}.{key}": value.detach().to("cpu").contiguous()
-        for name, mod in mods.items()
-        for key, value in mod.block.state_dict().items()
+        for name, block in blocks.items()
+        for key, value in block.state_dict().items()
     }
 
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -330,3 +330,79 @@ def test_demo_distillation_ordering(tmp_path):
     # the full run (RESULTS.md) reaches about half the baselines' MSE; this shorter one must be clearly below
     assert d["distilled"]["mse"] < 0.8 * d["untrained"]["mse"], d
     assert d["distilled"]["mse"] < 0.8 * d["no_attention"]["mse"], d
+
+
+@pytest.mark.parametrize("alias", ["tiny-pixart", "tiny-sd15"])
+def test_residual_stream_feature_loss_by_hand(alias):
+    """feature_target="residual": L_f compares hidden + gate·attention output of each host block."""
+    import copy
+
+    from attnprobe.core.family import denoiser_of, family_of, find_self_attention
+    from attnprobe.core.registry import load_pipeline
+    from deltadistill.conversion import convert, delta_modules
+
+    pipe, _ = load_pipeline(alias)
+    teacher = copy.deepcopy(denoiser_of(pipe)).eval()
+    convert(pipe, 3)
+    student = denoiser_of(pipe).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in delta_modules(student).values():
+            m.block.proj_out.weight.normal_(0, 0.3, generator=g)
+    sites = {s.name: s for s in find_self_attention(teacher)}
+    names = list(delta_modules(student))
+    targets = {n: (family_of(teacher).residual_tap(sites[n]), "input") for n in names}
+    block_inputs = {"teacher": {}, "student": {}}
+    hooks = []
+    for who, model in (("teacher", teacher), ("student", student)):
+        for n in names:
+            host = model.get_submodule(n.rsplit(".", 1)[0])
+            hooks.append(host.register_forward_pre_hook(
+                lambda m, a, kw, who=who, n=n: block_inputs[who].__setitem__(n, (a[0] if a else kw["hidden_states"], kw)),
+                with_kwargs=True))
+    latent = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([10, 500])
+    if alias == "tiny-pixart":
+        kw = dict(encoder_hidden_states=torch.randn(2, 5, 32, generator=g), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    else:
+        kw = dict(encoder_hidden_states=torch.randn(2, 5, 32, generator=g))
+    with torch.no_grad(), FeatureTaps(teacher, student, names, targets) as taps:
+        teacher(latent, timestep=t, **kw)
+        student(latent, timestep=t, **kw)
+        got = {n: (taps.student_out[n].clone(), taps.teacher_out[n].clone()) for n in names}
+        lf = taps.loss()
+        for h in hooks:
+            h.remove()
+
+        def by_hand(model, who, n):
+            blk = model.get_submodule(n.rsplit(".", 1)[0])
+            h, bkw = block_inputs[who][n]
+            if alias == "tiny-pixart":  # adaLN-single: h + gate_msa · attn1(norm1(h)·(1 + scale) + shift)
+                b = h.shape[0]
+                shift, scale, gate = (blk.scale_shift_table[None] + bkw["timestep"].reshape(b, 6, -1)).chunk(6, dim=1)[:3]
+                return h + gate * blk.attn1(blk.norm1(h) * (1 + scale) + shift)
+            return h + blk.attn1(blk.norm1(h))  # pre-norm block: h + attn1(norm1(h))
+
+        want = 0.0
+        for n in names:
+            s_res, t_res = by_hand(student, "student", n), by_hand(teacher, "teacher", n)
+            torch.testing.assert_close(got[n][0], s_res, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[n][1], t_res, atol=1e-5, rtol=1e-5)
+            want += ((s_res - t_res) ** 2).mean()
+    assert lf.item() == pytest.approx(float(want), rel=1e-5)
+    assert lf.item() > 0
+
+
+def test_paper_preset_run_records_every_value_and_overrides_win(prompts, tmp_path):
+    out = tmp_path / "paper"
+    cfg = TrainConfig(data=str(prompts), out=str(out), model="tiny-pixart", preset="paper", steps=2, batch_size=2,
+                      checkpoint_every=0, progress=False, probe=False)
+    summary = train(cfg, log=_quiet)
+    assert summary["steps"] == 2 and all(math.isfinite(r["loss"]) for r in summary["history"])
+    run = json.loads((out / "train_config.json").read_text())
+    assert run["preset"] == "paper" and run["batch_size"] == 2  # the explicit option beats the preset's 16
+    for key, value in {"feature_target": "residual", "snr_weighting": "none", "weight_decay": 1e-2, "warmup": 500,
+                       "caption_dropout": 0.15, "lr": 3e-4, "beta": 1e-3}.items():
+        assert run[key] == value, key
+    layers = json.loads((out / "config.json").read_text())["layers"]
+    assert {(la["kernel_size"], la["gate"], la["pool"], la["dw_bias"]) for la in layers} == {(13, "sigmoid", "adaptive", False)}

@@ -182,6 +182,78 @@ def generate(
     typer.echo(f"wrote {len(meta['images'])} image(s) to {out}" + (f"; comparison grid {meta['compare']}" if meta["compare"] else ""))
 
 
+def _parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                seeds.extend(range(a, b + 1))
+            elif part:
+                seeds.append(int(part))
+        except ValueError:
+            raise UsageError(f"--seeds {text!r}: use e.g. 0-3 or 0,1,5") from None
+    if not seeds:
+        raise UsageError(f"--seeds {text!r} names no seed")
+    return seeds
+
+
+@app.command(no_args_is_help=True)
+@command
+def evaluate(
+    distilled: Path = typer.Option(..., "--distilled", help="Distilled model folder (the --out of `deltadistill train`)."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file, one prompt per line; every prompt is sampled with every seed."),
+    out: Path = typer.Option(..., "--out", help="Folder for the images, grid.png, evaluation.png, metrics.json and metrics.csv."),
+    seeds: str = typer.Option("0-3", "--seeds", help="Seeds, e.g. 0-3 or 0,1,5."),
+    steps: int = typer.Option(20, "--steps", help="Sampling steps."),
+    baselines: bool = typer.Option(False, "--baselines", help="Also the untrained student, the teacher with self-attention zeroed, and training-free neighbourhood attention, from the same noise."),
+    neighbourhood_kernel: int = typer.Option(13, "--neighbourhood-kernel", help="K of the neighbourhood-attention baseline."),
+    dino: Optional[str] = typer.Option(None, "--dino", help="DINOv2 weights (local folder or cached Hub id): FD-DINOv2 and the DINOv2 score."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP weights (local folder or cached Hub id): CLIP score."),
+    reference_images: Optional[Path] = typer.Option(None, "--reference-images", help="Folder of real images for FD-DINOv2."),
+    trajectory_pairs: int = typer.Option(4, "--trajectory-pairs", min=0, help="Samples whose teacher trajectory is replayed for the ε error per step."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side in pixels (default: the training resolution)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the pipeline's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+):
+    """Teacher vs distilled student (and baselines) from the same noise: PSNR, SSIM, ε error, DS/FDD/CLIP."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnprobe.core.outputs import check_output_dir, read_prompts
+    from deltadistill.evaluate import evaluate as run_evaluate
+
+    prompt_list = read_prompts(prompts)
+    seed_list = _parse_seeds(seeds)
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    if reference_images is not None and not reference_images.is_dir():
+        raise UsageError(f"--reference-images {reference_images} is not a folder")
+    check_output_dir(out, overwrite)
+    variants = ("distilled", "untrained", "no_attention", "neighbourhood") if baselines else ("distilled",)
+    err = Console(stderr=True)
+    with err.status("evaluating") as status:
+        result = run_evaluate(distilled, prompt_list, seed_list, steps=steps, resolution=resolution, guidance=guidance,
+                              out=out, device=_device(device), variants=variants, neighbourhood_kernel=neighbourhood_kernel,
+                              dino=dino, clip=clip, reference_images=reference_images, trajectory_pairs=trajectory_pairs,
+                              log=lambda msg: status.update(f"evaluating: {msg}"))
+    rows = result["table"]
+    table = Table(title=f"{result['base_model']}: vs the teacher, {len(prompt_list)} prompts × {len(seed_list)} seeds, {steps} steps")
+    cols = [c for c in rows[0] if any(r.get(c) is not None for r in rows)]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "model" else "right")
+    for r in rows:
+        table.add_row(*["" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    import sys
+
+    (Console() if sys.stdout.isatty() else Console(width=200)).print(table)  # files/pipes: no 80-column wrap
+    for note in result["notes"]:
+        err.print(f"note: {note}", highlight=False)
+    typer.echo(f"wrote {out}/metrics.json, metrics.csv, grid.png, evaluation.png")
+
+
 @app.command(no_args_is_help=True)
 @command
 def plot(

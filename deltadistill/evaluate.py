@@ -1,173 +1,293 @@
-"""How close a distilled student's samples are to its teacher's, against two baselines.
+"""How close a distilled student's images are to its teacher's, measured the way the paper measures.
 
 For each (prompt, seed) every model samples with the *same* initial noise and scheduler, so
-differences come from the denoiser alone. Distances are taken in image space against the
-teacher's image (pixels in [0, 1]):
+differences come from the denoiser alone (:func:`evaluate`). Per model, against the teacher:
 
-    MSE  = mean over images of mean_{pixels, channels} (x − x_teacher)²
-    PSNR = 10 · log10(1 / MSE)   (dB, from the mean MSE; higher is closer)
+* **paired image distances** (:mod:`deltadistill.metrics`): PSNR and SSIM of each sample to the
+  teacher's sample of the same noise;
+* **ε error along the teacher's trajectory**: the teacher's denoiser calls of a sampling run are
+  recorded (inputs and outputs, the first ``trajectory_pairs`` pairs), and each model's denoiser is
+  run on exactly those inputs; the mean squared difference of the noise predictions (learned-σ
+  channels dropped) is reported per denoising step — an error that does not compound;
+* **distributional scores** when DINOv2 / CLIP weights are local (``dino=`` / ``clip=``): FD-DINOv2
+  to ``reference_images`` (and to the teacher's samples), the DINOv2 score, the CLIP score; without
+  them a one-line note says how to get them;
+* on the demo model, the **nearest-photo accuracy** of :mod:`attnprobe.demo.evaluate`.
 
-Variants (:func:`evaluate_distillation`):
-
-* ``distilled``: the trained blocks loaded onto a fresh base pipeline (:func:`deltadistill.io.load`);
-* ``untrained``: the same conversion before training (same kernel sizes, gate, init and seed:
-  :func:`deltadistill.train.train` seeds torch with the run seed right before ``convert``, so this
-  is exactly the student at step 0);
-* ``no_attention``: the teacher with every self-attention output replaced by zeros
-  (:func:`zeroed_self_attention`) — what the model does without the layers being distilled.
-
-A successful distillation puts ``distilled`` much closer to the teacher than both baselines.
+Models (``variants``): ``distilled`` (the trained blocks on a fresh base pipeline), and the baselines
+of :mod:`deltadistill.baselines`: ``untrained`` (the student at step 0), ``no_attention`` (the teacher
+with self-attention zeroed), ``neighbourhood`` (training-free K×K neighbourhood attention).
 """
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from attnprobe.core.family import denoiser_of
 from attnprobe.core.pipeline import sample
-from deltadistill.generate import base_model_name, image_grid, to_array
+from deltadistill import metrics
+from deltadistill.baselines import neighbourhood_attention, untrained_student, zeroed_self_attention
+from deltadistill.generate import base_model_name, to_array
 
-__all__ = ["zeroed_self_attention", "image_distance", "evaluate_distillation"]
+__all__ = ["evaluate", "evaluate_distillation", "VARIANTS", "format_table", "zeroed_self_attention"]
 
-
-@contextmanager
-def zeroed_self_attention(pipe):
-    """Context manager: every self-attention module of ``pipe``'s denoiser outputs zeros.
-
-    Forward hooks replace the module output with ``zeros_like(output)``; they are removed on
-    exit, even on error. Raises if the model has no self-attention to zero.
-    """
-    from attnprobe.core.family import denoiser_of, find_self_attention
-
-    den = denoiser_of(pipe)
-    sites = find_self_attention(den)
-    handles = []
-
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return tuple(torch.zeros_like(o) if torch.is_tensor(o) else o for o in output)
-        return torch.zeros_like(output)  # [B, N, C]
-
-    try:
-        for site in sites:
-            handles.append(den.get_submodule(site.name).register_forward_hook(hook))
-        yield pipe
-    finally:
-        for h in handles:
-            h.remove()
+VARIANTS = ("distilled", "untrained", "no_attention", "neighbourhood")
+LABELS = {"teacher": "teacher", "distilled": "distilled student", "untrained": "untrained student (step 0)",
+          "no_attention": "teacher, self-attention zeroed", "neighbourhood": "neighbourhood attention K={k} (no training)"}
 
 
-def image_distance(images, reference) -> dict:
-    """``{"mse", "psnr", "mse_per_image"}`` of PIL images against reference PIL images (pixels in [0, 1])."""
-    a, b = to_array(images), to_array(reference)  # [B, H, W, 3]
-    if a.shape != b.shape:
-        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
-    per = ((a - b) ** 2).mean(axis=(1, 2, 3))  # [B]
-    mse = float(per.mean())
-    psnr = float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
-    return {"mse": mse, "psnr": psnr, "mse_per_image": [float(v) for v in per]}
+class _Recorder:
+    """Forward hook on the teacher's denoiser: keeps (args, kwargs, output) of every call, on the CPU."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def __call__(self, module, args, kwargs, output):
+        def cpu(x):
+            if torch.is_tensor(x):
+                return x.detach().cpu()
+            if isinstance(x, dict):
+                return {k: cpu(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(cpu(v) for v in x)
+            return x
+
+        out = output[0] if isinstance(output, (tuple, list)) else output.sample
+        self.calls.append((cpu(args), cpu(kwargs), out.detach().cpu()))
 
 
-def evaluate_distillation(
-    distilled_folder,
-    prompts: list[str],
-    seeds: list[int],
-    *,
-    steps: int = 20,
-    resolution: int | None = None,
-    guidance: float | None = None,
-    out=None,
-    device: str = "cpu",
-) -> dict:
-    """Distances to the teacher of: the distilled student, the untrained student, no self-attention.
+def _eps(out: torch.Tensor, channels: int) -> torch.Tensor:
+    return out[:, :channels].double()  # learned-σ models (PixArt, DiT) predict 2C channels
 
-    Every prompt is sampled with every seed. With ``out`` the images go to ``out/<variant>/`` and
-    a grid ``out/grid.png`` (rows: samples; columns: teacher, distilled, untrained, no attention),
-    and the numbers to ``out/distances.json``. Returns ``{"distances": {variant: {...}}, ...}``.
+
+@torch.no_grad()
+def trajectory_error(den, calls, latent_channels: int) -> list[float]:
+    """Mean squared ε difference of ``den`` to the recorded teacher outputs, per call (denoising step)."""
+    device = next(den.parameters()).device
+
+    def to(x):
+        if torch.is_tensor(x):
+            return x.to(device)
+        if isinstance(x, dict):
+            return {k: to(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(to(v) for v in x)
+        return x
+
+    errors = []
+    for args, kwargs, teacher_out in calls:
+        kw = dict(to(kwargs), return_dict=False)
+        out = den(*to(args), **kw)[0]
+        errors.append(float(((_eps(out.cpu(), latent_channels) - _eps(teacher_out, latent_channels)) ** 2).mean()))
+    return errors
+
+
+def _demo_accuracy(images, prompts) -> float | None:
+    from attnprobe.demo.evaluate import nearest_photo_accuracy
+
+    return nearest_photo_accuracy(images, prompts)
+
+
+def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: int = 20, resolution=None,
+             guidance: float | None = None, out=None, device: str = "cpu", variants=("distilled",),
+             neighbourhood_kernel: int = 13, dino: str | None = None, clip: str | None = None,
+             reference_images=None, trajectory_pairs: int = 4, log=None) -> dict:
+    """Sample teacher and ``variants`` from the same noise and measure them (see the module docstring).
+
+    With ``out`` the images go to ``out/<model>/``, the labelled grid to ``out/grid.png``, the
+    figure to ``out/evaluation.png``, the numbers to ``out/metrics.json`` and ``out/metrics.csv``.
     """
     from attnprobe.core.registry import load_pipeline
     from deltadistill import io as dio
-    from deltadistill.conversion import convert
 
+    say = log or (lambda msg: None)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
     folder = Path(distilled_folder)
     config = dio.read_config(folder)
     base = base_model_name(config)
-    extra = config.get("extra") or {}
-    train_cfg = {}
-    if (folder / "train_config.json").is_file():
-        train_cfg = json.loads((folder / "train_config.json").read_text())
-    res = resolution or extra.get("resolution") or train_cfg.get("resolution")
+    train_cfg = json.loads((folder / "train_config.json").read_text()) if (folder / "train_config.json").is_file() else {}
+    res = resolution or (config.get("extra") or {}).get("resolution") or train_cfg.get("resolution")
     pairs = [(p, s) for p in prompts for s in seeds]
     all_p, all_s = [p for p, _ in pairs], [s for _, s in pairs]
+    n_traj = min(trajectory_pairs, len(pairs))
 
-    def run(pipe):
-        return sample(pipe, all_p, all_s, steps=steps, resolution=res, guidance=guidance)
+    def run(pipe, context=nullcontext()):
+        with context:
+            return sample(pipe, all_p, all_s, steps=steps, resolution=res, guidance=guidance)
 
-    teacher_pipe, _ = load_pipeline(base, device=device)
-    images = {"teacher": run(teacher_pipe)}
-    with zeroed_self_attention(teacher_pipe):
-        images["no_attention"] = run(teacher_pipe)
-    del teacher_pipe
-
-    pipe, _ = load_pipeline(base, device=device)
-    dio.load(pipe, folder)
-    images["distilled"] = run(pipe)
-    del pipe
-
-    # the student at step 0: same kernel sizes per layer, block settings, init and seed as the run
-    pipe, _ = load_pipeline(base, device=device)
-    layers = config["layers"]
-    first = layers[0]
-    torch.manual_seed(int(train_cfg.get("seed", 0)))
-    convert(
-        pipe,
-        {layer["name"]: int(layer["kernel_size"]) for layer in layers},
-        gate=first.get("gate", "scaled"),
-        gate_scale=train_cfg.get("gate_scale") if first.get("gate", "scaled") == "scaled" else None,
-        pool=first.get("pool", "ceil"),
-        dw_bias=bool(first.get("dw_bias", True)),
-        inter_ratio=first.get("inter_ratio", 0.5),
-        scales=tuple(first.get("scales", (1, 0.5))),
-        init=train_cfg.get("init", "mean_field"),
-    )
-    images["untrained"] = run(pipe)
-    del pipe
-
-    distances = {k: image_distance(images[k], images["teacher"]) for k in ("distilled", "untrained", "no_attention")}
-    result = {
-        "distilled_folder": str(folder),
-        "base_model": base,
-        "prompts": list(prompts),
-        "seeds": list(seeds),
-        "steps": steps,
-        "resolution": res,
-        "distances": distances,
-    }
+    teacher, _ = load_pipeline(base, device=device)
+    channels = int(getattr(teacher, "vae").config.latent_channels)
+    say("sampling the teacher")
+    images = {"teacher": run(teacher)}
+    recorder = _Recorder()
+    calls = []
+    if n_traj:
+        handle = denoiser_of(teacher).register_forward_hook(recorder, with_kwargs=True)
+        try:
+            sample(teacher, all_p[:n_traj], all_s[:n_traj], steps=steps, resolution=res, guidance=guidance,
+                   output_type="latent" if _returns_latents(teacher) else "pil")
+        finally:
+            handle.remove()
+        calls = recorder.calls
+    traj = {}
+    for name in variants:
+        say(f"sampling: {name}")
+        if name in ("no_attention", "neighbourhood"):
+            ctx = zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, neighbourhood_kernel)
+            images[name] = run(teacher, ctx)
+            with (zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, neighbourhood_kernel)):
+                traj[name] = trajectory_error(denoiser_of(teacher), calls, channels)
+            continue
+        if name == "distilled":
+            pipe, _ = load_pipeline(base, device=device)
+            dio.load(pipe, folder)
+        else:
+            pipe = untrained_student(base, config, train_cfg, device)
+        images[name] = run(pipe)
+        traj[name] = trajectory_error(denoiser_of(pipe), calls, channels)
+        del pipe
+    result = {"distilled_folder": str(folder), "base_model": base, "prompts": list(prompts), "seeds": list(seeds),
+              "steps": steps, "resolution": res, "variants": list(variants), "trajectory_pairs": n_traj,
+              "neighbourhood_kernel": neighbourhood_kernel, "distances": {}, "notes": []}
+    ref = to_array(images["teacher"])
+    for name in variants:
+        arr = to_array(images[name])
+        d = metrics.psnr(arr, ref)
+        d.update(metrics.ssim(arr, ref) if min(arr.shape[1:3]) >= 7 else {"ssim": float("nan")})
+        d["mse_per_image"] = [float(v) for v in ((arr - ref) ** 2).mean(axis=(1, 2, 3))]
+        d["eps_error_per_step"] = traj[name]
+        d["eps_error"] = float(np.mean(traj[name])) if traj[name] else float("nan")
+        result["distances"][name] = d
+    _distributional(result, images, all_p, dino, clip, reference_images, device)
+    if base == "demo":
+        result["accuracy"] = {name: _demo_accuracy(imgs, all_p) for name, imgs in images.items()}
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, imgs in images.items():
-            (out / name).mkdir(exist_ok=True)
-            for i, img in enumerate(imgs):
-                img.save(out / name / f"{i:03d}.png")
-        order = ["teacher", "distilled", "untrained", "no_attention"]
-        image_grid([[images[k][i] for k in order] for i in range(len(pairs))]).save(out / "grid.png")
-        (out / "distances.json").write_text(json.dumps(result, indent=2))
+        _write(result, images, pairs, Path(out), neighbourhood_kernel)
     return result
 
 
+def _returns_latents(pipe) -> bool:
+    from attnprobe.core.family import family_of
+
+    return family_of(denoiser_of(pipe)).returns_latents
+
+
+def _distributional(result, images, prompts, dino, clip, reference_images, device) -> None:
+    """FD-DINOv2, DINOv2 score and CLIP score per model when the encoders are available."""
+    if not dino and not clip:
+        result["notes"].append("DINOv2 score, FD-DINOv2 and CLIP score skipped: pass --dino and --clip (local folders or "
+                               "cached Hub ids, e.g. facebook/dinov2-large-imagenet1k-1-layer, openai/clip-vit-large-patch14)")
+        return
+    enc = metrics.Encoders(dino=dino, clip=clip, device=device)
+    scores = {name: {} for name in images}
+    if dino:
+        try:
+            feats = {name: enc.dino_features(imgs) for name, imgs in images.items()}
+            refs = None
+            if reference_images:
+                from PIL import Image
+
+                files = sorted(p for p in Path(reference_images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+                if len(files) < 2:
+                    raise ValueError(f"--reference-images {reference_images} holds fewer than 2 images")
+                refs = enc.dino_features([Image.open(f).convert("RGB") for f in files])[0]
+            for name, (f, logits) in feats.items():
+                if logits is not None:
+                    scores[name]["dino_score"] = metrics.inception_score(logits, splits=min(10, len(f)))[0]
+                if name != "teacher":
+                    scores[name]["fdd_teacher"] = metrics.frechet_distance(f, feats["teacher"][0])
+                if refs is not None:
+                    scores[name]["fdd_reference"] = metrics.frechet_distance(f, refs)
+        except metrics.EncoderUnavailable as exc:
+            result["notes"].append(str(exc))
+    if clip:
+        try:
+            for name, imgs in images.items():
+                scores[name]["clip_score"] = metrics.clip_score(*enc.clip_embeddings(imgs, prompts))
+        except metrics.EncoderUnavailable as exc:
+            result["notes"].append(str(exc))
+    result["scores"] = scores
+
+
+def _write(result: dict, images: dict, pairs, out: Path, k: int) -> None:
+    import pandas as pd
+
+    from deltadistill.grids import labelled_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, imgs in images.items():
+        (out / name).mkdir(exist_ok=True)
+        for i, img in enumerate(imgs):
+            img.save(out / name / f"{i:03d}.png")
+    labels = {n: LABELS[n].format(k=k) for n in images}
+    labelled_grid({labels[n]: images[n] for n in images}, [f"{p} · seed {s}" for p, s in pairs], out / "grid.png",
+                  title=f"{result['base_model']}: every row from the same noise, {result['steps']} steps")
+    _figure(result, labels, out / "evaluation.png")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    result["table"] = table_rows(result, labels)
+    pd.DataFrame(result["table"]).to_csv(out / "metrics.csv", index=False)
+
+
+def table_rows(result: dict, labels: dict | None = None) -> list[dict]:
+    labels = labels or {n: LABELS[n].format(k=result.get("neighbourhood_kernel", 13)) for n in ["teacher", *result["variants"]]}
+    rows = []
+    for name in ["teacher", *result["variants"]]:
+        d = result["distances"].get(name, {})
+        row = {"model": labels[name], "psnr_db": d.get("psnr"), "ssim": d.get("ssim"), "eps_error": d.get("eps_error")}
+        row.update((result.get("scores") or {}).get(name, {}))
+        if "accuracy" in result:
+            row["accuracy"] = result["accuracy"].get(name)
+        rows.append(row)
+    return rows
+
+
+def _figure(result: dict, labels: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    names = result["variants"]
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.4])
+    psnrs = [min(result["distances"][n]["psnr"], 60) for n in names]
+    ax1.barh([labels[n] for n in names], psnrs, color="#4c72b0")
+    for y, v in enumerate(psnrs):
+        ax1.text(v, y, f" {v:.1f} dB", va="center", fontsize=8)
+    ax1.set_xlabel("PSNR to the teacher's samples (dB, higher is closer)")
+    ax1.invert_yaxis()
+    for n in names:
+        e = result["distances"][n]["eps_error_per_step"]
+        if e:
+            ax2.plot(np.arange(1, len(e) + 1), e, marker="o", ms=3, label=labels[n])
+    ax2.set_yscale("log")
+    ax2.set_xlabel(f"denoiser call along the teacher's trajectory (first {result['trajectory_pairs']} samples, CFG batched)")
+    ax2.set_ylabel("mean squared ε difference to the teacher")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"{result['base_model']}: student and baselines vs the teacher, same noise ({len(result['prompts'])} "
+                 f"prompts × {len(result['seeds'])} seeds, {result['steps']} steps)", fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+def evaluate_distillation(distilled_folder, prompts: list[str], seeds: list[int], *, steps: int = 20, resolution=None,
+                          guidance: float | None = None, out=None, device: str = "cpu",
+                          variants=("distilled", "untrained", "no_attention"), **kw) -> dict:
+    """:func:`evaluate` with the two classic baselines (kept for scripts written before ``evaluate``)."""
+    return evaluate(distilled_folder, prompts, seeds, steps=steps, resolution=resolution, guidance=guidance, out=out,
+                    device=device, variants=variants, **kw)
+
+
 def format_table(result: dict) -> str:
-    """Markdown table of the three distances (for RESULTS.md)."""
-    labels = {
-        "distilled": "distilled student",
-        "untrained": "untrained student (step 0)",
-        "no_attention": "teacher, self-attention zeroed",
-    }
-    rows = ["| vs. teacher samples | pixel MSE | PSNR (dB) |", "|---|---:|---:|"]
-    for key, label in labels.items():
-        d = result["distances"][key]
-        rows.append(f"| {label} | {d['mse']:.5f} | {d['psnr']:.2f} |")
-    return "\n".join(rows)
+    """Markdown table of the distances (for RESULTS.md)."""
+    lines = ["| vs. teacher samples | PSNR (dB) | SSIM | ε error along the teacher's trajectory |", "|---|---:|---:|---:|"]
+    for row in table_rows(result):
+        if row["model"] == "teacher":
+            continue
+        psnr = "∞" if row["psnr_db"] is not None and math.isinf(row["psnr_db"]) else f"{row['psnr_db']:.2f}"
+        lines.append(f"| {row['model']} | {psnr} | {row['ssim']:.4f} | {row['eps_error']:.5f} |")
+    return "\n".join(lines)

@@ -4,7 +4,8 @@
 ``config.json`` (:func:`attnprobe.core.registry.load_pipeline`), puts the trained ΔConvBlocks on
 it with :func:`deltadistill.io.load`, and writes one PNG per prompt and seed. With
 ``compare=True`` it also runs the untouched base pipeline (the teacher) with the *same* seeds
-and writes one grid, ``compare.png``: one row per (prompt, seed), teacher left, student right.
+and writes one labelled grid, ``compare.png``: a teacher row and a student row, one column per
+(prompt, seed), titled.
 How each family's pipeline is called is the adapter's business (:func:`attnprobe.core.pipeline.sample`).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from attnprobe.core.errors import UserError
 from attnprobe.core.pipeline import sample
 
-__all__ = ["generate", "image_grid", "GenerateError", "read_prompt_file", "load_distilled", "base_model_name"]
+__all__ = ["generate", "GenerateError", "read_prompt_file", "load_distilled", "base_model_name"]
 
 
 class GenerateError(UserError):
@@ -30,19 +31,6 @@ def read_prompt_file(path) -> list[str]:
     from attnprobe.core.outputs import read_prompts
 
     return read_prompts(path, error=GenerateError)
-
-
-def image_grid(rows: list[list], pad: int = 2, background: int = 255):
-    """Paste a list of rows of PIL images (equal sizes) into one PIL image."""
-    from PIL import Image
-
-    w, h = rows[0][0].size
-    ncol = max(len(r) for r in rows)
-    grid = Image.new("RGB", (ncol * w + (ncol + 1) * pad, len(rows) * h + (len(rows) + 1) * pad), (background,) * 3)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            grid.paste(img, (pad + j * (w + pad), pad + i * (h + pad)))
-    return grid
 
 
 def base_model_name(config: dict) -> str | None:
@@ -133,8 +121,12 @@ def generate(
         written.append(str(path))
     grid_path = None
     if teacher is not None:
-        grid_path = out / "compare.png"
-        image_grid([[t, s] for t, s in zip(teacher, student)]).save(grid_path)
+        from deltadistill.grids import labelled_grid
+
+        grid_path = labelled_grid({"teacher": teacher, "student (distilled)": student},
+                                  [f"{p} · seed {s}" for p, s in pairs], out / "compare.png",
+                                  title=f"{base_model_name(config)}: teacher vs distilled student, same noise, {steps} steps",
+                                  max_columns=len(pairs))
     meta = {
         "distilled": str(distilled_folder),
         "base_model": base_model_name(config),

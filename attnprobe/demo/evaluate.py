@@ -108,6 +108,20 @@ class NearestCentroid:
         return torch.cdist(photo_features(images), self.centroids).argmin(dim=1)
 
 
+def nearest_photo_accuracy(images, captions) -> float | None:
+    """Share of PIL ``images`` classified as the photo their caption names (None: a caption is not a demo caption)."""
+    import numpy as np
+
+    names = {p.caption: i for i, p in enumerate(PHOTOS)}
+    if not images or any(c not in names for c in captions):
+        return None
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    batch = torch.from_numpy(arr).permute(0, 3, 1, 2)  # [N, 3, H, W] in [0, 1]
+    classifier = NearestCentroid.from_photos(CropSampler(batch.shape[-1]))
+    truth = torch.tensor([names[c] for c in captions])
+    return float((classifier.predict(batch) == truth).float().mean())
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance_scale: float = 4.5,
              resolution: int | None = None, progress=None) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""`deltadistill evaluate`: same-noise comparison, baselines, DINOv2/CLIP paths on tiny local encoders."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deltadistill.baselines import neighbourhood_attention, neighbourhood_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_neighbourhood_mask_brute_force():
+    for grid, k in (((5, 7), 3), ((4, 4), 13), ((9, 6), 5)):
+        m = neighbourhood_mask(grid, k)
+        h, w = grid
+        for q in range(h * w):
+            allowed = {j for j in range(h * w) if m[q, j] == 0}
+            r, c = divmod(q, w)
+            assert len(allowed) == min(k, h) * min(k, w) and q in allowed
+            rows = sorted({j // w for j in allowed})
+            cols = sorted({j % w for j in allowed})
+            assert rows == list(range(rows[0], rows[0] + min(k, h))) and cols == list(range(cols[0], cols[0] + min(k, w)))
+            assert allowed == {a * w + b for a in rows for b in cols}
+
+
+def test_neighbourhood_attention_is_full_attention_for_a_large_window(tiny_pipes):
+    from attnprobe.core.pipeline import sample
+
+    pipe = tiny_pipes("tiny-pixart")
+    full = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+    with neighbourhood_attention(pipe, 31):  # 8×8 tokens: the window covers everything
+        same = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+    with neighbourhood_attention(pipe, 3):
+        local = sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+    torch.testing.assert_close(same, full, atol=1e-5, rtol=1e-5)
+    assert (local - full).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """Tiny random-config DINOv2 (with an ImageNet-style head) and CLIP, saved locally like Hub folders."""
+    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, Dinov2Config,
+                              Dinov2ForImageClassification)
+
+    from attnprobe.core.tiny import tiny_tokenizer, vocab_size
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    Dinov2ForImageClassification(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                              image_size=28, patch_size=14, num_labels=10)).save_pretrained(root / "dino")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(root / "dino")
+    text = dict(vocab_size=vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, eos_token_id=2, bos_token_id=3, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+                  tokenizer=tiny_tokenizer(16)).save_pretrained(root / "clip")
+    return root
+
+
+def test_evaluate_cli_with_baselines_and_encoders(tmp_path, encoders):
+    from PIL import Image
+
+    from deltadistill.cli import app
+    from deltadistill.train import TrainConfig, train
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\na red rocket\n")
+    train(TrainConfig(data=str(prompts), out=str(tmp_path / "run"), model="tiny-pixart", kernel_size=3, steps=3,
+                      batch_size=2, checkpoint_every=0, progress=False), log=lambda m: None)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype("uint8")).save(refs / f"{i}.png")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["evaluate", "--distilled", str(tmp_path / "run"), "--prompts", str(prompts), "--out",
+                                      str(out), "--seeds", "0-1", "--steps", "2", "--baselines", "--dino", str(encoders / "dino"),
+                                      "--clip", str(encoders / "clip"), "--reference-images", str(refs), "--device", "cpu"])
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["variants"] == ["distilled", "untrained", "no_attention", "neighbourhood"]
+    for name, d in data["distances"].items():
+        # an 8×8 token grid lies inside one 13×13 window: neighbourhood attention is the teacher there
+        assert (d["psnr"] == float("inf")) == (name == "neighbourhood"), name
+        assert -1 <= d["ssim"] <= 1 and len(d["mse_per_image"]) == 4
+        assert len(d["eps_error_per_step"]) == 2 and all(e >= 0 for e in d["eps_error_per_step"])  # one per denoising step
+    for name in ("teacher", "distilled"):
+        s = data["scores"][name]
+        assert s["dino_score"] >= 1.0 and np.isfinite(s["fdd_reference"]) and 0 <= s["clip_score"] <= 100
+    assert data["scores"]["distilled"]["fdd_teacher"] >= 0
+    for f in ("grid.png", "evaluation.png", "metrics.csv"):
+        assert (out / f).is_file()
+    assert "neighbourhood attention K=13" in result.stdout
+
+
+def test_evaluate_without_encoders_says_how_to_get_them(tmp_path):
+    from deltadistill.evaluate import evaluate
+    from deltadistill.train import TrainConfig, train
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n")
+    train(TrainConfig(data=str(prompts), out=str(tmp_path / "run"), model="tiny-pixart", kernel_size=3, steps=2,
+                      batch_size=2, checkpoint_every=0, progress=False), log=lambda m: None)
+    res = evaluate(tmp_path / "run", ["a photo of a cat"], [0], steps=2, dino=str(tmp_path / "missing"))
+    assert any("not available offline" in n and "hf download" in n for n in res["notes"])
+    assert "distilled" in res["distances"] and res["distances"]["distilled"]["psnr"] > 0

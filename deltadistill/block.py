@@ -180,9 +180,18 @@ class DeltaConvBlock(nn.Module):
             f"dw_bias={self.dw_bias}"
         )
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def _check(self, z: torch.Tensor) -> None:
         if z.ndim != 4 or z.shape[-1] != self.dim:
             raise ValueError(f"DeltaConvBlock expects [B, H, W, {self.dim}] (channels last), got {tuple(z.shape)}")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check(z)
+        glob = self.global_proj(z.mean(dim=(1, 2)))  # [B, C]
+        return self.local(z) + glob[:, None, None, :]  # [B, H, W, C]
+
+    def local(self, z: torch.Tensor) -> torch.Tensor:
+        """The pyramid branch alone (no global branch): ``proj_out(concat_s g_s)``, [B, H, W, C]."""
+        self._check(z)
         b, h, w, _ = z.shape
         be, mode, scale = self.backend, self.gate, self.gate_scale
         x = self.proj_in(z)  # [B, H, W, C']
@@ -200,6 +209,4 @@ class DeltaConvBlock(nn.Module):
             if stage.level > 0:
                 g = ops.upsample_bilinear_nhwc(g, (h, w), backend=be)  # [B, H, W, C'/2]
             feats.append(g)
-        y = self.proj_out(torch.cat(feats, dim=-1))  # [B, H, W, C'/2·S] → [B, H, W, C]
-        glob = self.global_proj(z.mean(dim=(1, 2)))  # [B, C]
-        return y + glob[:, None, None, :]  # [B, H, W, C]
+        return self.proj_out(torch.cat(feats, dim=-1))  # [B, H, W, C'/2·S] → [B, H, W, C]

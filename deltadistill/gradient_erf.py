@@ -4,7 +4,11 @@ Gradient ERF (:func:`gradient_erf`). For a layer f: x ∈ R^{H×W×C} ↦ y, the
 G[u, v] = Σ_c |∂(Σ_c' y[c_y, c_x, c']) / ∂x[u, v, c]| shows which input tokens the centre output
 depends on. The attention of a trained DiT has no notion of position by itself (positions enter
 through the features), so the teacher is evaluated on real hidden states recorded from a
-generation (:func:`record_attention_inputs`); random inputs are the fallback.
+generation (:func:`record_attention_inputs`); random inputs are the fallback. Both sides are
+measured on their *local* part: the student's pyramid branch without its global branch
+(:meth:`DeltaConvBlock.local`), the teacher's attention minus its mean-field value
+(:func:`mean_field`, the query-independent output under uniform attention). Otherwise the global
+branch adds the same gradient to every input token and every student looks global.
 :func:`plot_gradient_erf` draws the figure (``deltadistill plot``); its style and file handling
 are attnprobe's (:mod:`attnprobe.plots.common`).
 """
@@ -23,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from attnprobe.plots.common import DPI, FORMATS, _cmap, _pick, _save, _spread_with_extremes, _style, _title, forward_order
 
-__all__ = ["gradient_erf", "record_attention_inputs", "load_teacher_student", "plot_gradient_erf"]
+__all__ = ["gradient_erf", "mean_field", "record_attention_inputs", "load_teacher_student", "plot_gradient_erf"]
 
 
 def gradient_erf(
@@ -77,6 +81,12 @@ def _box_share(gmap: np.ndarray, centre: tuple[int, int]) -> tuple[np.ndarray, n
     total = rings.sum()
     share = np.cumsum(rings) / total if total > 0 else np.zeros_like(rings)
     return 2 * np.arange(len(rings)) + 1, share
+
+
+def mean_field(attn, z: torch.Tensor) -> torch.Tensor:
+    """The attention's output under uniform weights, W_o (W_v z̄ + b_v) + b_o, broadcast over tokens [B, N, C]."""
+    out = attn.to_out[0] if isinstance(attn.to_out, (torch.nn.ModuleList, torch.nn.Sequential)) else attn.to_out
+    return out(attn.to_v(z.mean(dim=1, keepdim=True))).expand_as(z)
 
 
 def record_attention_inputs(pipe, names: Sequence[str], *, prompt: str, resolution=None, steps: int = 8,
@@ -176,12 +186,15 @@ def plot_gradient_erf(
             if x is not None and x.shape[1] != h * w:
                 x = None  # recorded at another resolution: fall back to random inputs
             dtype = block.proj_in.weight.dtype
+            # local parts only: the global branch / mean-field value is a query-independent floor that
+            # would spread every map over the whole grid and hide the kernel's reach
             maps = {
-                "teacher": gradient_erf(lambda z: attn(z), (h, w), channels, inputs=x, samples=4, dtype=dtype),
-                "student": gradient_erf(block, (h, w), channels, layout="grid", inputs=x, samples=4, dtype=dtype),
+                "teacher": gradient_erf(lambda z: attn(z) - mean_field(attn, z), (h, w), channels, inputs=x, samples=4,
+                                        dtype=dtype),
+                "student": gradient_erf(block.local, (h, w), channels, layout="grid", inputs=x, samples=4, dtype=dtype),
             }
-            titles = {"teacher": f"teacher self-attention\n{layer.label}",
-                      "student": f"student ΔConvBlock (k = {block.kernel_size})\n{layer.label}"}
+            titles = {"teacher": f"teacher self-attention − mean field\n{layer.label}",
+                      "student": f"student ΔConvBlock, pyramid branch (k = {block.kernel_size})\n{layer.label}"}
             centre = (h // 2, w // 2)
             ax_curve = axes[r, 2]
             for c, (who, gmap) in enumerate(maps.items()):
@@ -198,7 +211,7 @@ def plot_gradient_erf(
                 ax_curve.plot(k, share, lw=2, color=_cmap("viridis")(0.2 if who == "teacher" else 0.75),
                               label=f"{who}: gradient ERF {gerf}")
             ax_curve.axhline(tau, color="0.3", ls="--", lw=1, label=f"τ = {tau:g}")
-            ax_curve.axvline(layer.erf, color="0.5", ls=":", lw=1.2, label=f"attention ERF {layer.erf} (report, all queries)")
+            ax_curve.axvline(layer.erf, color="0.5", ls=":", lw=1.2, label=f"attention ERF {layer.erf} (report, queries {report.settings.get('queries', '?')})")
             ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax_curve.set_ylim(0, 1.02)
             ax_curve.set_xlim(1, max(k[-1], layer.erf + 1))
@@ -209,6 +222,7 @@ def plot_gradient_erf(
         cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, :2], fraction=0.035, pad=0.02, shrink=0.9)
         cbar.set_label("|∂y_centre/∂x| / max (log scale)")
         src = "random N(0,1) inputs" if random_inputs or not inputs else f"hidden states at step {steps // 2 + 1} of {steps}"
-        fig.suptitle(f"Effective receptive field by input gradient: teacher vs student — {_title(report)}\n"
+        fig.suptitle(f"Local receptive field by input gradient (query-independent parts removed): teacher vs student — "
+                     f"{_title(report)}\n"
                      f"centre token marked +; {src}")
         return _save(fig, out_dir, "gradient_erf", formats, dpi)

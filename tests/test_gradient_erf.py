@@ -49,3 +49,38 @@ def test_gradient_erf_figure(run_dir, tmp_path):
             mod.block.proj_out.weight.normal_(std=0.1)
     paths = plot_gradient_erf(report, tmp_path, teacher, student, max_layers=2, steps=2, dpi=DPI)
     check_figure(paths, "gradient_erf")
+
+
+def test_student_local_branch_reach_follows_its_kernel():
+    """Without the global branch the gradient ERF of a block tells kernel sizes apart (it did not before)."""
+    from deltadistill.block import DeltaConvBlock
+    from deltadistill.gradient_erf import _box_share
+
+    torch.manual_seed(0)
+    reach = {}
+    for k in (3, 7):
+        block = DeltaConvBlock(16, k, scales=(1,))
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0, 0.3)
+        g_local = gradient_erf(block.local, (15, 15), 16, layout="grid", samples=2)
+        g_full = gradient_erf(block, (15, 15), 16, layout="grid", samples=2)
+        nz = np.argwhere(g_local > 1e-12)
+        reach[k] = int(nz.max(0)[0] - nz.min(0)[0] + 1)
+        assert np.count_nonzero(g_full > 1e-12) == 15 * 15  # the global branch reaches every token
+        ks, share = _box_share(g_local, (7, 7))
+        assert share[ks.tolist().index(k)] == pytest.approx(1.0)
+    assert reach == {3: 3, 7: 7}
+
+
+def test_mean_field_part_of_uniform_attention_is_all_of_it():
+    from diffusers.models.attention_processor import Attention
+
+    from deltadistill.gradient_erf import mean_field
+
+    attn = Attention(16, heads=2, dim_head=8)
+    with torch.no_grad():
+        attn.to_q.weight.zero_()  # zero queries: uniform attention
+    z = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(z), mean_field(attn, z), atol=1e-6, rtol=1e-5)

@@ -20,7 +20,7 @@ _LAZY = {
     "analyze": ("attnprobe.analysis", "analyze"),
     "capture": ("attnprobe.capture", "capture"),
     "load_report": ("attnprobe.report", "load_report"),
-    "merge_reports": ("attnprobe.report", "merge_reports"),
+    "merge_reports": ("attnprobe.merge", "merge_reports"),
     "Report": ("attnprobe.report", "Report"),
     "AnalysisConfig": ("attnprobe.config", "AnalysisConfig"),
 }

@@ -5,6 +5,7 @@ import datetime as _dt
 import platform
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -108,6 +109,7 @@ def analyze(
     import diffusers
 
     run = {
+        "run_id": uuid.uuid4().hex,
         "attnprobe": __version__,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

@@ -16,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from attnprobe._version import __version__
-from attnprobe.core.cli import UsageError, command, make_app
+from attnprobe.core.cli import UsageError, calm_threads, check_device, command, make_app
+
+calm_threads()  # before torch is imported
 
 app = make_app("attnprobe", "Measure how local the self-attention of a diffusion model is, layer by layer.", __version__)
 console = Console()
@@ -38,14 +40,6 @@ def _parse_probe_points(text: Optional[str]):
     return tuple(points)
 
 
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @app.command()
 @command
 def analyze(
@@ -57,7 +51,8 @@ def analyze(
     guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the pipeline's)."),
     seed: int = typer.Option(0, help="Seed of the first prompt; prompt i uses seed + i."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16."),
-    device: str = typer.Option("auto", help="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("auto", help="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ... "
+                                            "Threads: OMP_WAIT_POLICY=PASSIVE unless set (steady on a busy CPU); OMP_NUM_THREADS caps them."),
     threshold: float = typer.Option(0.8, help="τ: ERF = smallest odd K whose high-pass ASM reaches τ."),
     cutoff: float = typer.Option(0.1, help="Butterworth cut-off D0 in cycles per token (max ≈ 0.7)."),
     order: int = typer.Option(2, help="Butterworth order n."),
@@ -77,8 +72,11 @@ def analyze(
     """Generate images for every prompt while capturing attention statistics; write erf.json."""
     from attnprobe.analysis import analyze as run_analysis
     from attnprobe.config import AnalysisConfig
-    from attnprobe.core.outputs import check_output_dir, read_prompts, staged_output_dir
+    from attnprobe.core import backends
+    from attnprobe.core.outputs import check_output_dir, check_writable, read_prompts, staged_output_dir
+    from attnprobe.core.family import find_self_attention
     from attnprobe.core.pipeline import resolve_resolution
+    from attnprobe.core.sites import select_sites
     from attnprobe.core.registry import load_pipeline, resolve
 
     cfg = AnalysisConfig(
@@ -91,8 +89,13 @@ def analyze(
     spec = resolve(model)
     out = out or Path("runs") / Path(spec.alias).name
     check_output_dir(out, overwrite)
-    pipe, spec = load_pipeline(model, dtype=dtype, device=_device(device))
+    check_writable(out)
+    device = check_device(device)
+    if cfg.ring_backend == "triton" and not device.startswith("cuda") and not backends.interpreting():
+        raise UsageError("--ring-backend triton needs a CUDA device (and Triton); use auto or reference")
+    pipe, spec = load_pipeline(model, dtype=dtype, device=device)
     resolve_resolution(pipe, resolution)
+    select_sites(find_self_attention(pipe), cfg.layers)  # before the progress bar: a bad filter is one line
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -142,7 +145,8 @@ def merge(
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
 ):
     """Merge reports exactly by adding their accumulated sums (split work across machines)."""
-    from attnprobe.report import load_report, merge_reports
+    from attnprobe.merge import merge_reports
+    from attnprobe.report import load_report
 
     if output.exists() and not overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it")

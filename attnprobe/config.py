@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+import re
+
 from attnprobe.core import backends
+from attnprobe.core.pipeline import MAX_SIDE, parse_resolution
 from attnprobe.core.errors import UserError
 from attnprobe.stats import DEFAULT_KERNEL_RATIO, DEFAULT_KMAX, DEFAULT_KMIN, DEFAULT_THRESHOLD, parse_queries
 
@@ -69,8 +72,8 @@ class AnalysisConfig:
 
         need(isinstance(self.steps, int) and self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         need(0 < self.threshold <= 1, f"--threshold must be in (0, 1], got {self.threshold}")
-        need(0 < self.cutoff <= 0.75 and math.isfinite(self.cutoff),
-             f"--cutoff must be in (0, 0.75] cycles per token, got {self.cutoff}")
+        need(0 < self.cutoff < 0.7072 and math.isfinite(self.cutoff),
+             f"--cutoff must be in (0, √½ ≈ 0.707) cycles per token (the Nyquist radius), got {self.cutoff}")
         need(isinstance(self.order, int) and self.order >= 1, f"--order must be an integer >= 1, got {self.order}")
         need(self.highpass_mass in ("positive", "abs"), f"--highpass-mass must be 'positive' or 'abs', got {self.highpass_mass!r}")
         need(self.kernel_ratio > 0 and math.isfinite(self.kernel_ratio),
@@ -85,8 +88,16 @@ class AnalysisConfig:
             need(0 <= y <= 1 and 0 <= x <= 1, f"probe point ({y}, {x}) is outside [0, 1]")
         try:
             parse_queries(self.queries, (8, 8))
+            if self.layers:
+                for pat in self.layers.split(","):
+                    re.compile(pat.strip())
+        except re.error as exc:
+            raise ConfigError(f"--layers {self.layers!r} is not a valid regular expression: {exc}") from None
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.resolution not in (None, "", 0):
+            h, w = parse_resolution(self.resolution)
+            need(0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE, f"--resolution {self.resolution}: each side must be in 1..{MAX_SIDE} px")
         return self
 
     def settings(self) -> dict:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from attnprobe.core.outputs import atomic_write_text
-from attnprobe.report import Report, load_report
+from attnprobe.report import Report, ReportError, load_report
 
 __all__ = ["write_html_report", "render_html"]
 
@@ -166,13 +166,17 @@ def write_html_report(run_dir, *, make_figures: bool = True, output: str | os.Pa
     if run_dir.is_file():
         run_dir = run_dir.parent
     report = load_report(run_dir / "erf.json")
-    figures = _figure_paths(report, run_dir, make_figures)
     prompts = report.settings.get("prompts", [])
     images = []
+    image_dir = (run_dir / "images").resolve()
     for i, name in enumerate(report.images):
-        path = run_dir / "images" / name
+        path = (image_dir / str(name)).resolve()
+        if not path.is_relative_to(image_dir) or path.suffix.lower() not in _MIME:
+            raise ReportError(f"erf.json names image {str(name)!r}, which is not an image file inside {image_dir}; "
+                              "refusing to embed it")
         if path.is_file():
             images.append((path, f"{i + 1}. {prompts[i]}" if i < len(prompts) else name))
+    figures = _figure_paths(report, run_dir, make_figures)
     page = render_html(report, figures, images)
     target = Path(output) if output is not None else run_dir / "report.html"
     atomic_write_text(target, page)

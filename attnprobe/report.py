@@ -43,19 +43,6 @@ from attnprobe.stats import (
 SCHEMA = "attnprobe.erf"
 SCHEMA_VERSION = 1
 
-# settings that must agree for two reports to merge
-MERGE_KEYS = (
-    "resolution",
-    "steps",
-    "guidance_scale",
-    "cutoff",
-    "order",
-    "highpass_mass",
-    "queries",
-    "timestep_buckets",
-    "probe_points",
-    "dtype",
-)
 ACCUMULATORS = ("ring", "hp_ring", "mass", "hp_pos", "rows", "key_mass", "probe_maps", "probe_rows")
 
 class ReportError(UserError):
@@ -321,11 +308,45 @@ class Report:
         for key in ("model", "settings", "run", "layers"):
             if key not in d:
                 raise ReportError(f"report is missing {key!r}")
+        _check_schema(d)
         settings = d["settings"]
         layers = [LayerResult.from_dict(ld, settings) for ld in d["layers"]]
         if not layers:
             raise ReportError("report has no layers")
         return cls(model=d["model"], settings=settings, run=d["run"], layers=layers, images=list(d.get("images", [])))
+
+def _check_schema(d: dict) -> None:
+    """Types and ranges of the fields everything else relies on; the message names the field."""
+    def need(ok, field, what):
+        if not ok:
+            raise ReportError(f"report field {field!r} {what}")
+
+    for key in ("model", "settings", "run"):
+        need(isinstance(d[key], dict), key, f"must be an object, got {type(d[key]).__name__}")
+    need(isinstance(d["layers"], list), "layers", "must be a list")
+    for i, layer in enumerate(d["layers"]):
+        need(isinstance(layer, dict), f"layers[{i}]", f"must be an object, got {type(layer).__name__}")
+    s = d["settings"]
+    res = s.get("resolution")
+    need(isinstance(res, list) and len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res), "settings.resolution",
+         f"must be [height, width] in pixels, got {res!r}")
+    for key, lo in (("threshold", 0.0), ("kernel_ratio", 0.0), ("cutoff", 0.0), ("sink_factor", 1.0)):
+        if key in s:
+            v = s[key]
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > lo,
+                 f"settings.{key}", f"must be a number > {lo:g}, got {v!r}")
+    if "threshold" in s:
+        need(s["threshold"] <= 1, "settings.threshold", f"must be at most 1, got {s['threshold']!r}")
+    for key in ("kmin", "kmax", "steps"):
+        if key in s:
+            need(isinstance(s[key], int) and not isinstance(s[key], bool) and s[key] >= 1, f"settings.{key}",
+                 f"must be a positive integer, got {s[key]!r}")
+    if "prompts" in s:
+        need(isinstance(s["prompts"], list) and all(isinstance(p, str) for p in s["prompts"]), "settings.prompts",
+             "must be a list of strings")
+    need(isinstance(d.get("images", []), list) and all(isinstance(v, str) for v in d.get("images", [])), "images",
+         "must be a list of file names")
+
 
 def load_report(path: str | os.PathLike) -> Report:
     """Read and validate an ``erf.json`` (raises :class:`ReportError` with a clear message)."""
@@ -341,41 +362,3 @@ def load_report(path: str | os.PathLike) -> Report:
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path} is not valid JSON (truncated?): {exc.msg} at line {exc.lineno}") from None
     return Report.from_dict(data)
-
-def merge_reports(reports: list[Report]) -> Report:
-    """Add the accumulators of reports of the same model, settings and layers."""
-    if len(reports) < 2:
-        raise ReportError("merge needs at least two reports")
-    base = reports[0]
-    for i, other in enumerate(reports[1:], start=2):
-        if other.model.get("config_hash") != base.model.get("config_hash"):
-            raise ReportError(
-                f"report {i} is of a different model ({other.model.get('alias')}, config {other.model.get('config_hash')}) "
-                f"than report 1 ({base.model.get('alias')}, config {base.model.get('config_hash')})"
-            )
-        for key in MERGE_KEYS:
-            if other.settings.get(key) != base.settings.get(key):
-                raise ReportError(
-                    f"report {i} differs in setting {key!r}: {other.settings.get(key)!r} vs {base.settings.get(key)!r}"
-                )
-        names = [(l.name, tuple(l.grid), l.heads) for l in other.layers]
-        if names != [(l.name, tuple(l.grid), l.heads) for l in base.layers]:
-            raise ReportError(f"report {i} covers different layers or grids than report 1")
-    settings = dict(base.settings)
-    settings["prompts"] = [p for r in reports for p in r.settings.get("prompts", [])]
-    settings["prompts_hash"] = prompts_hash(settings["prompts"])
-    settings["seeds"] = [s for r in reports for s in r.settings.get("seeds", [r.settings.get("seed")])]
-    settings["merged_from"] = sum(int(r.settings.get("merged_from", 1)) for r in reports)
-    layers = []
-    for group in zip(*(r.layers for r in reports)):
-        first = group[0]
-        acc = {key: sum(getattr(l, key) for l in group) for key in ACCUMULATORS}
-        layers.append(
-            LayerResult(
-                name=first.name, label=first.label, grid=first.grid, heads=first.heads, level=first.level,
-                joint=first.joint, settings=settings, **acc,
-            )
-        )
-    run = {"merged": [r.run for r in reports]}
-    images = [img for r in reports for img in r.images]
-    return Report(model=base.model, settings=settings, run=run, layers=layers, images=images)

@@ -13,15 +13,16 @@ import os
 import random
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from attnprobe.core.outputs import replace_dir
+from attnprobe.core.outputs import file_mode, replace_dir
 from deltadistill.train_config import TrainError
 
-__all__ = ["ckpt_name", "list_checkpoints", "find_checkpoint", "save_checkpoint", "load_checkpoint", "clean_stale_tmp"]
+__all__ = ["ckpt_name", "list_checkpoints", "find_checkpoint", "verify_checkpoint", "save_checkpoint", "load_checkpoint", "clean_stale_tmp"]
 
 
 def ckpt_name(step: int) -> str:
@@ -37,19 +38,54 @@ def list_checkpoints(run_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def verify_checkpoint(path) -> str | None:
+    """None when every file of the checkpoint reads back, else what is wrong (one line)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+        for name in ("blocks.safetensors", "rng.safetensors"):
+            with safe_open(str(path / name), framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_tensor(key)
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.load(path / name, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated JSON, safetensors or pickle; missing files
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return None
+
+
+def _newest_intact(candidates: list[Path], what: str) -> Path:
+    skipped = []
+    for path in reversed(candidates):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if skipped:
+                warnings.warn(f"skipped damaged checkpoint(s) {', '.join(skipped)}; resuming from {path.name}")
+            return path
+        skipped.append(f"{path.name} ({problem})")
+    raise TrainError(f"--resume {what}: no intact checkpoint ({'; '.join(skipped)}); start a new run")
+
+
 def find_checkpoint(resume: str, out) -> Path:
-    """``"latest"`` → newest checkpoint of ``out``; a run folder → its newest; a checkpoint folder → itself."""
+    """``"latest"`` → newest intact checkpoint of ``out``; a run folder → its newest intact one; a checkpoint
+    folder → itself (verified). Damaged checkpoints are skipped with a warning."""
     if resume == "latest":
         found = list_checkpoints(out)
         if not found:
             raise TrainError(f"--resume latest: no checkpoint in {Path(out) / 'checkpoints'}; start without --resume")
-        return found[-1]
+        return _newest_intact(found, "latest")
     path = Path(resume)
     if (path / "state.json").is_file():
+        problem = verify_checkpoint(path)
+        if problem:
+            raise TrainError(f"--resume {resume}: the checkpoint is damaged ({problem})")
         return path
     found = list_checkpoints(path)
     if found:
-        return found[-1]
+        return _newest_intact(found, resume)
     raise TrainError(f"--resume {resume}: not a checkpoint folder (no state.json) nor a run folder with checkpoints")
 
 
@@ -96,10 +132,12 @@ def save_checkpoint(run_dir, step: int, student, optimizer, scheduler, state: di
     tmp.mkdir()
     try:
         save_file(_block_state(student), str(tmp / "blocks.safetensors"))
+        os.chmod(tmp / "blocks.safetensors", file_mode())
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng, rng_meta = _rng_tensors()
         save_file(rng, str(tmp / "rng.safetensors"))
+        os.chmod(tmp / "rng.safetensors", file_mode())
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_meta}, indent=2))
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:

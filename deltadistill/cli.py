@@ -14,9 +14,12 @@ from typing import Optional
 
 import typer
 
-from attnprobe.core.cli import UsageError, command, fail, make_app
-from deltadistill._version import __version__
-from deltadistill.bench import register as register_bench
+from attnprobe.core.cli import UsageError, calm_threads, check_device, command, fail, make_app
+
+calm_threads()  # before torch is imported (the bench command below imports it)
+
+from deltadistill._version import __version__  # noqa: E402
+from deltadistill.bench import register as register_bench  # noqa: E402
 
 app = make_app(
     "deltadistill",
@@ -57,11 +60,7 @@ class Schedule(str, Enum):
 
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(device)
 
 
 @app.command(no_args_is_help=True)

@@ -87,7 +87,11 @@ def read_prompts(path: Path) -> list[str]:
 
 def _jsonl_captions(path: Path) -> dict[str, str]:
     caps = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -85,7 +85,6 @@ def generate(
 
     Returns a summary dict: ``{"images": [...], "compare": path or None, ...}``.
     """
-    from attnprobe.core.registry import load_pipeline
 
     if isinstance(prompts, (str, Path)):
         prompts = read_prompt_file(prompts)
@@ -100,6 +99,17 @@ def generate(
         raise GenerateError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GenerateError(f"output folder {out} is not empty; pass --overwrite to write into it")
+
+    from attnprobe.core.outputs import check_writable, claim_output
+
+    check_writable(out)
+    with claim_output(out):
+        return _generate(distilled_folder, prompts, seeds, out, compare=compare, steps=steps, resolution=resolution,
+                         guidance=guidance, device=device)
+
+
+def _generate(distilled_folder, prompts, seeds, out: Path, *, compare, steps, resolution, guidance, device) -> dict:
+    from attnprobe.core.registry import load_pipeline
 
     pipe, spec, config = load_distilled(distilled_folder, device=device)
     res = resolution or (config.get("extra") or {}).get("resolution") or spec.resolution or None

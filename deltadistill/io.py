@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from attnprobe.core.errors import UserError
-from attnprobe.core.outputs import replace_dir
+from attnprobe.core.outputs import dir_mode, file_mode, replace_dir
 from attnprobe.core.registry import ModelSpec, config_hash
 from deltadistill.block import DeltaConvBlock
 from deltadistill.conversion import (
@@ -131,7 +131,9 @@ def save_blocks(blocks: dict[str, DeltaConvBlock], labels: dict[str, str], denoi
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        os.chmod(tmp / WEIGHTS_NAME, file_mode())  # safetensors writes 0600; follow the umask like every output
         (tmp / CONFIG_NAME).write_text(text + "\n")
+        os.chmod(tmp, dir_mode())
         replace_dir(tmp, folder)  # an existing folder (overwrite) is moved aside, then swapped
     finally:
         if tmp.exists():
@@ -169,7 +171,9 @@ def read_config(folder) -> dict:
     if not path.is_file():
         raise FolderMismatchError(f"{folder} is not a deltadistill folder: no {CONFIG_NAME}")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FolderMismatchError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise FolderMismatchError(f"{path} is not valid JSON ({exc})") from None
     if config.get("format") != FORMAT:
@@ -231,7 +235,14 @@ def load(pipe, folder):
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FolderMismatchError(f"{folder} has no {WEIGHTS_NAME}")
-    tensors = load_file(str(weights), device="cpu")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as exc:  # SafetensorError for truncated or garbage files
+        raise FolderMismatchError(f"{weights} is damaged or not a safetensors file ({str(exc).splitlines()[0][:100]})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FolderMismatchError(f"{weights}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}); the run diverged "
+                                  "or the file is damaged")
     expected = {f"{name}.{key}": value for name, block in blocks.items() for key, value in block.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -19,7 +19,7 @@ from attnprobe.core.errors import UserError
 from attnprobe.core.family import family_of
 from attnprobe.core.registry import config_hash
 
-__all__ = ["KernelSpecError", "kernel_sizes", "select", "MAX_KERNEL"]
+__all__ = ["KernelSpecError", "kernel_sizes", "select", "check_kernels_fit", "MAX_KERNEL"]
 
 MAX_KERNEL = 63  # a sane upper bound; a layer's kernel is also bounded by its grid (see conversion)
 
@@ -153,3 +153,10 @@ def select(layers, sites) -> list:
     return chosen
 
 
+def check_kernels_fit(sizes: dict[str, int], sites, base_grid: tuple[int, int], resolution: int) -> None:
+    """Raise KernelSpecError when a kernel is wider than its layer's grid can use (2·max(H′, W′) − 1)."""
+    for site in sites:
+        grid, k = site.grid(base_grid), sizes.get(site.name)
+        if k is not None and k > 2 * max(grid) - 1:
+            raise KernelSpecError(f"kernel size {k} for {site.label} exceeds its {grid[0]}×{grid[1]} token grid at "
+                                  f"{resolution} px (at most {2 * max(grid) - 1} is useful); pass a smaller --kernel-size")

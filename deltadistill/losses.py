@@ -206,6 +206,17 @@ class FeatureTaps:
         return total
 
 
+def feature_targets(mode: str, teacher: nn.Module, names) -> dict:
+    """FeatureTaps ``targets`` for ``feature_target`` = ``"attention"`` (the sites' outputs) or ``"residual"``."""
+    if mode == "attention":
+        return {}
+    from attnprobe.core.family import family_of, find_self_attention
+
+    family = family_of(teacher)
+    sites = {s.name: s for s in find_self_attention(teacher)}
+    return {n: (family.residual_tap(sites[n]), "input") for n in names}
+
+
 def feature_loss(student_feats, teacher_feats) -> torch.Tensor:
     """Σ_i MSE(student_i, teacher_i) over paired [B, N, C] tensors (teacher detached, float32)."""
     total = None

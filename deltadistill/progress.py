@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 
-__all__ = ["TrainProgress", "StopFlag"]
+__all__ = ["TrainProgress", "StopFlag", "is_main_process"]
 
 
 class TrainProgress:
@@ -78,4 +78,11 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def is_main_process() -> bool:
+    """True on the main process (or when not launched distributed)."""
+    try:
+        from accelerate import PartialState
 
+        return PartialState().is_main_process
+    except Exception:  # pragma: no cover
+        return True

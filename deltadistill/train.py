@@ -39,6 +39,7 @@ Checkpoints are atomic: written into ``checkpoints/.tmp-…`` and renamed into p
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -51,6 +52,7 @@ from typing import Callable
 
 import torch
 
+from attnprobe.core.outputs import claim_output
 from deltadistill.checkpoints import (
     ckpt_name,
     clean_stale_tmp,
@@ -60,8 +62,9 @@ from deltadistill.checkpoints import (
     save_checkpoint,
 )
 from deltadistill.io import save_into_run
-from deltadistill.losses import FeatureTaps, distill_loss
-from deltadistill.progress import StopFlag, TrainProgress
+from deltadistill.kernel_spec import check_kernels_fit
+from deltadistill.losses import FeatureTaps, distill_loss, feature_targets
+from deltadistill.progress import StopFlag, TrainProgress, is_main_process  # noqa: F401  (re-exported)
 from deltadistill.train_config import (
     RUN_ARTEFACTS,
     TrainConfig,
@@ -116,7 +119,7 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
         """Load the report, the model, the data; build teacher, student, optimizer; resume."""
-        from attnprobe.core.family import denoiser_of, family_of, vae_scale_factor
+        from attnprobe.core.family import denoiser_of, family_of, find_self_attention, vae_scale_factor
         from attnprobe.core.registry import config_hash, load_pipeline
         from deltadistill.conversion import convert, delta_modules
         from deltadistill.data import prepare_data
@@ -181,21 +184,26 @@ class Trainer:
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.params)
         self.kernel_sizes = {n: m.block.kernel_size for n, m in blocks.items()}
+        try:
+            check_kernels_fit(self.kernel_sizes, find_self_attention(self.teacher),
+                              self.family.base_grid(den.config, vae_f, self.resolution, self.resolution), self.resolution)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
         self.say(f"model {self.model_name} ({self.family.name}): {len(self.names)} self-attention layers → ΔConvBlocks, "
                  f"{self.n_trainable:,} trainable parameters; {len(self.data)} training samples at {self.resolution}px; "
                  f"{self.world} process(es), global batch {cfg.batch_size}")
         if self.setup_hook is not None:
             self.setup_hook(self.teacher, self.student)
 
-        self._prepare_run_folder()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.student_ddp, self.optimizer = acc.prepare(self.student, self.optimizer)
         self.teacher.to(self.device)
         self.wdtype = next(p for p in self.teacher.parameters()).dtype
         if self.resume_path is not None:
-            self._resume()
-        elif self.main:
+            self._resume()  # before anything of the run folder is rewritten: a failure changes nothing
+        self._prepare_run_folder()
+        if self.resume_path is None and self.main:
             (self.out / "metrics.jsonl").write_text("")
         return self
 
@@ -233,21 +241,19 @@ class Trainer:
         self.start_step, self.skipped_total = int(state["step"]), int(state.get("skipped_total", 0))
         self.say(f"resumed from {self.resume_path} at step {self.start_step}")
         metrics = self.out / "metrics.jsonl"
-        if self.main and metrics.is_file():  # drop lines past the checkpoint (a killed run's tail)
-            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.start_step]
+        if self.main and metrics.is_file():  # drop lines past the checkpoint, and a torn last line (a killed run's tail)
+            keep = []
+            for ln in metrics.read_text().splitlines():
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and rec.get("step", 0) <= self.start_step:
+                    keep.append(ln)
             self.history = [json.loads(ln) for ln in keep]
             tmp = self.out / f".metrics.jsonl.tmp-{os.getpid()}"
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, metrics)
-
-    def _feature_targets(self) -> dict:
-        """What L_f compares per site: the attention/block output, or the host's residual stream."""
-        if self.cfg.feature_target == "attention":
-            return {}
-        from attnprobe.core.family import find_self_attention
-
-        sites = {s.name: s for s in find_self_attention(self.teacher)}
-        return {n: (self.family.residual_tap(sites[n]), "input") for n in self.names}
 
     # -- one step --------------------------------------------------------------------------------
     def draw(self, step: int, stream: int = 0):
@@ -333,7 +339,8 @@ class Trainer:
         """Train up to ``cfg.steps``; returns the summary (see :func:`train`)."""
         cfg, acc = self.cfg, self.accelerator
         interrupted, consecutive, last_ckpt = False, 0, None
-        with FeatureTaps(self.teacher, self.student, self.names, self._feature_targets()) as taps, StopFlag() as stop, \
+        with FeatureTaps(self.teacher, self.student, self.names,
+                         feature_targets(self.cfg.feature_target, self.teacher, self.names)) as taps, StopFlag() as stop, \
                 TrainProgress(self.main and cfg.progress, cfg.steps, self.start_step) as bar:
             probe_start = self.probe(taps) if cfg.probe else None
             metrics = open(self.out / "metrics.jsonl", "a") if self.main else None
@@ -407,14 +414,6 @@ def train(cfg: TrainConfig, *, batch_hook: Callable | None = None, setup_hook: C
     Raises :class:`TrainError` (bad input; nothing already written is touched), and
     :class:`TrainingDiverged` after ``max_bad_steps`` consecutive non-finite steps.
     """
-    return Trainer(cfg, batch_hook=batch_hook, setup_hook=setup_hook, log=log).setup().run()
-
-
-def is_main_process() -> bool:
-    """True on the main process (or when not launched distributed)."""
-    try:
-        from accelerate import PartialState
-
-        return PartialState().is_main_process
-    except Exception:  # pragma: no cover
-        return True
+    trainer = Trainer(cfg, batch_hook=batch_hook, setup_hook=setup_hook, log=log)
+    with claim_output(trainer.out) if trainer.main else contextlib.nullcontext():  # one run per folder at a time
+        return trainer.setup().run()

@@ -147,9 +147,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(rp.exists(), f"--erf-report {rp} does not exist; run `attnprobe analyze` first or pass --kernel-size")
     out = Path(cfg.out)
     need(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    from attnprobe.core.outputs import check_writable
+
+    check_writable(out)
     if cfg.resume is None and out.is_dir() and not cfg.overwrite:
         present = [n for n in RUN_ARTEFACTS if (out / n).exists()]
-        need(not present, f"--out {out} already holds a run ({present[0]}); pass --resume latest to continue it or --overwrite to replace it")
+        if present:
+            raise TrainError(f"--out {out} already holds a run ({present[0]}); pass --resume latest to continue it or "
+                             "--overwrite to replace it")
+        others = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        need(not others, f"--out {out} already exists and holds other files ({others[0]}, ...); choose an empty or new folder")
     return cfg
 
 

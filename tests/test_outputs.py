@@ -34,7 +34,7 @@ def test_read_prompts_errors_are_one_line_and_typed(tmp_path, case, content, mes
 
 
 def test_read_prompts_rejects_a_folder(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="is a folder"):
         read_prompts(tmp_path)
 
 

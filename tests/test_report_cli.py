@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from attnprobe import analyze, load_report, merge_reports
 from attnprobe.cli import app
-from attnprobe.report import SCHEMA_VERSION, ReportError
+from attnprobe.report import SCHEMA_VERSION, Report, ReportError
 
 runner = CliRunner()
 
@@ -99,13 +99,35 @@ def test_load_rejects_bad_files(report, tmp_path):
         load_report(tmp_path / "missing.json")
 
 
-def test_merge_adds_sums(report):
-    merged = merge_reports([report, report])
-    for a, m in zip(report.layers, merged.layers):
-        np.testing.assert_allclose(m.ring, 2 * a.ring)
-        np.testing.assert_allclose(m.asm_curve, a.asm_curve)
-        assert m.erf == a.erf
+@pytest.fixture(scope="module")
+def other_report():
+    """The same model and settings as ``report``, other seeds: a second shard."""
+    from attnprobe.core.registry import load_pipeline
+
+    pipe, spec = load_pipeline("tiny-pixart")
+    return analyze(pipe, ["a photo of cat", "a red dog"], steps=2, resolution="32x48", seed=10,
+                   model_info={"alias": spec.alias})
+
+
+def test_merge_adds_sums(report, other_report):
+    merged = merge_reports([report, other_report])
+    for a, b, m in zip(report.layers, other_report.layers, merged.layers):
+        np.testing.assert_allclose(m.ring, a.ring + b.ring)
+        np.testing.assert_allclose(m.mass, a.mass + b.mass)
     assert merged.settings["prompts"] == report.settings["prompts"] * 2
+    assert merged.settings["seeds"] == [0, 1, 10, 11]
+
+
+def test_merge_refuses_a_run_twice_and_overlapping_shards(report, other_report):
+    with pytest.raises(ReportError, match="contains run .* again"):
+        merge_reports([report, report])
+    twin = Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    twin.run = dict(twin.run, run_id="another-id")  # a different run, but the same prompts and seeds
+    with pytest.raises(ReportError, match="overlapping shards"):
+        merge_reports([report, twin])
+    merged = merge_reports([report, other_report])
+    with pytest.raises(ReportError, match="again"):  # a part of a merged report, merged once more
+        merge_reports([merged, report])
 
 
 def test_merge_equals_single_run(tmp_path):
@@ -215,9 +237,9 @@ def test_cli_analyze_bad_input(case, expect, tmp_path, prompts):
     assert not out.exists()
 
 
-def test_cli_merge_and_models(report, tmp_path):
+def test_cli_merge_and_models(report, other_report, tmp_path):
     a = report.save(tmp_path / "a.json")
-    b = report.save(tmp_path / "b.json")
+    b = other_report.save(tmp_path / "b.json")
     r = runner.invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "m.json")])
     assert r.exit_code == 0, _err(r)
     assert load_report(tmp_path / "m.json").settings["merged_from"] == 2

@@ -15,6 +15,7 @@ import torch
 from deltadistill.losses import FeatureTaps, output_loss, snr_weight, to_epsilon
 from deltadistill.train import (
     TrainConfig,
+    TrainError,
     TrainingDiverged,
     find_checkpoint,
     list_checkpoints,
@@ -406,3 +407,28 @@ def test_paper_preset_run_records_every_value_and_overrides_win(prompts, tmp_pat
         assert run[key] == value, key
     layers = json.loads((out / "config.json").read_text())["layers"]
     assert {(la["kernel_size"], la["gate"], la["pool"], la["dw_bias"]) for la in layers} == {(13, "sigmoid", "adaptive", False)}
+
+
+def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(prompts, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(prompts, run, steps=6, checkpoint_every=2), log=_quiet)
+    ckpts = list_checkpoints(run)
+    assert [p.name for p in ckpts] == ["step-0000002", "step-0000004", "step-0000006"]
+    blocks = ckpts[-1] / "blocks.safetensors"
+    blocks.write_bytes(blocks.read_bytes()[:64])  # the newest checkpoint is damaged
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "loss": 0.1')  # a torn last line
+    with pytest.warns(UserWarning, match="skipped damaged checkpoint.*step-0000006"):
+        assert find_checkpoint("latest", run) == ckpts[1]
+    with pytest.warns(UserWarning):
+        summary = train(_cfg(prompts, run, steps=8, checkpoint_every=2, resume="latest"), log=_quiet)
+    assert summary["start_step"] == 4 and summary["steps"] == 8
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 9))
+
+    # every checkpoint damaged: a clear error, and nothing of the run is rewritten
+    for c in list_checkpoints(run):
+        (c / "state.json").write_text("{")
+    before = {p: p.read_bytes() for p in (run / "train_config.json", run / "metrics.jsonl")}
+    with pytest.raises(TrainError, match="no intact checkpoint"):
+        train(_cfg(prompts, run, steps=10, resume="latest"), log=_quiet)
+    assert {p: p.read_bytes() for p in before} == before

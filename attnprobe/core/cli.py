@@ -23,9 +23,10 @@ import typer
 
 from attnprobe.core.errors import UserError
 
-__all__ = ["UsageError", "make_app", "command", "fail", "quiet_libraries", "debug_enabled", "USER_ERRORS"]
+__all__ = ["UsageError", "make_app", "command", "fail", "quiet_libraries", "calm_threads", "check_device", "debug_enabled",
+           "USER_ERRORS"]
 
-USER_ERRORS = (UserError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (UserError, ValueError, OSError)  # OSError: missing/read-only files, a full disk ...
 _STATE = {"debug": os.environ.get("ATTNPROBE_DEBUG") == "1"}
 
 
@@ -38,6 +39,8 @@ def debug_enabled() -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"  # e.g. a read-only folder, a full disk
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -72,6 +75,35 @@ def command(fn):
             fail(f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", 1)
 
     return wrapper
+
+
+def calm_threads() -> None:
+    """Thread settings that do not collapse when other jobs share the CPU (set before torch is imported).
+
+    OpenMP's busy-waiting made analysis 12× slower on a loaded machine; passive waiting costs
+    nothing when the machine is idle. A value the user set is kept.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def check_device(device: str) -> str:
+    """``auto`` → cuda if present else cpu; otherwise a valid, available torch device string."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} requested but no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def quiet_libraries() -> None:

@@ -13,7 +13,27 @@ import torch
 
 from attnprobe.core.family import denoiser_of, family_of, vae_scale_factor
 
-__all__ = ["resolve_resolution", "sample", "generate_one"]
+__all__ = ["resolve_resolution", "parse_resolution", "MAX_SIDE", "sample", "generate_one"]
+
+
+MAX_SIDE = 16384  # pixels per side; far beyond any model's training size
+
+
+def parse_resolution(resolution) -> tuple[int, int]:
+    """(height, width) from an int, 'N', 'HxW' or (h, w); ValueError for anything else or non-positive sides."""
+    if isinstance(resolution, (tuple, list)):
+        h, w = (int(v) for v in resolution)
+    else:
+        text = str(resolution).lower().strip()
+        try:
+            h, w = (int(v) for v in text.split("x", 1)) if "x" in text else (int(text),) * 2
+        except ValueError:
+            raise ValueError(f"bad resolution {resolution!r}: use N or HxW in pixels") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resolution {resolution!r} must be positive")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise ValueError(f"resolution {h}x{w}: at most {MAX_SIDE} px per side")
+    return h, w
 
 
 def resolve_resolution(pipe, resolution=None) -> tuple[int, int]:
@@ -24,14 +44,8 @@ def resolve_resolution(pipe, resolution=None) -> tuple[int, int]:
     if resolution in (None, "", 0):
         size = getattr(pipe, "_attnprobe_resolution", None) or fam.default_resolution(den.config, vf)
         h = w = int(size)
-    elif isinstance(resolution, (tuple, list)):
-        h, w = (int(v) for v in resolution)
     else:
-        text = str(resolution).lower().strip()
-        try:
-            h, w = (int(v) for v in text.split("x", 1)) if "x" in text else (int(text),) * 2
-        except ValueError:
-            raise ValueError(f"bad resolution {resolution!r}: use N or HxW in pixels") from None
+        h, w = parse_resolution(resolution)
     fam.check_resolution(den.config, vf, h, w)
     return h, w
 

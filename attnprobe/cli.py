@@ -12,17 +12,16 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from attnprobe._version import __version__
 from attnprobe.core.cli import UsageError, calm_threads, check_device, command, make_app
+from attnprobe.core.progress import Progress
 
 calm_threads()  # before torch is imported
 
 app = make_app("attnprobe", "Measure how local the self-attention of a diffusion model is, layer by layer.", __version__)
 console = Console()
-err_console = Console(stderr=True)
 
 
 def _parse_probe_points(text: Optional[str]):
@@ -97,27 +96,18 @@ def analyze(
     resolve_resolution(pipe, resolution)
     select_sites(find_self_attention(pipe), cfg.layers)  # before the progress bar: a bad filter is one line
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=False,
-    )
-    with progress:
-        t_prompts = progress.add_task("prompts", total=len(prompt_list))
-        t_steps = progress.add_task("steps", total=steps)
-
+    n = len(prompt_list)
+    with staged_output_dir(out, overwrite) as tmp, Progress("analyze", n * steps, unit="step") as progress:
         def on_step(i, step, total):
-            progress.update(t_steps, completed=step, description=f"steps (prompt {i + 1})")
-            if step >= total:
-                progress.update(t_prompts, completed=i + 1)
+            progress.update(i * total + min(step, total), prompt=f"{i + 1}/{n}")
 
-        with staged_output_dir(out, overwrite) as tmp:
-            report = run_analysis(pipe, prompt_list, cfg, model_info={"alias": spec.alias, "source": spec.source},
-                                  image_dir=tmp / "images", on_step=on_step)
-            report.save(tmp / "erf.json")
-            if plots:
-                from attnprobe.plots import plot_all
+        report = run_analysis(pipe, prompt_list, cfg, model_info={"alias": spec.alias, "source": spec.source},
+                              image_dir=tmp / "images", on_step=on_step)
+        report.save(tmp / "erf.json")
+        if plots:
+            from attnprobe.plots import plot_all
 
-                plot_all(report, tmp / "figures", images_dir=tmp / "images")
+            plot_all(report, tmp / "figures", images_dir=tmp / "images")
     print_layer_table(report)
     console.print(f"wrote [bold]{out / 'erf.json'}[/] ({len(report.layers)} layers, {len(prompt_list)} images)")
 
@@ -181,7 +171,7 @@ def models():
 def plot(
     report_path: Path = typer.Argument(..., metavar="RUN/erf.json", help="The report (or its run folder)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the figures (default: RUN/figures)."),
-    overwrite: bool = typer.Option(False, help="Write into OUT even if it already holds files."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it already holds files (the run's own figures folder is always replaced)."),
     formats: str = typer.Option("png,svg", "--format", help="Comma-separated file formats: png, svg, pdf."),
     dpi: int = typer.Option(120, min=50, max=600, help="Resolution of raster formats (dots per inch)."),
 ):
@@ -194,7 +184,8 @@ def plot(
 
     report = load_report(report_path)
     run_dir = report_path if report_path.is_dir() else report_path.parent
-    out = out if out is not None else run_dir / "figures"
+    if out is None:  # the run's own figures folder holds derived files only: redrawing replaces it
+        out, overwrite = run_dir / "figures", True
     fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
     if not fmts or any(f not in ("png", "svg", "pdf") for f in fmts):
         raise UsageError(f"--format {formats!r}: choose from png, svg, pdf (comma-separated)")
@@ -202,8 +193,10 @@ def plot(
         raise UsageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"output folder {out} already holds files; pass --overwrite to write into it")
-    with console.status("drawing figures"):
-        paths = plot_all(report, out, images_dir=run_dir / "images", formats=fmts, dpi=dpi)
+    from attnprobe.core.outputs import staged_output_dir
+
+    with console.status("drawing figures"), staged_output_dir(out, overwrite) as tmp:  # replaced as a whole
+        paths = [out / p.relative_to(tmp) for p in plot_all(report, tmp, images_dir=run_dir / "images", formats=fmts, dpi=dpi)]
     stems = sorted({p.stem for p in paths})
     console.print(f"wrote {len(stems)} figures ({', '.join(fmts)}) to [bold]{out}[/]: {', '.join(stems)}")
 

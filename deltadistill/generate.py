@@ -18,6 +18,7 @@ import numpy as np
 
 from attnprobe.core.errors import UserError
 from attnprobe.core.pipeline import sample
+from attnprobe.core.progress import Progress
 
 __all__ = ["generate", "GenerateError", "read_prompt_file", "load_distilled", "base_model_name"]
 
@@ -115,12 +116,14 @@ def _generate(distilled_folder, prompts, seeds, out: Path, *, compare, steps, re
     res = resolution or (config.get("extra") or {}).get("resolution") or spec.resolution or None
     pairs = [(p, s) for p in prompts for s in seeds]
     all_prompts, all_seeds = [p for p, _ in pairs], [s for _, s in pairs]
-    student = sample(pipe, all_prompts, all_seeds, steps=steps, resolution=res, guidance=guidance)
-    teacher = None
-    if compare:
-        del pipe
-        base, _ = load_pipeline(base_model_name(config), device=device)
-        teacher = sample(base, all_prompts, all_seeds, steps=steps, resolution=res, guidance=guidance)
+    with Progress("generate", steps * (2 if compare else 1), unit="step") as progress:
+        student = _sample_counted(pipe, progress, 0, all_prompts, all_seeds, steps=steps, resolution=res, guidance=guidance)
+        teacher = None
+        if compare:
+            del pipe
+            base, _ = load_pipeline(base_model_name(config), device=device)
+            teacher = _sample_counted(base, progress, steps, all_prompts, all_seeds, steps=steps, resolution=res,
+                                      guidance=guidance)
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -149,6 +152,23 @@ def _generate(distilled_folder, prompts, seeds, out: Path, *, compare, steps, re
     }
     (out / "generate.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _sample_counted(pipe, progress, offset: int, *args, **kwargs):
+    """:func:`sample`, advancing ``progress`` once per denoiser call (one call per step, CFG batched)."""
+    from attnprobe.core.family import denoiser_of
+
+    calls = [offset]
+
+    def hook(module, args_, output):
+        calls[0] += 1
+        progress.update(calls[0])
+
+    handle = denoiser_of(pipe).register_forward_hook(hook)
+    try:
+        return sample(pipe, *args, **kwargs)
+    finally:
+        handle.remove()
 
 
 def to_array(images) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""Progress of long loops: a rich bar on a terminal, and clean stops on Ctrl-C.
+"""Progress of training, and clean stops on Ctrl-C.
 
-:class:`TrainProgress` shows step, losses, it/s and ETA on the main process; :class:`StopFlag`
+:class:`TrainProgress` shows step, losses, it/s and ETA on the main process (a bar on a terminal,
+plain lines in a log: :mod:`attnprobe.core.progress`); :class:`StopFlag`
 turns the first SIGINT into a request to stop after the current step (the run saves a checkpoint),
 a second one aborts at once.
 """
@@ -8,52 +9,30 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 __all__ = ["TrainProgress", "StopFlag", "is_main_process"]
 
 
 class TrainProgress:
-    """Rich progress bar on the main process (step, losses, it/s, ETA); a no-op elsewhere."""
+    """Training progress on the main process (step, losses, it/s, ETA); a no-op elsewhere."""
 
     def __init__(self, enabled: bool, total: int, start: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from attnprobe.core.progress import Progress
 
-        self.bar = Progress(
-            TextColumn("[bold]distil"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[losses]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.task = self.bar.add_task("train", total=total, completed=start, losses="", rate="")
-        self.t0, self.n = time.perf_counter(), 0
+        self.bar = Progress("distil", total, start=start, enabled=enabled, unit="it")
 
     def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
+        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        self.bar.__exit__(*exc)
 
     def update(self, step: int, rec: dict) -> None:
-        if self.bar is None:
-            return
-        self.n += 1
-        rate = self.n / max(1e-9, time.perf_counter() - self.t0)
-        losses = f"L {rec['loss']:.4g}  L_z {rec['l_z']:.4g}  L_f {rec['l_f']:.4g}" + (
-            f"  skipped {rec['skipped_total']}" if rec["skipped_total"] else ""
-        )
-        self.bar.update(self.task, completed=step, losses=losses, rate=f"{rate:.2f} it/s")
+        fields = {"L": rec["loss"], "L_z": rec["l_z"], "L_f": rec["l_f"]}
+        if rec["skipped_total"]:
+            fields["skipped"] = rec["skipped_total"]
+        self.bar.update(step, **fields)
 
 
 class StopFlag:

@@ -218,8 +218,18 @@ def test_cli_bad_input(run_dir, tmp_path, case, command):
 def test_cli_plot_refuses_to_overwrite_and_checks_format(run_dir, drawn, tmp_path):
     from attnprobe.cli import app
 
-    result = runner.invoke(app, ["plot", str(run_dir / "erf.json")])  # run/figures already holds files
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)  # erf.json, images/ and figures/ (PNG + SVG) as `analyze` leaves them
+    result = runner.invoke(app, ["plot", str(run / "erf.json"), "--format", "png"])  # the README's order works
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.suffix for p in (run / "figures").iterdir()) == [".png"] * 6  # replaced as a whole: no stale SVG
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = runner.invoke(app, ["plot", str(run / "erf.json"), "--out", str(tmp_path / "mine")])  # not ours: refused
     assert result.exit_code == 2 and "--overwrite" in result.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     result = runner.invoke(app, ["plot", str(run_dir / "erf.json"), "--out", str(tmp_path / "f"), "--format", "gif"])
     assert result.exit_code == 2 and "--format" in result.stderr
 
@@ -231,12 +241,15 @@ def test_cli_plot_and_report(run_dir, drawn, tmp_path, monkeypatch):
 
     def fake_plot_all(report, out_dir, images_dir=None, **kw):  # the drawing itself is tested above
         seen.update(out=Path(out_dir), images=Path(images_dir), **kw)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(Path(out_dir) / "erf.png")
         return [Path(out_dir) / "erf.png"]
 
     monkeypatch.setattr(plots, "plot_all", fake_plot_all)
     result = runner.invoke(app, ["plot", str(run_dir / "erf.json"), "--out", str(tmp_path / "figs"), "--format", "png", "--dpi", "90"])
     assert result.exit_code == 0, result.output
-    assert seen["out"] == tmp_path / "figs" and seen["images"] == run_dir / "images"
+    # drawn into a staging folder beside the target, which then becomes it
+    assert seen["out"].parent == tmp_path and (tmp_path / "figs" / "erf.png").is_file() and seen["images"] == run_dir / "images"
     assert seen["formats"] == ("png",) and seen["dpi"] == 90
     monkeypatch.undo()
     result = runner.invoke(app, ["report", str(run_dir), "--html"])  # figures exist: embeds them

@@ -141,6 +141,13 @@ def auto_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``{"dtype": ...}`` for diffusers versions that renamed ``torch_dtype`` (no deprecation warning), else the old name."""
+    import diffusers.utils.deprecation_utils as dep
+
+    return {"dtype": dtype} if hasattr(dep, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else {"torch_dtype": dtype}
+
+
 def _quiet_loading_bars() -> None:
     """Hide diffusers'/transformers' per-component loading bars (our CLIs draw their own)."""
     try:
@@ -172,13 +179,13 @@ def load_pipeline(name: str, dtype="auto", device: str | torch.device = "cpu", a
             raise ModelLoadError(f"the demo model is missing from {spec.source}; reinstall the package or run "
                                  "`python -m attnprobe.demo.train --out attnprobe/demo/pipeline`")
         try:
-            pipe = DiffusionPipeline.from_pretrained(spec.source, torch_dtype=dt, local_files_only=local_only)
+            pipe = DiffusionPipeline.from_pretrained(spec.source, **dtype_kwarg(dt), local_files_only=local_only)
         except Exception as exc:  # diffusers raises several types for missing files
             if Path(spec.source).is_dir():
                 raise ModelLoadError(f"cannot load the pipeline in {spec.source}: {exc}".splitlines()[0]) from None
             raise ModelLoadError(
                 f"weights for {spec.alias!r} ({spec.source}) are not available offline; on a machine with internet run "
-                f"`huggingface-cli download {spec.source}` (and copy the HF cache here), or pass a local folder "
+                f"`hf download {spec.source}` (and copy the HF cache here), or pass a local folder "
                 "with --model /path/to/pipeline"
             ) from None
         if not spec.family:

@@ -53,7 +53,9 @@ def load_demo_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.d
     from diffusers import DiffusionPipeline
 
     # A local folder with local_files_only never touches the network.
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    from attnprobe.core.registry import dtype_kwarg
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **dtype_kwarg(dtype), local_files_only=True)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -44,7 +44,7 @@ def plot_asm_curves(report, out_dir, *, layers=None, formats: Sequence[str] = FO
                 curve = curve_of(layer)
                 kmax = max(kmax, int(k[-1]))
                 ax_c.plot(k, curve, color=colour, lw=1.6, alpha=0.9)
-                ax_g.plot(k, layer.gradient(curve), color=colour, lw=1.6, alpha=0.9)
+                ax_g.plot(k, layer.gradient(curve), color=colour, lw=1.6, alpha=0.9, label=layer.label)
                 erf = erf_of(layer)
                 if erf > 0:
                     ax_c.plot(erf, curve[(erf - 1) // 2], "o", color=colour, ms=5, mec="black", mew=0.6)
@@ -60,6 +60,8 @@ def plot_asm_curves(report, out_dir, *, layers=None, formats: Sequence[str] = FO
                 Line2D([], [], ls="", marker="o", color="0.6", mec="black", label="ERF (first K with ASM ≥ τ)"),
             ]
             ax_c.legend(handles=handles, loc="lower right")
+            if r == 0 and len(chosen) <= 10:  # few layers: name each line (colours alone are hard to tell apart)
+                ax_g.legend(loc="upper right", fontsize=8, ncols=2 if len(chosen) > 5 else 1, title="layer")
             for ax in (ax_c, ax_g):
                 ax.grid(alpha=0.3)
         for ax in axes[1]:
@@ -97,11 +99,11 @@ def plot_erf(report, out_dir, *, layers=None, formats: Sequence[str] = FORMATS, 
                   label="grid side max(H′,W′): ERF below it is local")
         _xticks_layers(ax, chosen)
         ax.set_xlim(-0.6, n - 0.4)
-        ax.set_ylim(0, max(kgrid) * 1.35)  # headroom for the legend
+        ax.set_ylim(0, max(kgrid) * 1.06)
         ax.set_xlabel("layer")
         ax.set_ylabel("ERF (tokens)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper center", ncols=2, frameon=True, framealpha=0.9)
+        fig.legend(loc="outside lower center", ncols=3, frameon=False)
         fig.suptitle(f"Effective receptive field per layer (τ = {report.threshold}) — {_title(report)}")
         return _save(fig, out_dir, "erf", formats, dpi)
 

@@ -95,6 +95,9 @@ def plot_attention_maps(
                "peak = panel maximum ÷ uniform attention (1/N)")
         if image is not None:
             sub += "; background: image 1"
+        total = len(_pick(forward_order(report), layers))
+        if len(chosen) < total:
+            sub += f"\nlayers shown: {len(chosen)} of {total}, spread evenly over the depth (max_layers={max_layers})"
         fig.suptitle(f"Attention maps at probe points — {_title(report)}\n{sub}")
         return _save(fig, out_dir, "attention_maps", formats, dpi)
 

@@ -13,6 +13,8 @@ from the very arguments the processor receives) and reduces them at once:
         ring[h, r]    += Σ_{b,q} ring_mass(A)         # ℓ∞ rings, (heads, R)
         hp_ring[h, r] += Σ_{b,q} ring_mass(Λ⁺)        # Λ = Butterworth high-pass of A
         key_mass[k]   += Σ_{b,h,q} A[..., k]          # for sink detection
+        far_key_mass[f, k] += Σ_{b,h,q: d(q,k) > r_f} A[..., k]   # the query-independent prior
+        map_sum[q, k] += Σ_{b,h} A[..., q, k]         # --aggregate mean-map only: O(queries × N)
 
 so peak extra memory is O(B · heads · c · N) and only O(heads · R + N) floats persist per layer.
 Nothing global is patched, so the capture works whatever attention backend the processor
@@ -35,6 +37,7 @@ from attnprobe.core.errors import UserError
 from attnprobe.core.family import denoiser_of, family_of, find_self_attention
 from attnprobe.core.sites import AttnSite, select_sites
 from attnprobe.config import AnalysisConfig
+from attnprobe.estimators import far_radii
 from attnprobe.stats import AUTO_QUERIES, butterworth_filter, butterworth_highpass, parse_queries, ring_mass
 
 __all__ = ["capture", "Capture", "CaptureProcessor", "CaptureMissedError", "LayerAccumulator", "parse_queries",
@@ -109,6 +112,9 @@ class LayerAccumulator:
     memory_budget: int
     capture: "Capture" = field(repr=False)
     ring_backend: str | None = None  # unfiltered rings: None/"auto" (registry's choice), "triton" or "reference"
+    border: str = "zero"  # FFT border of the high-pass: "zero" (padded) or "circular" (wraps)
+    aggregate: str = "per-map"  # "mean-map" also keeps map_sum for the paper's step-averaged map
+    groups: int = 1  # mean-map: prompt groups kept apart for the bootstrap (prompt p → group p % groups)
     grid: tuple[int, int] | None = None
     heads: int = 0
     ring: np.ndarray | None = None  # (T, heads, R)
@@ -117,7 +123,12 @@ class LayerAccumulator:
     hp_pos: np.ndarray | None = None  # (T, heads) positive high-pass mass
     rows: np.ndarray | None = None  # (T,) query rows per head (batch × queries)
     key_mass: np.ndarray | None = None  # (N,) mass received per key
+    far_key_mass: np.ndarray | None = None  # (F, N) mass key k receives from queries farther than far_radii[f]
+    far_rows: np.ndarray | None = None  # (F, N) how many (batch, head, query) rows were that far from key k
+    far_radii: tuple = ()
+    prompt_hp_ring: dict = field(default_factory=dict)  # prompt index → (R,) high-pass rings, summed over heads/steps
     probe_maps: np.ndarray | None = None  # (P, N) mean over heads, summed over batch/steps
+    map_sum: torch.Tensor | None = None  # mean-map: (T, G, Q, N) fp64 sums over batch, heads, steps, prompts
     probe_rows: int = 0
     _positions: torch.Tensor | None = field(default=None, repr=False)
     _response: torch.Tensor | None = field(default=None, repr=False)
@@ -133,8 +144,22 @@ class LayerAccumulator:
         self.hp_pos = np.zeros((t, heads))
         self.rows = np.zeros(t)
         self.key_mass = np.zeros(h * w)
+        self.far_radii = far_radii(grid)
+        self.far_key_mass = np.zeros((len(self.far_radii), h * w))
+        self.far_rows = np.zeros((len(self.far_radii), h * w))
         self.probe_maps = np.zeros((len(self.probe_points), h * w))
         self._positions = parse_queries(self.queries, grid)
+        if self.aggregate == "mean-map":
+            per_group = t * len(self._positions) * h * w * 8
+            budget = self.memory_budget
+            if per_group > budget:
+                raise UserError(
+                    f"{self.site.name}: --aggregate mean-map keeps {len(self._positions)} queries × {h * w} keys × "
+                    f"{t} bucket(s) = {per_group / 2**20:.0f} MiB per layer, over --memory-budget-mb "
+                    f"{budget / 2**20:.0f}; use fewer queries (--queries stride:S) or timestep buckets, or a larger budget"
+                )
+            self.groups = max(1, min(self.groups, budget // per_group))
+            self.map_sum = torch.zeros(t, self.groups, len(self._positions), h * w, dtype=torch.float64)
 
     def _image_slice(self, n_tokens: int, n_image: int) -> int:
         """Offset of the image tokens in a sequence of n_tokens (joint attention concatenates text)."""
@@ -168,7 +193,7 @@ class LayerAccumulator:
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         kf = k.float()
         if self._response is None or self._response.device != q.device:
-            self._response = butterworth_filter(grid, self.cutoff, self.order, device=q.device).float()
+            self._response = butterworth_filter(grid, self.cutoff, self.order, device=q.device, border=self.border).float()
         positions = self._positions.to(q.device)
         # Chunk size: ~8 fp32 buffers of (B, heads, c, Nk) must fit the budget.
         per_query = b * heads * k.shape[2] * 4 * 8
@@ -178,6 +203,12 @@ class LayerAccumulator:
         mass = torch.zeros(heads, dtype=torch.float64, device=q.device)
         hp_pos = torch.zeros_like(mass)
         key_mass = torch.zeros(n, dtype=torch.float64, device=q.device)
+        far_km = torch.zeros(len(self.far_radii), n, dtype=torch.float64, device=q.device)
+        far_rows = torch.zeros_like(far_km)
+        radii = torch.tensor(self.far_radii, device=q.device)
+        key_r, key_c = torch.arange(n, device=q.device) // grid[1], torch.arange(n, device=q.device) % grid[1]
+        group = getattr(self.capture, "prompt", 0) % self.groups
+        map_sum = None if self.map_sum is None else torch.zeros(len(positions), n, dtype=torch.float64, device=q.device)
         fused = self._use_ring_kernel(q, mask)
         if fused:  # unfiltered rings straight from q, k: the N×N map never exists for them
             rings = backends.call("ring_mass_attention", q, k, grid, positions, scale, key_slice=(k_off, k_off + n),
@@ -191,7 +222,15 @@ class LayerAccumulator:
                 ring += ring_mass(a, grid, pos).sum((0, 2), dtype=torch.float64)
             mass += a.sum(-1).sum((0, 2), dtype=torch.float64)
             key_mass += a.sum((0, 1, 2), dtype=torch.float64)
-            lam = butterworth_highpass(a, grid, response=self._response)  # (B, heads, c, N)
+            # far field: what each key receives from queries beyond r0 (the prior's share, see report)
+            dist = torch.maximum((pos[:, None] // grid[1] - key_r).abs(), (pos[:, None] % grid[1] - key_c).abs())  # (c, N)
+            far = (dist[None] > radii[:, None, None]).to(a.dtype)  # (F, c, N)
+            per_key = a.sum((0, 1))  # (c, N) summed over batch and heads
+            if map_sum is not None:
+                map_sum[start : start + len(pos)] += per_key.double()
+            far_km += torch.einsum("fcn,cn->fn", far, per_key).double()
+            far_rows += far.sum(1).double() * (b * heads)
+            lam = butterworth_highpass(a, grid, response=self._response, border=self.border)  # (B, heads, c, N)
             pos_part = lam.clamp(min=0)
             hp_pos += pos_part.sum(-1).sum((0, 2), dtype=torch.float64)
             binned = pos_part if self.highpass_mass == "positive" else lam.abs()
@@ -203,6 +242,12 @@ class LayerAccumulator:
         self.hp_pos[t] += hp_pos.cpu().numpy()
         self.rows[t] += b * len(positions)
         self.key_mass += key_mass.cpu().numpy()
+        self.far_key_mass += far_km.cpu().numpy()
+        self.far_rows += far_rows.cpu().numpy()
+        if map_sum is not None:
+            self.map_sum[t, group] += map_sum.cpu()
+        p = getattr(self.capture, "prompt", 0)
+        self.prompt_hp_ring[p] = self.prompt_hp_ring.get(p, 0) + hp_ring.sum(0).cpu().numpy()
         if self.probe_points:
             h, w = grid
             idx = torch.tensor(
@@ -249,11 +294,15 @@ class Capture:
         probe_points: list[tuple[float, float]] | None = None,
         memory_budget_mb: float = 256,
         ring_backend: str | None = None,
+        border: str = "zero",
+        aggregate: str = "per-map",
+        groups: int = 8,
     ):
         ring_backend = None if ring_backend == "auto" else ring_backend
         AnalysisConfig(queries=queries, cutoff=cutoff, order=order, highpass_mass=highpass_mass,  # the one validation
                        timestep_buckets=timestep_buckets, probe_points=tuple(probe_points or ()),
-                       memory_budget_mb=memory_budget_mb, ring_backend=ring_backend).validate()
+                       memory_budget_mb=memory_budget_mb, ring_backend=ring_backend, border=border,
+                       aggregate=aggregate).validate()
         self.denoiser = denoiser_of(pipe_or_denoiser)
         self.family = family_of(self.denoiser)
         self.sites = select_sites(find_self_attention(self.denoiser), layers)
@@ -261,12 +310,14 @@ class Capture:
         self.buckets = timestep_buckets
         self.step = 0
         self._current_step = 0
+        self.prompt = 0  # index of the prompt being generated (per-prompt sums feed the bootstrap)
+        self._generations = 0
         self._base_grid: tuple[int, int] | None = None
         self.layers: dict[str, LayerAccumulator] = {
             s.name: LayerAccumulator(
                 site=s, buckets=timestep_buckets, highpass_mass=highpass_mass, cutoff=cutoff, order=order,
                 queries=queries, probe_points=list(probe_points or []), memory_budget=int(memory_budget_mb * 2**20),
-                capture=self, ring_backend=ring_backend,
+                capture=self, ring_backend=ring_backend, border=border, aggregate=aggregate, groups=max(1, int(groups)),
             )
             for s in self.sites
         }
@@ -289,9 +340,11 @@ class Capture:
             return 0
         return min(self.buckets - 1, self._current_step * self.buckets // self.steps)
 
-    def new_generation(self) -> None:
-        """Call before each pipeline call so step buckets restart."""
+    def new_generation(self, prompt: int | None = None) -> None:
+        """Call before each pipeline call so step buckets restart (``prompt``: its index)."""
         self.step = 0
+        self.prompt = self._generations if prompt is None else int(prompt)
+        self._generations += 1
 
     def unobserved(self) -> list[str]:
         """Names of selected layers that no call has reached (yet)."""

@@ -7,6 +7,7 @@ See :mod:`attnprobe.core.cli`.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,7 @@ calm_threads()  # before torch is imported
 
 app = make_app("attnprobe", "Measure how local the self-attention of a diffusion model is, layer by layer.", __version__)
 console = Console()
+err_console = Console(stderr=True)
 
 
 def _parse_probe_points(text: Optional[str]):
@@ -56,6 +58,13 @@ def analyze(
     cutoff: float = typer.Option(0.1, help="Butterworth cut-off D0 in cycles per token (max ≈ 0.7)."),
     order: int = typer.Option(2, help="Butterworth order n."),
     highpass_mass: str = typer.Option("positive", help="ASM over the high-passed map: 'positive' part or 'abs'."),
+    aggregate: str = typer.Option("per-map", help="per-map: high-pass every attention map and sum (what a per-call "
+                                                   "student must reproduce); mean-map: high-pass the map averaged over "
+                                                   "heads, steps and prompts (the paper's reading). See README 'Statistics'."),
+    border: str = typer.Option("zero", help="FFT border of the high-pass: zero (maps zero-padded, nothing wraps) or "
+                                            "circular (the FFT wraps edges onto each other)."),
+    erf_from: str = typer.Option("upper", help="Size kernels from the upper end of the ERF's bootstrap interval over "
+                                               "prompts (upper) or from the ERF itself (point)."),
     kernel_ratio: float = typer.Option(0.6, help="Default kernel size = odd(ceil(ratio × ERF)) (recomputable later)."),
     kmin: int = typer.Option(3, help="Smallest recommended kernel size."),
     kmax: int = typer.Option(31, help="Largest recommended kernel size."),
@@ -63,13 +72,14 @@ def analyze(
     layers: Optional[str] = typer.Option(None, help="Comma-separated regexes on layer names/labels (default: all)."),
     timestep_buckets: int = typer.Option(4, help="Step buckets for the ERF-over-time statistics."),
     probe_points: Optional[str] = typer.Option(None, help="Query points whose maps are kept, 'y,x;y,x' fractions (default: 4 points)."),
-    memory_budget_mb: float = typer.Option(256, help="Peak extra memory per attention call for the capture."),
+    memory_budget_mb: float = typer.Option(256, help="Peak extra memory per attention call for the capture (and, with "
+                                                     "--aggregate mean-map, the map sums kept per layer)."),
     ring_backend: str = typer.Option("auto", help="Unfiltered ring masses: auto (fused Triton kernel on CUDA), triton or reference."),
     plots: bool = typer.Option(True, help="Also write figures into OUT/figures."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ):
     """Generate images for every prompt while capturing attention statistics; write erf.json."""
-    from attnprobe.analysis import analyze as run_analysis
+    from attnprobe.analysis import ResolutionWarning, analyze as run_analysis
     from attnprobe.config import AnalysisConfig
     from attnprobe.core import backends
     from attnprobe.core.outputs import check_output_dir, check_writable, read_prompts, staged_output_dir
@@ -83,6 +93,7 @@ def analyze(
         order=order, highpass_mass=highpass_mass, kernel_ratio=kernel_ratio, kmin=kmin, kmax=kmax, queries=queries,
         layers=layers, timestep_buckets=timestep_buckets, probe_points=_parse_probe_points(probe_points),
         sink_factor=5.0, memory_budget_mb=memory_budget_mb, ring_backend=None if ring_backend == "auto" else ring_backend,
+        aggregate=aggregate, border=border, erf_from=erf_from,
     ).validate()
     prompt_list = read_prompts(prompts)
     spec = resolve(model)
@@ -93,7 +104,12 @@ def analyze(
     if cfg.ring_backend == "triton" and not device.startswith("cuda") and not backends.interpreting():
         raise UsageError("--ring-backend triton needs a CUDA device (and Triton); use auto or reference")
     pipe, spec = load_pipeline(model, dtype=dtype, device=device)
-    resolve_resolution(pipe, resolution)
+    from attnprobe.analysis import check_mean_map_memory, resolution_notes
+
+    size = resolve_resolution(pipe, resolution)
+    check_mean_map_memory(pipe, cfg, *size)
+    for note in resolution_notes(pipe, *size):
+        err_console.print(f"warning: {note}", highlight=False, soft_wrap=True)
     select_sites(find_self_attention(pipe), cfg.layers)  # before the progress bar: a bad filter is one line
 
     n = len(prompt_list)
@@ -101,8 +117,10 @@ def analyze(
         def on_step(i, step, total):
             progress.update(i * total + min(step, total), prompt=f"{i + 1}/{n}")
 
-        report = run_analysis(pipe, prompt_list, cfg, model_info={"alias": spec.alias, "source": spec.source},
-                              image_dir=tmp / "images", on_step=on_step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResolutionWarning)  # printed above, before the run
+            report = run_analysis(pipe, prompt_list, cfg, model_info={"alias": spec.alias, "source": spec.source},
+                                  image_dir=tmp / "images", on_step=on_step)
         report.save(tmp / "erf.json")
         if plots:
             from attnprobe.plots import plot_all
@@ -114,15 +132,24 @@ def analyze(
 
 def print_layer_table(report) -> None:
     h, w = report.settings["resolution"]
-    table = Table(title=f"attention locality — {report.model.get('alias')} @ {h}x{w}")
-    for col, just in [("layer", "left"), ("grid", "right"), ("ERF", "right"), ("ERF raw", "right"), ("kernel", "right"),
-                      ("bias share", "right"), ("sink", "center")]:
+    s = report.settings
+    table = Table(title=f"attention locality — {report.model.get('alias')} @ {h}x{w}",
+                  caption=f"{s.get('aggregate', 'per-map')}, {s.get('border', 'circular')} border, τ = {report.threshold:g}; "
+                          f"90% bootstrap over {s.get('n_prompts', '?')} prompts; margin = ASM distance from flipping the ERF")
+    for col, just in [("layer", "left"), ("grid", "right"), ("ERF", "right"), ("90% CI", "right"), ("margin", "right"),
+                      ("ERF raw", "right"), ("kernel", "right"), ("bias share", "right"), ("sink", "center")]:
         table.add_column(col, justify=just)
     for layer in report.layers:
         gh, gw = layer.grid
+        iv = layer.erf_interval
+        margin = layer.asm_margin
+        bias = layer.bias_share
         table.add_row(
-            layer.label, f"{gh}×{gw}", str(layer.erf), str(layer.erf_unfiltered), str(layer.kernel_size),
-            f"{layer.bias_share:.2f}", f"[red]yes ({len(layer.sink_keys)})[/]" if layer.has_sink else "–",
+            layer.label, f"{gh}×{gw}", "global" if layer.is_global else str(layer.erf),
+            f"{iv[0]}–{iv[1]}" if iv else "–",
+            "–" if margin != margin else (f"[yellow]{margin:.3f}[/]" if margin < 0.02 else f"{margin:.3f}"),
+            str(layer.erf_unfiltered), str(layer.kernel_size),
+            "–" if bias != bias else f"{bias:.2f}", f"[red]yes ({len(layer.sink_keys)})[/]" if layer.has_sink else "–",
         )
     console.print(table)
 

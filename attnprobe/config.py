@@ -19,7 +19,15 @@ import re
 from attnprobe.core import backends
 from attnprobe.core.pipeline import MAX_SIDE, parse_resolution
 from attnprobe.core.errors import UserError
-from attnprobe.stats import DEFAULT_KERNEL_RATIO, DEFAULT_KMAX, DEFAULT_KMIN, DEFAULT_THRESHOLD, parse_queries
+from attnprobe.estimators import AGGREGATES
+from attnprobe.stats import (
+    BORDERS,
+    DEFAULT_KERNEL_RATIO,
+    DEFAULT_KMAX,
+    DEFAULT_KMIN,
+    DEFAULT_THRESHOLD,
+    parse_queries,
+)
 
 __all__ = ["AnalysisConfig", "ConfigError", "DEFAULT_PROBE_POINTS"]
 
@@ -52,6 +60,9 @@ class AnalysisConfig:
     sink_factor: float = 5.0
     memory_budget_mb: float = 256
     ring_backend: str | None = None  # None: the backend registry decides (auto)
+    aggregate: str = "per-map"  # "per-map": high-pass every map, sum; "mean-map": high-pass the averaged map
+    border: str = "zero"  # FFT border of the high-pass: "zero" (padded) or "circular" (wraps)
+    erf_from: str = "upper"  # kernel sizes from the bootstrap interval's upper end, or "point"
 
     def with_(self, **changes) -> "AnalysisConfig":
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -84,6 +95,9 @@ class AnalysisConfig:
         need(self.memory_budget_mb > 0, f"--memory-budget-mb must be > 0, got {self.memory_budget_mb}")
         need(self.ring_backend in (None, *backends.CHOICES),
              f"--ring-backend must be one of {', '.join(backends.CHOICES)}, got {self.ring_backend!r}")
+        need(self.aggregate in AGGREGATES, f"--aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
+        need(self.border in BORDERS, f"--border must be one of {', '.join(BORDERS)}, got {self.border!r}")
+        need(self.erf_from in ("upper", "point"), f"--erf-from must be 'upper' or 'point', got {self.erf_from!r}")
         for y, x in self.points:
             need(0 <= y <= 1 and 0 <= x <= 1, f"probe point ({y}, {x}) is outside [0, 1]")
         try:

@@ -103,11 +103,14 @@ def render_html(report: Report, figures: list[Path], images: list[tuple[Path, st
         "<body>",
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">{len(report.layers)} self-attention layers; ERF = smallest odd kernel size K whose '
-        f"high-passed attention score mass reaches τ = {_e(tau)}. {_e(_highpass_note(report))}</p>",
+        f"high-passed attention score mass reaches τ = {_e(tau)}. {_e(_highpass_note(report))} "
+        f"Aggregation {_e(report.settings.get('aggregate', 'per-map'))}, {_e(report.settings.get('border', 'circular'))} "
+        "border; 90% CI: bootstrap over prompts; margin: ASM distance from flipping the ERF "
+        "(see docs/statistics.md).</p>",
         '<h2 id="layers">Layers</h2>',
         "<table>",
         "<thead><tr><th>layer</th><th>module</th><th class=\"num\">grid</th><th class=\"num\">heads</th>"
-        "<th class=\"num\">ERF</th><th class=\"num\">ERF raw</th><th class=\"num\">kernel</th>"
+        "<th class=\"num\">ERF</th><th class=\"num\">90% CI</th><th class=\"num\">margin</th><th class=\"num\">ERF raw</th><th class=\"num\">kernel</th>"
         "<th class=\"num\">bias share</th><th>sinks</th></tr></thead>",
         "<tbody>",
     ]
@@ -117,9 +120,10 @@ def render_html(report: Report, figures: list[Path], images: list[tuple[Path, st
         row_class = ' class="sink"' if layer.has_sink else ""
         out.append(
             f'<tr{row_class}><td>{_e(layer.label)}</td><td><code>{_e(layer.name)}</code></td>'
-            f'<td class="num">{gh}×{gw}</td><td class="num">{layer.heads}</td><td class="num">{layer.erf}</td>'
+            f'<td class="num">{gh}×{gw}</td><td class="num">{layer.heads}</td><td class="num">{"global" if layer.is_global else layer.erf}</td>'
+            f'<td class="num">{_e(_interval(layer))}</td><td class="num">{_e(_num(layer.asm_margin, 3))}</td>'
             f'<td class="num">{layer.erf_unfiltered}</td><td class="num">{layer.kernel_size}</td>'
-            f'<td class="num">{layer.bias_share:.2f}</td><td>{_e(sinks)}</td></tr>'
+            f'<td class="num">{_e(_num(layer.bias_share, 2))}</td><td>{_e(sinks)}</td></tr>'
         )
     out += ["</tbody>", "</table>", '<h2 id="figures">Figures</h2>']
     if not figures:
@@ -181,3 +185,12 @@ def write_html_report(run_dir, *, make_figures: bool = True, output: str | os.Pa
     target = Path(output) if output is not None else run_dir / "report.html"
     atomic_write_text(target, page)
     return target
+
+
+def _interval(layer) -> str:
+    iv = layer.erf_interval
+    return f"{iv[0]}–{iv[1]}" if iv else "–"
+
+
+def _num(value: float, digits: int) -> str:
+    return "–" if value != value else f"{value:.{digits}f}"

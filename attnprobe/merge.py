@@ -7,6 +7,8 @@ two inputs share (overlapping shards).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from attnprobe.report import ACCUMULATORS, LayerResult, Report, ReportError, prompts_hash
 
 __all__ = ["merge_reports", "MERGE_KEYS"]
@@ -23,6 +25,8 @@ MERGE_KEYS = (
     "timestep_buckets",
     "probe_points",
     "dtype",
+    "border",
+    "aggregate",
 )
 
 def _leaf_runs(report: "Report") -> list[str]:
@@ -39,6 +43,9 @@ def merge_reports(reports: list[Report]) -> Report:
     if len(reports) < 2:
         raise ReportError("merge needs at least two reports")
     base = reports[0]
+    if any(l.mean_map is not None for r in reports for l in r.layers):
+        raise ReportError("reports analysed with --aggregate mean-map cannot be merged: the high-pass of an averaged map "
+                          "is not a sum of the parts' statistics; merge per-map reports or analyse in one run")
     for i, other in enumerate(reports[1:], start=2):
         if other.model.get("config_hash") != base.model.get("config_hash"):
             raise ReportError(
@@ -76,6 +83,11 @@ def merge_reports(reports: list[Report]) -> Report:
     for group in zip(*(r.layers for r in reports)):
         first = group[0]
         acc = {key: sum(getattr(l, key) for l in group) for key in ACCUMULATORS}
+        if all(l.far_key_mass is not None for l in group):
+            acc["far_key_mass"] = sum(l.far_key_mass for l in group)
+            acc["far_rows"] = sum(l.far_rows for l in group)
+        if all(l.prompt_hp_ring is not None for l in group):
+            acc["prompt_hp_ring"] = np.concatenate([l.prompt_hp_ring for l in group])
         layers.append(
             LayerResult(
                 name=first.name, label=first.label, grid=first.grid, heads=first.heads, level=first.level,

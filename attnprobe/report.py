@@ -28,25 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from attnprobe.core.errors import UserError
 from attnprobe.core.outputs import atomic_write_text
-from attnprobe.stats import (
-    DEFAULT_KERNEL_RATIO,
-    DEFAULT_KMAX,
-    DEFAULT_KMIN,
-    DEFAULT_THRESHOLD,
-    asm_from_rings,
-    effective_receptive_field,
-    recommended_kernel_size,
-)
+from attnprobe.report_schema import ReportError, check_layer, check_schema, mean_map_from  # ReportError is re-exported
+from attnprobe.estimators import GLOBAL_SHARE, asm_margin, bootstrap_erf, far_radii, key_coverage, prior_share
+from attnprobe.stats import (DEFAULT_KERNEL_RATIO, DEFAULT_KMAX, DEFAULT_KMIN, DEFAULT_THRESHOLD, asm_from_rings,
+                             effective_receptive_field, parse_queries, recommended_kernel_size)
 
 SCHEMA = "attnprobe.erf"
 SCHEMA_VERSION = 1
 
 ACCUMULATORS = ("ring", "hp_ring", "mass", "hp_pos", "rows", "key_mass", "probe_maps", "probe_rows")
 
-class ReportError(UserError):
-    """The file is not a valid report (wrong schema, truncated, inconsistent)."""
 
 def prompts_hash(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
@@ -70,6 +62,18 @@ class LayerResult:
     probe_maps: np.ndarray  # (P, N)
     probe_rows: int
     settings: dict = field(repr=False, default_factory=dict)
+    far_key_mass: np.ndarray | None = None  # (F, N): mass key k receives from queries beyond far_radii[f]
+    far_rows: np.ndarray | None = None  # (F, N): how many rows were that far
+    prompt_hp_ring: np.ndarray | None = None  # (P, R): high-pass rings per prompt (summed over heads and steps)
+    mean_map: dict | None = None  # --aggregate mean-map: bucket_rings (T, R), rings (R,), hp_mass, interval, groups
+
+    @property
+    def aggregate(self) -> str:
+        return "mean-map" if self.mean_map is not None else "per-map"
+
+    def _hp_total(self) -> np.ndarray:
+        """(R,) high-pass rings the ERF is read from (per-map sums, or the aggregated map's)."""
+        return np.asarray(self.mean_map["rings"], float) if self.mean_map is not None else self.hp_ring.sum((0, 1))
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -91,7 +95,7 @@ class LayerResult:
 
     @property
     def hp_asm_curve(self) -> np.ndarray:
-        return asm_from_rings(self.hp_ring.sum((0, 1)))
+        return asm_from_rings(self._hp_total())
 
     @staticmethod
     def gradient(curve: np.ndarray) -> np.ndarray:
@@ -100,7 +104,10 @@ class LayerResult:
 
     @property
     def erf(self) -> int:
-        return effective_receptive_field(self.hp_asm_curve, self.threshold) if self.hp_ring.sum() > 0 else 0
+        """Smallest odd K with high-pass ASM ≥ τ; 0 for a global layer (no ERF)."""
+        if self._hp_total().sum() <= 0 or self.is_global:
+            return 0
+        return effective_receptive_field(self.hp_asm_curve, self.threshold)
 
     @property
     def erf_unfiltered(self) -> int:
@@ -108,12 +115,13 @@ class LayerResult:
 
     @property
     def erf_per_head(self) -> list[int]:
+        """Per head, always from the per-map sums (the mean map is averaged over heads)."""
         per = self.hp_ring.sum(0)
         return [effective_receptive_field(np.cumsum(p), self.threshold) if p.sum() > 0 else 0 for p in per]
 
     @property
     def erf_per_bucket(self) -> list[int]:
-        per = self.hp_ring.sum(1)
+        per = np.asarray(self.mean_map["bucket_rings"], float) if self.mean_map is not None else self.hp_ring.sum(1)
         return [effective_receptive_field(np.cumsum(p), self.threshold) if p.sum() > 0 else 0 for p in per]
 
     @property
@@ -121,32 +129,100 @@ class LayerResult:
         """The recommended ΔConvBlock kernel size with the report's default ratio and bounds."""
         return self.kernel_size_for()
 
-    def kernel_size_for(self, ratio: float | None = None, kmin: int | None = None, kmax: int | None = None) -> int:
-        """odd(ceil(ratio · ERF)) clamped to [kmin, kmax]; ``None`` takes the report's setting."""
+    def kernel_size_for(self, ratio: float | None = None, kmin: int | None = None, kmax: int | None = None,
+                        erf_from: str | None = None) -> int:
+        """odd(ceil(ratio · ERF)) clamped to [kmin, kmax]; ``None`` takes the report's setting.
+
+        ``erf_from``: ``"upper"`` (default) sizes from the upper end of the ERF's bootstrap interval,
+        ``"point"`` from the ERF itself. A global layer gets kmax, never the smallest kernel.
+        """
         s = self.settings
+        kmax_ = int(s.get("kmax", DEFAULT_KMAX) if kmax is None else kmax)
+        if self.is_global:
+            return recommended_kernel_size(10**6, 1.0, 3, kmax_)  # the largest odd kernel ≤ kmax
+        erf = self.erf
+        interval = self.erf_interval if (erf_from or s.get("erf_from", "upper")) == "upper" else None
+        if interval is not None:
+            erf = max(erf, interval[1])
         return recommended_kernel_size(
-            max(self.erf, 1),
+            max(erf, 1),
             float(s.get("kernel_ratio", DEFAULT_KERNEL_RATIO) if ratio is None else ratio),
             int(s.get("kmin", DEFAULT_KMIN) if kmin is None else kmin),
-            int(s.get("kmax", DEFAULT_KMAX) if kmax is None else kmax),
+            kmax_,
         )
 
     @property
-    def local_share(self) -> float:
+    def highpass_share(self) -> float:
+        """Σ Λ⁺ / Σ A: the share of mass left positive by the high-pass filter (not a prior share)."""
         total = self.mass.sum()
-        return float(self.hp_pos.sum() / total) if total > 0 else 0.0
+        hp = float(self.mean_map["hp_mass"]) if self.mean_map is not None else self.hp_pos.sum()
+        return float(hp / total) if total > 0 else 0.0
+
+    @property
+    def is_global(self) -> bool:
+        """Negligible high-pass mass: the layer attends globally and has no ERF."""
+        return self.highpass_share < float(self.settings.get("global_share", GLOBAL_SHARE)) or self._hp_total().sum() <= 0
 
     @property
     def bias_share(self) -> float:
-        return 1.0 - self.local_share
+        """Share of the mass explained by a query-independent prior (see :func:`attnprobe.stats.prior_share`)."""
+        if self.far_key_mass is None:
+            return float("nan")
+        mass_per_row = self.mass.sum() / max(self.rows.sum() * self.heads, 1)  # image-key mass of one row (≤ 1)
+        reach = (self.erf - 1) // 2 + 1 if self.erf > 0 else 1
+        share = prior_share(self.far_key_mass, self.far_rows, far_radii(self.grid), reach)
+        return float(share / mass_per_row) if mass_per_row > 0 else float("nan")
+
+    @property
+    def local_share(self) -> float:
+        """1 − bias share: what the local, query-dependent term explains."""
+        return 1.0 - self.bias_share
+
+    @property
+    def erf_interval(self) -> tuple[int, int] | None:
+        """90% bootstrap interval of the ERF over prompts (mean-map: prompt groups); None with fewer than two."""
+        if self.is_global:
+            return None
+        if self.mean_map is not None:
+            iv = self.mean_map.get("interval")
+            return tuple(int(v) for v in iv) if iv else None
+        if self.prompt_hp_ring is None:
+            return None
+        return bootstrap_erf(self.prompt_hp_ring, self.threshold)
+
+    @property
+    def erf_interval_steps(self) -> tuple[int, int] | None:
+        """90% bootstrap interval of the ERF over resampled timestep buckets (per-map; None with one bucket)."""
+        if self.is_global or self.mean_map is not None or self.hp_ring.shape[0] < 2:
+            return None
+        return bootstrap_erf(self.hp_ring.sum(1), self.threshold)
+
+    @property
+    def asm_margin(self) -> float:
+        """min(ASM(ERF) − τ, τ − ASM(ERF − 2)) of the high-pass curve: small means the ERF sits on a knife edge."""
+        return asm_margin(self.hp_asm_curve, self.erf, self.threshold) if not self.is_global else float("nan")
+
+    @property
+    def key_coverage(self) -> np.ndarray:
+        """(N,) mass each key would receive from the sampled queries if they spread the layer's mean ring
+        profile evenly (see :func:`attnprobe.stats.key_coverage`)."""
+        pos = parse_queries(self.settings.get("queries", "all"), self.grid).numpy()
+        return key_coverage(self.ring.sum((0, 1)), self.key_mass.sum(), self.grid, pos)
+
+    @property
+    def key_mass_ratio(self) -> np.ndarray:
+        """(N,) key mass / key coverage: 1 where a key gets what its distance to the sampled queries predicts;
+        free of the query lattice's pattern and of border effects. Sinks stand out as ≫ 1."""
+        cov = self.key_coverage
+        return np.divide(self.key_mass, cov, out=np.zeros_like(cov), where=cov > 0)
 
     @property
     def sink_keys(self) -> list[int]:
-        km = self.key_mass
-        if km.sum() <= 0:
+        """Keys receiving more than sink_factor × what their coverage predicts (see :attr:`key_mass_ratio`)."""
+        if self.key_mass.sum() <= 0:
             return []
         factor = float(self.settings.get("sink_factor", 5.0))
-        return [int(i) for i in np.nonzero(km > factor * km.mean())[0]]
+        return [int(i) for i in np.nonzero(self.key_mass_ratio > factor)[0]]
 
     @property
     def has_sink(self) -> bool:
@@ -178,8 +254,14 @@ class LayerResult:
                 "hp_asm_gradient": _round(self.gradient(self.hp_asm_curve)),
                 "erf_per_head": self.erf_per_head,
                 "erf_per_bucket": self.erf_per_bucket,
-                "bias_share": round(self.bias_share, 6),
-                "local_share": round(self.local_share, 6),
+                "global": bool(self.is_global),
+                "aggregate": self.aggregate,
+                "erf_interval": list(self.erf_interval) if self.erf_interval else None,
+                "erf_interval_steps": list(self.erf_interval_steps) if self.erf_interval_steps else None,
+                "asm_margin": _r(self.asm_margin),
+                "bias_share": _r(self.bias_share),
+                "local_share": _r(self.local_share),
+                "highpass_share": round(self.highpass_share, 6),
                 "sink_keys": self.sink_keys,
                 "sink_share": round(self.sink_share, 6),
             },
@@ -192,6 +274,16 @@ class LayerResult:
                 "key_mass": self.key_mass.tolist(),
                 "probe_maps": self.probe_maps.tolist(),
                 "probe_rows": int(self.probe_rows),
+                **({} if self.far_key_mass is None else {"far_key_mass": self.far_key_mass.tolist(),
+                                                         "far_rows": self.far_rows.tolist()}),
+                **({} if self.prompt_hp_ring is None else {"prompt_hp_ring": self.prompt_hp_ring.tolist()}),
+                **({} if self.mean_map is None else {"mean_map": {
+                    "bucket_rings": np.asarray(self.mean_map["bucket_rings"]).tolist(),
+                    "rings": np.asarray(self.mean_map["rings"]).tolist(),
+                    "hp_mass": float(self.mean_map["hp_mass"]),
+                    "interval": list(self.mean_map["interval"]) if self.mean_map.get("interval") else None,
+                    "groups": int(self.mean_map.get("groups", 1)),
+                }}),
             },
         }
 
@@ -216,6 +308,10 @@ class LayerResult:
                 probe_maps=np.asarray(acc["probe_maps"], dtype=np.float64).reshape(-1, grid[0] * grid[1]),
                 probe_rows=int(acc.get("probe_rows", 0)),
                 settings=settings,
+                far_key_mass=np.asarray(acc["far_key_mass"], dtype=np.float64) if "far_key_mass" in acc else None,
+                far_rows=np.asarray(acc["far_rows"], dtype=np.float64) if "far_rows" in acc else None,
+                prompt_hp_ring=np.asarray(acc["prompt_hp_ring"], dtype=np.float64) if "prompt_hp_ring" in acc else None,
+                mean_map=mean_map_from(acc.get("mean_map")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ReportError(f"layer {d.get('name', '?')!r} is malformed: {exc}") from None
@@ -223,23 +319,12 @@ class LayerResult:
         return layer
 
     def validate(self) -> None:
-        t, h, r = self.ring.shape if self.ring.ndim == 3 else (None, None, None)
-        n = self.grid[0] * self.grid[1]
-        ok = (
-            t is not None
-            and h == self.heads
-            and r == max(self.grid)
-            and self.hp_ring.shape == self.ring.shape
-            and self.mass.shape == (t, h)
-            and self.hp_pos.shape == (t, h)
-            and self.rows.shape == (t,)
-            and self.key_mass.shape == (n,)
-        )
-        if not ok:
-            raise ReportError(f"layer {self.name!r}: accumulator shapes do not match grid {self.grid} and {self.heads} heads")
-        for key in ("ring", "hp_ring", "mass", "hp_pos", "key_mass", "probe_maps"):
-            if not np.all(np.isfinite(getattr(self, key))):
-                raise ReportError(f"layer {self.name!r}: accumulator {key!r} contains NaN or inf")
+        """Shapes and finiteness of every accumulator (raises :class:`ReportError` naming the layer)."""
+        check_layer(self)
+
+def _r(v: float, digits: int = 6):
+    return None if v is None or not np.isfinite(v) else round(float(v), digits)
+
 
 def _round(a: np.ndarray, digits: int = 6) -> list:
     return [round(float(v), digits) for v in np.asarray(a).ravel()]
@@ -308,45 +393,15 @@ class Report:
         for key in ("model", "settings", "run", "layers"):
             if key not in d:
                 raise ReportError(f"report is missing {key!r}")
-        _check_schema(d)
+        check_schema(d)
         settings = d["settings"]
+        settings.setdefault("border", "circular")  # reports before --border wrapped the FFT
+        settings.setdefault("aggregate", "per-map")
+        settings.setdefault("erf_from", "point")
         layers = [LayerResult.from_dict(ld, settings) for ld in d["layers"]]
         if not layers:
             raise ReportError("report has no layers")
         return cls(model=d["model"], settings=settings, run=d["run"], layers=layers, images=list(d.get("images", [])))
-
-def _check_schema(d: dict) -> None:
-    """Types and ranges of the fields everything else relies on; the message names the field."""
-    def need(ok, field, what):
-        if not ok:
-            raise ReportError(f"report field {field!r} {what}")
-
-    for key in ("model", "settings", "run"):
-        need(isinstance(d[key], dict), key, f"must be an object, got {type(d[key]).__name__}")
-    need(isinstance(d["layers"], list), "layers", "must be a list")
-    for i, layer in enumerate(d["layers"]):
-        need(isinstance(layer, dict), f"layers[{i}]", f"must be an object, got {type(layer).__name__}")
-    s = d["settings"]
-    res = s.get("resolution")
-    need(isinstance(res, list) and len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res), "settings.resolution",
-         f"must be [height, width] in pixels, got {res!r}")
-    for key, lo in (("threshold", 0.0), ("kernel_ratio", 0.0), ("cutoff", 0.0), ("sink_factor", 1.0)):
-        if key in s:
-            v = s[key]
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > lo,
-                 f"settings.{key}", f"must be a number > {lo:g}, got {v!r}")
-    if "threshold" in s:
-        need(s["threshold"] <= 1, "settings.threshold", f"must be at most 1, got {s['threshold']!r}")
-    for key in ("kmin", "kmax", "steps"):
-        if key in s:
-            need(isinstance(s[key], int) and not isinstance(s[key], bool) and s[key] >= 1, f"settings.{key}",
-                 f"must be a positive integer, got {s[key]!r}")
-    if "prompts" in s:
-        need(isinstance(s["prompts"], list) and all(isinstance(p, str) for p in s["prompts"]), "settings.prompts",
-             "must be a list of strings")
-    need(isinstance(d.get("images", []), list) and all(isinstance(v, str) for v in d.get("images", [])), "images",
-         "must be a list of file names")
-
 
 def load_report(path: str | os.PathLike) -> Report:
     """Read and validate an ``erf.json`` (raises :class:`ReportError` with a clear message)."""

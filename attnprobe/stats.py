@@ -31,6 +31,7 @@ __all__ = [
     "query_positions",
     "box_mass",
     "ring_mass",
+    "BORDERS",
     "butterworth_filter",
     "butterworth_highpass",
     "effective_receptive_field",
@@ -111,13 +112,26 @@ def ring_mass(maps: torch.Tensor, grid: tuple[int, int], positions: torch.Tensor
     return torch.cat([box[..., :1], box[..., 1:] - box[..., :-1]], dim=-1)
 
 
-def butterworth_filter(grid: tuple[int, int], cutoff: float = 0.1, order: int = 2, device=None) -> torch.Tensor:
-    """Real-FFT-layout high-pass response H(u, v), shape (H, W//2 + 1); H(0, 0) = 0."""
+BORDERS = ("zero", "circular")
+
+
+def butterworth_filter(grid: tuple[int, int], cutoff: float = 0.1, order: int = 2, device=None,
+                       border: str = "circular") -> torch.Tensor:
+    """Real-FFT-layout high-pass response H(u, v); H(0, 0) = 0.
+
+    Shape (H, W//2 + 1) for ``border="circular"`` (the FFT wraps: a query at the left edge sees
+    the right edge as its neighbour), (2H, W + 1) for ``border="zero"`` (the map is zero-padded to
+    2H × 2W before filtering, so nothing wraps). Frequencies are in cycles per token either way.
+    """
     if cutoff <= 0:
         raise ValueError("Butterworth cut-off must be > 0 (cycles per token, at most ~0.7)")
     if order < 1:
         raise ValueError("Butterworth order must be ≥ 1")
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
     h, w = grid
+    if border == "zero":
+        h, w = 2 * h, 2 * w
     fu = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]
     fv = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)[None, :]
     d = torch.sqrt(fu**2 + fv**2)
@@ -127,17 +141,27 @@ def butterworth_filter(grid: tuple[int, int], cutoff: float = 0.1, order: int = 
 
 
 def butterworth_highpass(
-    maps: torch.Tensor, grid: tuple[int, int], cutoff: float = 0.1, order: int = 2, response: torch.Tensor | None = None
+    maps: torch.Tensor, grid: tuple[int, int], cutoff: float = 0.1, order: int = 2, response: torch.Tensor | None = None,
+    border: str = "circular",
 ) -> torch.Tensor:
-    """High-pass filter each map: (..., H*W) → (..., H*W), same dtype (computed in ≥ fp32)."""
+    """High-pass filter each map: (..., H*W) → (..., H*W), same dtype (computed in ≥ fp32).
+
+    ``border="zero"`` pads each map with zeros to 2H × 2W, filters, and crops the H × W
+    window back (``response`` must then come from ``butterworth_filter(..., border="zero")``).
+    """
     h, w = grid
     if maps.shape[-1] != h * w:
         raise ValueError(f"maps have {maps.shape[-1]} values but the grid {h}x{w} has {h * w}")
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
     work = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
     if response is None:
-        response = butterworth_filter(grid, cutoff, order, device=maps.device)
-    spec = torch.fft.rfft2(work.reshape(*work.shape[:-1], h, w))
-    out = torch.fft.irfft2(spec * response.to(work.dtype), s=(h, w))
+        response = butterworth_filter(grid, cutoff, order, device=maps.device, border=border)
+    size = (2 * h, 2 * w) if border == "zero" else (h, w)
+    if response.shape != (size[0], size[1] // 2 + 1):
+        raise ValueError(f"filter response of shape {tuple(response.shape)} does not fit a {border}-border {h}x{w} grid")
+    spec = torch.fft.rfft2(work.reshape(*work.shape[:-1], h, w), s=size)  # s pads with zeros at the end
+    out = torch.fft.irfft2(spec * response.to(work.dtype), s=size)[..., :h, :w]
     return out.reshape(maps.shape).to(maps.dtype)
 
 
@@ -184,10 +208,26 @@ def recommended_kernel_size(erf: int, ratio: float = DEFAULT_KERNEL_RATIO, kmin:
     return int(min(max(k, kmin), kmax))
 
 
+def _lattice(n: int, stride: int) -> torch.Tensor:
+    """ceil((n − 1) / stride) + 1 positions from 0 to n − 1, spaced as evenly as integers allow.
+
+    The lattice is symmetric about the centre (as far as integers allow) and touches both borders (a plain 0, S, 2S, ...
+    range never samples the last row when S does not divide n − 1).
+    """
+    if n == 1 or stride == 1:
+        return torch.arange(n)
+    m = -(-(n - 1) // stride) + 1
+    x = np.linspace(0, n - 1, m)
+    near = np.floor(x + 0.5)  # round half up on the first half, mirrored on the second half
+    pos = np.where(x <= (n - 1) / 2, near, (n - 1) - np.floor((n - 1 - x) + 0.5)).astype(np.int64)
+    return torch.from_numpy(np.unique(pos))
+
+
 def parse_queries(spec, grid: tuple[int, int]) -> torch.Tensor:
     """Query positions (flat indices into the grid) for a query spec.
 
-    ``"all"``; ``"stride:S"`` (every S-th row and column, S ≥ 1); ``"sample:N"`` (N positions
+    ``"all"``; ``"stride:S"`` (rows and columns about S apart, S ≥ 1, on a lattice centred on
+    the grid that includes the first and last row and column); ``"sample:N"`` (N positions
     drawn uniformly without replacement, seeded by the grid so shards agree); ``"auto"``
     (the stride S = round(√(N / 144)) that keeps roughly 100–200 queries per layer: all queries
     on a 16×16 grid, stride 3 on 32×32, 5 on 64×64; measured to keep analysed generation within
@@ -208,8 +248,7 @@ def parse_queries(spec, grid: tuple[int, int]) -> torch.Tensor:
     except ValueError:
         v = 0
     if kind == "stride" and v >= 1:
-        rows = torch.arange(0, h, v)
-        cols = torch.arange(0, w, v)
+        rows, cols = _lattice(h, v), _lattice(w, v)
         return (rows[:, None] * w + cols[None, :]).reshape(-1)
     if kind == "sample" and v >= 1:
         g = torch.Generator().manual_seed(1_000_003 * h + w)

@@ -114,6 +114,12 @@ def _generate(distilled_folder, prompts, seeds, out: Path, *, compare, steps, re
 
     pipe, spec, config = load_distilled(distilled_folder, device=device)
     res = resolution or (config.get("extra") or {}).get("resolution") or spec.resolution or None
+    from attnprobe.core.pipeline import resolve_resolution
+
+    try:
+        resolve_resolution(pipe, res)  # a bad size is one line, before any progress output
+    except ValueError as exc:
+        raise GenerateError(str(exc)) from None
     pairs = [(p, s) for p in prompts for s in seeds]
     all_prompts, all_seeds = [p for p, _ in pairs], [s for _, s in pairs]
     with Progress("generate", steps * (2 if compare else 1), unit="step") as progress:

@@ -13,10 +13,16 @@ def rings_brute(maps, grid, positions):
     return out
 
 
-def highpass_numpy(maps, grid, cutoff, order):
+def highpass_numpy(maps, grid, cutoff, order, border="circular"):
+    """Butterworth high-pass with a full complex FFT; ``border="zero"`` pads with np.pad and crops."""
     h, w = grid
-    d = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
+    x = maps.reshape(-1, h, w)
+    if border == "zero":
+        x = np.pad(x, ((0, 0), (0, h), (0, w)))
+    fh, fw = x.shape[-2:]
+    d = np.hypot(np.fft.fftfreq(fh)[:, None], np.fft.fftfreq(fw)[None, :])
     with np.errstate(divide="ignore"):
         resp = 1.0 / (1.0 + (cutoff / d) ** (2 * order))
     resp[0, 0] = 0.0
-    return np.real(np.fft.ifft2(np.fft.fft2(maps.reshape(-1, h, w)) * resp)).reshape(maps.shape)
+    out = np.real(np.fft.ifft2(np.fft.fft2(x) * resp))[:, :h, :w]
+    return out.reshape(maps.shape)

@@ -107,6 +107,10 @@ CASES = [
     (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --kernel-ratio inf", "--kernel-ratio"),
     (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --threshold 1.5", "--threshold"),
     (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --queries every-other", "--queries"),
+    (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --aggregate mean", "--aggregate"),
+    (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --border reflect", "--border"),
+    (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --erf-from lower", "--erf-from"),
+    (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --aggregate mean-map --memory-budget-mb 0.001", "mean-map"),
     (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {t}/o --steps 0", "--steps"),
     (A, "analyze -p {w}/prompts.txt -m tiny-pixart -o {w}/existing", "--overwrite"),
     # merge, report, plot
@@ -202,7 +206,7 @@ def test_a_second_run_into_the_same_output_is_refused(world, tmp_path):
         assert result.exit_code == 2 and "being written by another run" in result.stderr
         assert not out.exists()
     (tmp_path / ".shared.lock").write_text("ghost:999999\n")  # a killed run's claim is taken over
-    (tmp_path / f".shared.ghost.999999.partial").mkdir()
+    (tmp_path / ".shared.ghost.999999.partial").mkdir()
     import attnprobe.core.outputs as outputs
 
     (tmp_path / ".shared.lock").write_text(f"{outputs._HOST}:999999\n")

@@ -80,7 +80,16 @@ def test_layer_filter(tiny_pipes):
 
 def test_parse_queries():
     assert parse_queries("all", (4, 6)).tolist() == list(range(24))
-    assert parse_queries("stride:2", (4, 6)).tolist() == [0, 2, 4, 12, 14, 16]
+    # centred lattice: rows {0, 2, 3}, cols {0, 2, 3, 5} on 4×6 (both borders sampled)
+    assert parse_queries("stride:2", (4, 6)).tolist() == [r * 6 + c for r in (0, 2, 3) for c in (0, 2, 3, 5)]
+    for n, stride in [(16, 2), (32, 3), (64, 5), (17, 4), (9, 9), (64, 7)]:
+        q = parse_queries(f"stride:{stride}", (n, n))
+        rows = sorted(set((q // n).tolist()))
+        assert rows[0] == 0 and rows[-1] == n - 1  # first and last row
+        gaps = np.diff(rows)
+        assert gaps.max() <= stride and gaps.min() >= stride - 1  # about S apart
+        mirrored = sorted(n - 1 - r for r in rows)
+        assert sum(a != b for a, b in zip(rows, mirrored)) <= 2  # symmetric up to the middle rounding
     s = parse_queries("sample:5", (4, 6))
     assert len(s) == 5 and len(set(s.tolist())) == 5 and s.tolist() == parse_queries("sample:5", (4, 6)).tolist()
     assert len(parse_queries("auto", (16, 16))) == 256  # small grids: every query
@@ -106,8 +115,8 @@ class _FakeCapture:
 
 
 @pytest.mark.parametrize("joint,n_text", [(None, 0), ("image_last", 5), ("image_first", 7)])
-@pytest.mark.parametrize("budget", [1 << 30, 1])  # one chunk, or one query per chunk
-def test_observe_matches_brute_force(joint, n_text, budget):
+@pytest.mark.parametrize("budget,border", [(1 << 30, "zero"), (1, "zero"), (1 << 30, "circular")])  # chunks × borders
+def test_observe_matches_brute_force(joint, n_text, budget, border):
     grid = (5, 7)
     n = 35
     g = torch.Generator().manual_seed(7)
@@ -117,7 +126,8 @@ def test_observe_matches_brute_force(joint, n_text, budget):
     site = AttnSite("x.attn", "x", "fake", joint=joint)
     acc = LayerAccumulator(
         site=site, buckets=1, highpass_mass="positive", cutoff=0.15, order=2, queries="stride:2",
-        probe_points=[(0.5, 0.5)], memory_budget=budget, capture=_FakeCapture(grid),
+        probe_points=[(0.5, 0.5)], memory_budget=budget, capture=_FakeCapture(grid), border=border,
+        aggregate="mean-map" if budget > 1 else "per-map",  # mean-map sums need room; budget 1 forces 1-query chunks
     )
     acc.observe(q.float(), k.float(), None, None)
     off = n_text if joint == "image_last" else 0
@@ -129,8 +139,10 @@ def test_observe_matches_brute_force(joint, n_text, budget):
     for bi in range(b):
         for hi in range(heads):
             ring[hi] += _rings_brute(img[bi, hi], grid, pos).sum(0)
-            lam = _highpass_numpy(img[bi, hi], grid, 0.15, 2)
+            lam = _highpass_numpy(img[bi, hi], grid, 0.15, 2, border=border)
             hp_ring[hi] += _rings_brute(np.clip(lam, 0, None), grid, pos).sum(0)
+    if budget > 1:
+        np.testing.assert_allclose(acc.map_sum[0, 0].numpy(), img.sum((0, 1)), rtol=1e-5, atol=1e-6)  # mean-map sums
     np.testing.assert_allclose(acc.ring[0], ring, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(acc.hp_ring[0], hp_ring, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(acc.key_mass, img.sum((0, 1, 2)), rtol=1e-5, atol=1e-6)

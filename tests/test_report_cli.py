@@ -16,8 +16,15 @@ runner = CliRunner()
 def report(tmp_path_factory):
     from attnprobe.core.registry import load_pipeline
 
+    from attnprobe.analysis import ResolutionWarning
+
     pipe, spec = load_pipeline("tiny-pixart")
-    return analyze(pipe, ["a photo of cat", "a red dog"], steps=2, resolution="32x48", model_info={"alias": spec.alias})
+    with pytest.warns(ResolutionWarning, match="32x48 differs from the model's native resolution 32x32"):
+        return analyze(pipe, ["a photo of cat", "a red dog"], steps=2, resolution="32x48", model_info={"alias": spec.alias})
+
+
+def test_resolution_warning_is_recorded(report):
+    assert any("32x48" in w for w in report.run["warnings"])
 
 
 def test_report_content(report):

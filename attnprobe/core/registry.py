@@ -201,7 +201,22 @@ def load_pipeline(name: str, dtype="auto", device: str | torch.device = "cpu", a
     pipe.set_progress_bar_config(disable=True)
     if spec.resolution:
         pipe._attnprobe_resolution = spec.resolution  # the alias's native size, for resolution=None
+    trained = _training_resolution(spec.source)
+    if trained:
+        pipe._attnprobe_training_resolution = trained  # recorded by the training script (the demo records it)
     return pipe, spec
+
+
+def _training_resolution(source) -> int | None:
+    """The ``config.resolution`` a pipeline folder's train_config.json records, if any."""
+    try:
+        path = Path(str(source)) / "train_config.json"
+        if path.is_file():
+            value = json.loads(path.read_text()).get("config", {}).get("resolution")
+            return int(value) if value else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def config_hash(config) -> str:

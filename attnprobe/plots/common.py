@@ -72,8 +72,9 @@ def _save(fig, out_dir, stem: str, formats: Sequence[str], dpi: int) -> list[Pat
 
 def _title(report) -> str:
     alias = report.model.get("alias") or report.model.get("denoiser") or "model"
-    h, w = report.settings.get("resolution", ["?", "?"])
-    return f"{alias} @ {h}×{w} px"
+    s = report.settings
+    h, w = s.get("resolution", ["?", "?"])
+    return f"{alias} @ {h}×{w} px · {s.get('aggregate', 'per-map')}, {s.get('border', 'circular')} border"
 
 
 def forward_order(report) -> list:

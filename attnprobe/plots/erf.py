@@ -88,10 +88,23 @@ def plot_erf(report, out_dir, *, layers=None, formats: Sequence[str] = FORMATS, 
     with _style():
         fig = Figure(figsize=(_layers_width(n), 5.0), layout="constrained")
         ax = fig.subplots()
-        ax.bar(x - 0.2, [l.erf for l in chosen], 0.4, color=viridis(0.35), label="ERF, high-passed maps")
+        erfs = np.array([l.erf for l in chosen], dtype=float)
+        ax.bar(x - 0.2, erfs, 0.4, color=viridis(0.35), label="ERF, high-passed maps")
+        iv = [l.erf_interval for l in chosen]
+        has = np.array([v is not None for v in iv])
+        if has.any():
+            lo = np.array([e - v[0] if v else 0 for e, v in zip(erfs, iv)])
+            hi = np.array([v[1] - e if v else 0 for e, v in zip(erfs, iv)])
+            ax.errorbar(x[has] - 0.2, erfs[has], yerr=[lo[has], hi[has]], fmt="none", ecolor="black", elinewidth=1.2,
+                        capsize=3, label=f"90% bootstrap interval over {s.get('n_prompts', '?')} prompts")
+        for xi, l in zip(x, chosen):
+            if l.is_global:
+                ax.annotate("global", (xi - 0.2, 0.5), rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
         ax.bar(x + 0.2, [l.erf_unfiltered for l in chosen], 0.4, color=viridis(0.8), label="ERF, raw maps")
         ax.scatter(x, [l.kernel_size for l in chosen], marker="D", s=40, color="black", zorder=3,
-                   label=f"recommended kernel k = odd(⌈{s.get('kernel_ratio', 0.6)}·ERF⌉)")
+                   label=f"recommended kernel k = odd(⌈{s.get('kernel_ratio', 0.6)}·ERF⌉)"
+                         + (" (interval's upper end)" if s.get("erf_from", "point") == "upper" else "")
+                         + "; global layers: kmax")
         kgrid = [2 * max(l.grid) - 1 for l in chosen]
         ax.hlines(kgrid, x - 0.45, x + 0.45, colors="0.45", linestyles=":", lw=1.5,
                   label="largest K on the grid (2·max(H′,W′)−1)")

@@ -25,8 +25,7 @@ def _sink_layer(layers: list):
         return max(with_sinks, key=lambda l: l.sink_share), True
 
     def peak(l):
-        m = l.key_mass.mean()
-        return l.key_mass.max() / m if m > 0 else 0.0
+        return float(l.key_mass_ratio.max())
 
     return max(layers, key=peak), False
 
@@ -37,7 +36,7 @@ def plot_bias_sinks(report, out_dir, *, layers=None, formats: Sequence[str] = FO
     chosen = _pick(forward_order(report), layers)
     n = len(chosen)
     x = np.arange(n)
-    local = np.array([l.local_share for l in chosen])
+    local = np.nan_to_num(np.array([l.local_share for l in chosen]), nan=0.0)
     sink = np.array([l.sink_share for l in chosen])
     cividis = _cmap("cividis")
     factor = float(report.settings.get("sink_factor", 5.0))
@@ -45,7 +44,7 @@ def plot_bias_sinks(report, out_dir, *, layers=None, formats: Sequence[str] = FO
         fig = Figure(figsize=(_layers_width(n, per=0.32, base=1.5, lo=5.5, hi=22.0) + 5.8, 5.4), layout="constrained")
         gs = fig.add_gridspec(1, 2, width_ratios=[_layers_width(n, per=0.32, base=1.5, lo=5.5, hi=22.0), 5.0])
         ax = fig.add_subplot(gs[0])
-        ax.bar(x, local, 0.7, color=cividis(0.85), label="local share (high-pass Λ⁺ / A)")
+        ax.bar(x, local, 0.7, color=cividis(0.85), label="local share (1 − bias share)")
         ax.bar(x, 1 - local, 0.7, bottom=local, color=cividis(0.2), label="bias share (query-independent prior)")
         has = np.array([l.has_sink for l in chosen])
         if has.any():
@@ -60,12 +59,11 @@ def plot_bias_sinks(report, out_dir, *, layers=None, formats: Sequence[str] = FO
         ax.set_xlabel("layer")
         ax.set_ylabel("share of attention mass")
         ax.legend(loc="upper center", ncols=2 if n > 8 else 1, framealpha=0.9)
-        ax.set_title("Bias vs local share per layer")
+        ax.set_title("Bias (query-independent prior, from far queries) vs local share per layer")
 
         layer, flagged = _sink_layer(chosen)
         h, w = layer.grid
-        km = layer.key_mass.reshape(h, w)
-        rel = km / km.mean() if km.mean() > 0 else km
+        rel = layer.key_mass_ratio.reshape(h, w)
         ax2 = fig.add_subplot(gs[1])
         positive = rel[rel > 0]
         if positive.size and rel.max() / max(positive.min(), 1e-12) > 20:
@@ -77,12 +75,12 @@ def plot_bias_sinks(report, out_dir, *, layers=None, formats: Sequence[str] = FO
             ax2.add_patch(Rectangle((k % w, k // w), 1, 1, fill=False, ec="cyan", lw=2))
         ax2.set_xlabel("key x (tokens)")
         ax2.set_ylabel("key y (tokens)")
-        fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.03).set_label("mass received / mean per key")
+        fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.03).set_label("mass received / mass its query coverage predicts")
         if flagged:
             ax2.set_title(f"Key mass, {layer.label}: {len(layer.sink_keys)} sink key(s)\n"
-                          f"(> {factor:g}× mean; {layer.sink_share:.0%} of all mass, outlined)")
+                          f"(> {factor:g}× coverage; {layer.sink_share:.0%} of all mass, outlined)")
         else:
-            ax2.set_title(f"Key mass, {layer.label}\n(no sink keys > {factor:g}× mean in any layer)")
+            ax2.set_title(f"Key mass, {layer.label}\n(no sink keys > {factor:g}× coverage in any layer)")
         fig.suptitle(f"Bias/local decomposition and attention sinks — {_title(report)}")
         return _save(fig, out_dir, "bias_sinks", formats, dpi)
 

@@ -77,6 +77,11 @@ def analyze(
     ring_backend: str = typer.Option("auto", help="Unfiltered ring masses: auto (fused Triton kernel on CUDA), triton or reference."),
     plots: bool = typer.Option(True, help="Also write figures into OUT/figures."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    estimate: bool = typer.Option(False, "--estimate", help="Dry run: build the model from its shipped config on the "
+                                  "meta device (no weights) and print layers, grids, query chunks, peak extra memory, "
+                                  "rows to reduce and the estimated time per step on --device; writes nothing."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Run the real code path on a config-only alias "
+                                        "with seeded random weights (smoke tests, benchmarks); the report says so."),
 ):
     """Generate images for every prompt while capturing attention statistics; write erf.json."""
     from attnprobe.analysis import ResolutionWarning, analyze as run_analysis
@@ -97,13 +102,19 @@ def analyze(
     ).validate()
     prompt_list = read_prompts(prompts)
     spec = resolve(model)
+    if estimate:
+        from attnprobe.core.registry import auto_dtype, torch_dtype
+
+        dev = check_device(device)
+        print_estimate(model, cfg, dev, auto_dtype(dev) if dtype == "auto" else torch_dtype(dtype), len(prompt_list))
+        return
     out = out or Path("runs") / Path(spec.alias).name
     check_output_dir(out, overwrite)
     check_writable(out)
     device = check_device(device)
     if cfg.ring_backend == "triton" and not device.startswith("cuda") and not backends.interpreting():
         raise UsageError("--ring-backend triton needs a CUDA device (and Triton); use auto or reference")
-    pipe, spec = load_pipeline(model, dtype=dtype, device=device)
+    pipe, spec = load_pipeline(model, dtype=dtype, device=device, random_weights=random_weights)
     from attnprobe.analysis import check_mean_map_memory, resolution_notes
 
     size = resolve_resolution(pipe, resolution)
@@ -119,8 +130,9 @@ def analyze(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResolutionWarning)  # printed above, before the run
-            report = run_analysis(pipe, prompt_list, cfg, model_info={"alias": spec.alias, "source": spec.source},
-                                  image_dir=tmp / "images", on_step=on_step)
+            info = {"alias": spec.alias, "source": spec.source,
+                    "weights": "random" if getattr(pipe, "_attnprobe_random_weights", False) else "pretrained"}
+            report = run_analysis(pipe, prompt_list, cfg, model_info=info, image_dir=tmp / "images", on_step=on_step)
         report.save(tmp / "erf.json")
         if plots:
             from attnprobe.plots import plot_all
@@ -128,6 +140,35 @@ def analyze(
             plot_all(report, tmp / "figures", images_dir=tmp / "images")
     print_layer_table(report)
     console.print(f"wrote [bold]{out / 'erf.json'}[/] ({len(report.layers)} layers, {len(prompt_list)} images)")
+
+
+def print_estimate(model: str, cfg, device: str, dtype, prompts: int) -> None:
+    from attnprobe.estimate import estimate_analysis
+
+    est = estimate_analysis(model, cfg, device=device, dtype=dtype, prompts=prompts)
+    h, w = est.resolution
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"attnprobe analyze --estimate — {est.model} @ {h}x{w} on {device} ({est.dtype}, batch {est.batch})",
+                  caption=f"Q: queries per layer; MiB: peak extra memory of one call; rows: softmax rows reduced per step; s: capture "
+                          f"seconds per step. {est.calibration}")
+    table.add_column("layer", no_wrap=True, min_width=14)
+    for col in ("grid", "heads", "keys", "Q", "chunks", "MiB", "rows", "s"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=5)
+    for l in est.layers:
+        table.add_row(l.name, f"{l.grid[0]}×{l.grid[1]}", str(l.heads), str(l.keys), str(l.queries), str(l.chunks),
+                      f"{l.peak_bytes / 2**20:.0f}", f"{l.rows_per_step:,}", f"{l.capture_s:.3f}")
+    console.print(table)
+    total = est.total_s
+    console.print(
+        f"{len(est.layers)} self-attention layers; weights {est.params / 1e6:.0f} M parameters = "
+        f"{est.weight_bytes / 2**30:.2f} GiB; capture peak extra {est.peak_bytes / 2**20:.0f} MiB per call "
+        f"(--memory-budget-mb {cfg.memory_budget_mb:g}), running sums {est.kept_bytes / 2**20:.1f} MiB in all; "
+        f"peak resident memory ≈ {est.rss_bytes / 2**30:.1f} GiB.\n"
+        f"Estimated per denoising step: model {est.model_step_s:.2f} s + capture {est.capture_step_s:.2f} s = "
+        f"{est.step_s:.2f} s; {est.steps} steps × {est.prompts} prompt(s) ≈ {total / 60:.1f} min "
+        f"({total / 3600:.2f} h). Estimates, not measurements: see benchmarks/RESULTS.md."
+    )
 
 
 def print_layer_table(report) -> None:

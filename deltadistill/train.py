@@ -129,7 +129,8 @@ class Trainer:
         self.model_name = cfg.model or ((report.model or {}).get("alias") if report is not None else None) or "demo"
         self.resume_path = find_checkpoint(cfg.resume, self.out) if cfg.resume else None
         dtype = cfg.dtype if cfg.dtype != "auto" else ("fp32" if self.device.type == "cpu" else "auto")
-        pipe, spec = load_pipeline(self.model_name, dtype=dtype, device=self.device)
+        random = bool(report is not None and (report.model or {}).get("weights") == "random")  # same seeded weights
+        pipe, spec = load_pipeline(self.model_name, dtype=dtype, device=self.device, random_weights=random)
         den = denoiser_of(pipe)
         self.family = family_of(den)
         check_report_model(report, den, self.model_name, overridden=cfg.kernel_size is not None)

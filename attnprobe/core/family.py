@@ -99,6 +99,12 @@ class Family:
         """``{alias: (build(seed=0) -> pipeline, description, resolution)}`` of tiny random-weight pipelines."""
         return {}
 
+    def random_pipeline(self, denoiser: torch.nn.Module, vae_factor: int):
+        """A pipeline around a real-size ``denoiser`` (random weights) with tiny random text encoders and
+        VAE of matching widths, for ``--random-weights`` smoke tests and benchmarks."""
+        raise UnsupportedModelError(f"--random-weights is not available for the {self.name} family yet "
+                                    "(PixArt and SD1.5-style UNets are)")
+
     # -- self-attention sites -----------------------------------------------------------------
     def self_attention(self, denoiser: torch.nn.Module) -> list[AttnSite]:
         raise NotImplementedError

@@ -19,6 +19,8 @@ import torch
 
 from attnprobe.core.errors import UserError
 from attnprobe.core.family import denoiser_of, families, family_for_pipeline, vae_scale_factor
+from attnprobe.core.family import Family
+from attnprobe.core.family import family_of as family_of_denoiser
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -160,16 +162,23 @@ def _quiet_loading_bars() -> None:
         pass
 
 
-def load_pipeline(name: str, dtype="auto", device: str | torch.device = "cpu", allow_download: bool = False):
+def load_pipeline(name: str, dtype="auto", device: str | torch.device = "cpu", allow_download: bool = False,
+                  random_weights: bool = False):
     """Load (or build) the pipeline for ``name``; returns ``(pipe, spec)``.
 
     Weights never download unless ``allow_download`` is true (or ``HF_HUB_OFFLINE=0`` is set
     explicitly); a missing model raises :class:`ModelLoadError` saying how to get it.
+    ``random_weights``: build the real-size denoiser of an alias from its shipped config with seeded
+    random weights, around tiny text encoders and VAE (smoke tests and benchmarks at real shapes;
+    ``pipe._attnprobe_random_weights`` is set and reports say so).
     """
     spec = resolve(name)
     dt = auto_dtype(device) if dtype in (None, "auto") else torch_dtype(dtype)
-    if spec.is_builtin:
+    if random_weights and not spec.is_builtin:
+        pipe = _random_pipeline(spec)
+    elif spec.is_builtin:
         pipe = _tiny_builder(spec.alias)()
+        pipe._attnprobe_random_weights = True  # the tiny pipelines are random by construction
     else:
         from diffusers import DiffusionPipeline
 
@@ -205,6 +214,40 @@ def load_pipeline(name: str, dtype="auto", device: str | torch.device = "cpu", a
     if trained:
         pipe._attnprobe_training_resolution = trained  # recorded by the training script (the demo records it)
     return pipe, spec
+
+
+def _random_pipeline(spec: ModelSpec):
+    """The real-size denoiser of ``spec`` from its shipped config (seeded random weights) in a pipeline."""
+    if not (CONFIG_DIR / f"{spec.alias}.json").is_file():
+        raise ModelLoadError(f"--random-weights needs an alias with a shipped architecture config "
+                             f"({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}); got {spec.alias!r}")
+    meta, info = denoiser_from_config(spec.alias, device="meta")
+    family = family_of_denoiser(meta)
+    if type(family).random_pipeline is Family.random_pipeline:
+        family.random_pipeline(meta, int(info["vae_scale_factor"]))  # raises: not supported for this family
+    need = sum(p.numel() for p in meta.parameters()) * 4
+    free = _available_memory()
+    if free and need > 0.8 * free:
+        raise ModelLoadError(f"--random-weights: {spec.alias} needs {need / 2**30:.1f} GiB of fp32 weights, "
+                             f"more than the {free / 2**30:.1f} GiB available here")
+    torch.manual_seed(0)
+    den, info = denoiser_from_config(spec.alias, device="cpu")
+    pipe = family.random_pipeline(den.eval(), int(info["vae_scale_factor"]))
+    pipe._attnprobe_random_weights = True
+    if info.get("resolution"):
+        pipe._attnprobe_resolution = int(info["resolution"])
+    return pipe
+
+
+def _available_memory() -> int:
+    """Bytes of memory available (Linux /proc/meminfo), 0 if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _training_resolution(source) -> int | None:

@@ -42,15 +42,16 @@ def vocab_size() -> int:
     return len(VOCAB) + 4
 
 
-def clip(projection: bool = False, hidden: int = 32, proj: int = 32, seed: int = 0):
+def clip(projection: bool = False, hidden: int = 32, proj: int = 32, seed: int = 0, intermediate: int | None = None,
+         layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=vocab_size(),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=32,
         projection_dim=proj,
@@ -61,7 +62,7 @@ def clip(projection: bool = False, hidden: int = 32, proj: int = 32, seed: int =
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def t5(d_model: int = 32, seed: int = 0):
+def t5(d_model: int = 32, seed: int = 0, d_ff: int | None = None, layers: int = 2):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -69,8 +70,8 @@ def t5(d_model: int = 32, seed: int = 0):
         vocab_size=vocab_size(),
         d_model=d_model,
         d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=2,
+        d_ff=d_ff or 2 * d_model,
+        num_layers=layers,
         num_heads=4,
         pad_token_id=0,
         eos_token_id=2,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import torch
 
 from attnprobe.core import tiny
@@ -89,6 +91,17 @@ class PixArt(Family):
 
     def tiny_builders(self):
         return {"tiny-pixart": (build_tiny_pixart, "random-weight tiny PixArt-Σ (tests)", 32)}
+
+    def random_pipeline(self, denoiser, vae_factor: int):
+        """Real-size transformer; a 1-layer T5 of width caption_channels (narrow MLP) and a tiny VAE."""
+        from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+        cfg = denoiser.config
+        levels = int(round(math.log2(vae_factor))) + 1
+        return PixArtSigmaPipeline(
+            tokenizer=tiny.tiny_tokenizer(), text_encoder=tiny.t5(int(cfg.caption_channels), d_ff=64, layers=1),
+            vae=tiny.vae(latent_channels=int(cfg.in_channels), levels=levels), transformer=denoiser,
+            scheduler=DPMSolverMultistepScheduler())
 
 
 def build_tiny_pixart(seed: int = 0):

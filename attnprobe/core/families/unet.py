@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import math
+
 import torch
 
 from attnprobe.core import tiny
@@ -94,6 +96,20 @@ class UNet(Family):
 
     def tiny_builders(self):
         return {"tiny-sd15": (build_tiny_sd15, "random-weight tiny SD1.5-like UNet (tests)", 32)}
+
+    def random_pipeline(self, denoiser, vae_factor: int):
+        """Real-size UNet; a 1-layer CLIP text encoder of width cross_attention_dim and a tiny VAE."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        cfg = denoiser.config
+        if cfg.get("addition_embed_type"):
+            return super().random_pipeline(denoiser, vae_factor)  # SDXL-style conditioning: not built here
+        levels = int(round(math.log2(vae_factor))) + 1
+        return StableDiffusionPipeline(
+            vae=tiny.vae(latent_channels=int(cfg.in_channels), levels=levels),
+            text_encoder=tiny.clip(hidden=int(cfg.cross_attention_dim), intermediate=64, layers=1),
+            tokenizer=tiny.tiny_tokenizer(), unet=denoiser, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def tiny_unet(xl: bool, seed: int):

@@ -161,6 +161,11 @@ class LayerAccumulator:
             self.groups = max(1, min(self.groups, budget // per_group))
             self.map_sum = torch.zeros(t, self.groups, len(self._positions), h * w, dtype=torch.float64)
 
+    def allocate(self, heads: int, grid: tuple[int, int]) -> None:
+        """Zero sums of these shapes if no call came yet (a rank without prompts, before the ranks' sums are added)."""
+        if self.grid is None:
+            self._init(int(heads), (int(grid[0]), int(grid[1])))
+
     def _image_slice(self, n_tokens: int, n_image: int) -> int:
         """Offset of the image tokens in a sequence of n_tokens (joint attention concatenates text)."""
         if self.site.joint is None:

@@ -7,6 +7,7 @@ See :mod:`attnprobe.core.cli`.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnprobe._version import __version__
-from attnprobe.core.cli import UsageError, calm_threads, check_device, command, make_app
+from attnprobe.core.cli import UsageError, calm_threads, check_device, command, fail, make_app
 from attnprobe.core.progress import Progress
 
 calm_threads()  # before torch is imported
@@ -82,9 +83,32 @@ def analyze(
                                   "rows to reduce and the estimated time per step on --device; writes nothing."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Run the real code path on a config-only alias "
                                         "with seeded random weights (smoke tests, benchmarks); the report says so."),
+    shard: Optional[str] = typer.Option(None, help="i/n: analyse only shard i of n (0-based) of the prompts, with "
+                                                   "their global seeds; `attnprobe merge` adds the n reports into the "
+                                                   "full one. Under torchrun / accelerate launch the ranks share the "
+                                                   "prompts by themselves (README 'Several processes or machines')."),
 ):
-    """Generate images for every prompt while capturing attention statistics; write erf.json."""
-    from attnprobe.analysis import ResolutionWarning, analyze as run_analysis
+    """Generate images for every prompt while capturing attention statistics; write erf.json.
+
+    Under ``torchrun`` / ``accelerate launch`` every process takes a share of the prompts and rank 0
+    writes the one report (equal to a single process's); the other ranks write nothing.
+    """
+    options = dict(locals())
+    from attnprobe import distributed
+
+    part = None if shard is None else distributed.parse_shard(shard)
+    with distributed.launch(check_device(device)) as team, contextlib.ExitStack() as stack:
+        try:
+            _analyze(team, stack, part, options)
+        except distributed.RankError as exc:  # another rank failed: rank 0 says so, the others leave quietly
+            if exc.quiet:
+                raise typer.Exit(exc.code) from None
+            fail(exc, exc.code)
+
+
+def _analyze(team, stack, part, o: dict) -> None:
+    """The body of ``analyze`` (``o``: its options) for one rank of ``team``."""
+    from attnprobe.analysis import ResolutionWarning, analyze as run_analysis, check_mean_map_memory, resolution_notes
     from attnprobe.config import AnalysisConfig
     from attnprobe.core import backends
     from attnprobe.core.outputs import check_output_dir, check_writable, read_prompts, staged_output_dir
@@ -92,54 +116,81 @@ def analyze(
     from attnprobe.core.pipeline import resolve_resolution
     from attnprobe.core.sites import select_sites
     from attnprobe.core.registry import load_pipeline, resolve
+    from attnprobe.distributed import share
 
-    cfg = AnalysisConfig(
-        resolution=resolution, steps=steps, guidance_scale=guidance_scale, seed=seed, threshold=threshold, cutoff=cutoff,
-        order=order, highpass_mass=highpass_mass, kernel_ratio=kernel_ratio, kmin=kmin, kmax=kmax, queries=queries,
-        layers=layers, timestep_buckets=timestep_buckets, probe_points=_parse_probe_points(probe_points),
-        sink_factor=5.0, memory_budget_mb=memory_budget_mb, ring_backend=None if ring_backend == "auto" else ring_backend,
-        aggregate=aggregate, border=border, erf_from=erf_from,
-    ).validate()
-    prompt_list = read_prompts(prompts)
-    spec = resolve(model)
-    if estimate:
-        from attnprobe.core.registry import auto_dtype, torch_dtype
+    steps, device, out = o["steps"], team.device, o["out"]
+    with team.together():  # bad input fails every rank before the model loads; rank 0 prints it once
+        if part is not None and team.world_size > 1:
+            raise UsageError("--shard splits the prompts by hand; under torchrun / accelerate launch leave it out "
+                             "(the ranks share the prompts)")
+        cfg = AnalysisConfig(
+            resolution=o["resolution"], steps=steps, guidance_scale=o["guidance_scale"], seed=o["seed"],
+            threshold=o["threshold"], cutoff=o["cutoff"], order=o["order"], highpass_mass=o["highpass_mass"],
+            kernel_ratio=o["kernel_ratio"], kmin=o["kmin"], kmax=o["kmax"], queries=o["queries"], layers=o["layers"],
+            timestep_buckets=o["timestep_buckets"], probe_points=_parse_probe_points(o["probe_points"]), sink_factor=5.0,
+            memory_budget_mb=o["memory_budget_mb"], ring_backend=None if o["ring_backend"] == "auto" else o["ring_backend"],
+            aggregate=o["aggregate"], border=o["border"], erf_from=o["erf_from"],
+        ).validate()
+        prompt_list = read_prompts(o["prompts"])
+        if o["estimate"]:
+            from attnprobe.core.registry import auto_dtype, torch_dtype
 
-        dev = check_device(device)
-        print_estimate(model, cfg, dev, auto_dtype(dev) if dtype == "auto" else torch_dtype(dtype), len(prompt_list))
-        return
-    out = out or Path("runs") / Path(spec.alias).name
-    check_output_dir(out, overwrite)
-    check_writable(out)
-    device = check_device(device)
-    if cfg.ring_backend == "triton" and not device.startswith("cuda") and not backends.interpreting():
-        raise UsageError("--ring-backend triton needs a CUDA device (and Triton); use auto or reference")
-    pipe, spec = load_pipeline(model, dtype=dtype, device=device, random_weights=random_weights)
-    from attnprobe.analysis import check_mean_map_memory, resolution_notes
-
-    size = resolve_resolution(pipe, resolution)
-    check_mean_map_memory(pipe, cfg, *size)
-    for note in resolution_notes(pipe, *size):
+            dt = auto_dtype(device) if o["dtype"] == "auto" else torch_dtype(o["dtype"])
+            if team.is_main:
+                print_estimate(o["model"], cfg, device, dt, len(prompt_list))
+            return
+        i, n = part or (team.rank, team.world_size)
+        indices = share(len(prompt_list), i, n)
+        if part is not None and not indices:
+            raise UsageError(f"--shard {i}/{n}: shard {i} gets no prompts ({len(prompt_list)} prompts over {n} shards); "
+                             f"use at most {len(prompt_list)} shards")
+        if part is not None and cfg.aggregate == "mean-map":
+            raise UsageError("--shard with --aggregate mean-map: mean-map reports do not merge (the high-pass of an "
+                             "averaged map is not a sum of parts); run the ranks under torchrun / accelerate launch instead")
+        spec = resolve(o["model"])
+        out = out or Path("runs") / Path(spec.alias).name
+        if team.is_main:
+            check_output_dir(out, o["overwrite"])
+            check_writable(out)
+        if cfg.ring_backend == "triton" and not device.startswith("cuda") and not backends.interpreting():
+            raise UsageError("--ring-backend triton needs a CUDA device (and Triton); use auto or reference")
+    with team.together():  # then what needs the model (a rank short of memory fails them all, too)
+        pipe, spec = load_pipeline(o["model"], dtype=o["dtype"], device=device, random_weights=o["random_weights"])
+        size = resolve_resolution(pipe, o["resolution"])
+        check_mean_map_memory(pipe, cfg, *size)
+        select_sites(find_self_attention(pipe), cfg.layers)  # before the progress bar: a bad filter is one line
+        tmp = stack.enter_context(staged_output_dir(out, o["overwrite"])) if team.is_main else None
+    for note in resolution_notes(pipe, *size) if team.is_main else ():
         err_console.print(f"warning: {note}", highlight=False, soft_wrap=True)
-    select_sites(find_self_attention(pipe), cfg.layers)  # before the progress bar: a bad filter is one line
+    if team.world_size > 1 and team.is_main:
+        err_console.print(f"{len(prompt_list)} prompts over {team.world_size} processes; progress of rank 0 "
+                          f"({len(indices)} prompts)", highlight=False)
+    mine = len(indices)
+    progress = stack.enter_context(Progress("analyze", mine * steps, unit="step", enabled=team.is_main))
 
-    n = len(prompt_list)
-    with staged_output_dir(out, overwrite) as tmp, Progress("analyze", n * steps, unit="step") as progress:
-        def on_step(i, step, total):
-            progress.update(i * total + min(step, total), prompt=f"{i + 1}/{n}")
+    def on_step(j, step, total):
+        progress.update(j * total + min(step, total), prompt=f"{j + 1}/{mine}")
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResolutionWarning)  # printed above, before the run
-            info = {"alias": spec.alias, "source": spec.source,
-                    "weights": "random" if getattr(pipe, "_attnprobe_random_weights", False) else "pretrained"}
-            report = run_analysis(pipe, prompt_list, cfg, model_info=info, image_dir=tmp / "images", on_step=on_step)
-        report.save(tmp / "erf.json")
-        if plots:
-            from attnprobe.plots import plot_all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResolutionWarning)  # printed above, before the run
+        report = run_analysis(pipe, [prompt_list[k] for k in indices], cfg, prompt_indices=indices, team=team,
+                              model_info={"alias": spec.alias, "source": spec.source,
+                                          "weights": "random" if getattr(pipe, "_attnprobe_random_weights", False)
+                                          else "pretrained"},
+                              image_dir=None if tmp is None else tmp / "images", on_step=on_step)
+    if not team.is_main:
+        return
+    if part is not None:
+        report.run["shard"] = f"{i}/{n}"
+    report.save(tmp / "erf.json")
+    if o["plots"]:
+        from attnprobe.plots import plot_all
 
-            plot_all(report, tmp / "figures", images_dir=tmp / "images")
+        plot_all(report, tmp / "figures", images_dir=tmp / "images")
+    stack.close()  # the staged folder becomes OUT
     print_layer_table(report)
-    console.print(f"wrote [bold]{out / 'erf.json'}[/] ({len(report.layers)} layers, {len(prompt_list)} images)")
+    what = f", from {team.world_size} processes" if team.world_size > 1 else (f", shard {i}/{n}" if part else "")
+    console.print(f"wrote [bold]{out / 'erf.json'}[/] ({len(report.layers)} layers, {len(report.images)} images{what})")
 
 
 def print_estimate(model: str, cfg, device: str, dtype, prompts: int) -> None:

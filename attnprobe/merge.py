@@ -77,6 +77,7 @@ def merge_reports(reports: list[Report]) -> Report:
     settings = dict(base.settings)
     settings["prompts"] = [p for r in reports for p in r.settings.get("prompts", [])]
     settings["prompts_hash"] = prompts_hash(settings["prompts"])
+    settings["n_prompts"] = len(settings["prompts"])
     settings["seeds"] = [s for r in reports for s in r.settings.get("seeds", [r.settings.get("seed")])]
     settings["merged_from"] = sum(int(r.settings.get("merged_from", 1)) for r in reports)
     layers = []

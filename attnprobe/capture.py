@@ -38,7 +38,8 @@ from attnprobe.core.family import denoiser_of, family_of, find_self_attention
 from attnprobe.core.sites import AttnSite, select_sites
 from attnprobe.config import AnalysisConfig
 from attnprobe.estimators import far_radii
-from attnprobe.stats import AUTO_QUERIES, butterworth_filter, butterworth_highpass, parse_queries, ring_mass
+from attnprobe.stats import (AUTO_QUERIES, DENSE_MAX_TOKENS, butterworth_filter, butterworth_highpass, highpass_operator,
+                             parse_queries, ring_mass)
 
 __all__ = ["capture", "Capture", "CaptureProcessor", "CaptureMissedError", "LayerAccumulator", "parse_queries",
            "select_sites", "AUTO_QUERIES"]
@@ -132,6 +133,7 @@ class LayerAccumulator:
     probe_rows: int = 0
     _positions: torch.Tensor | None = field(default=None, repr=False)
     _response: torch.Tensor | None = field(default=None, repr=False)
+    _operator: torch.Tensor | None = field(default=None, repr=False)
 
     def _init(self, heads: int, grid: tuple[int, int]) -> None:
         h, w = grid
@@ -199,6 +201,8 @@ class LayerAccumulator:
         kf = k.float()
         if self._response is None or self._response.device != q.device:
             self._response = butterworth_filter(grid, self.cutoff, self.order, device=q.device, border=self.border).float()
+            dense = self.border == "zero" and n <= DENSE_MAX_TOKENS and q.device.type == "cpu"
+            self._operator = highpass_operator(grid, self.cutoff, self.order, "zero", q.device) if dense else None
         positions = self._positions.to(q.device)
         # Chunk size: ~8 fp32 buffers of (B, heads, c, Nk) must fit the budget.
         per_query = b * heads * k.shape[2] * 4 * 8
@@ -235,7 +239,10 @@ class LayerAccumulator:
                 map_sum[start : start + len(pos)] += per_key.double()
             far_km += torch.einsum("fcn,cn->fn", far, per_key).double()
             far_rows += far.sum(1).double() * (b * heads)
-            lam = butterworth_highpass(a, grid, response=self._response, border=self.border)  # (B, heads, c, N)
+            if self._operator is not None:  # the same filter as one GEMM (see stats.highpass_operator)
+                lam = torch.matmul(a, self._operator)
+            else:
+                lam = butterworth_highpass(a, grid, response=self._response, border=self.border)  # (B, heads, c, N)
             pos_part = lam.clamp(min=0)
             hp_pos += pos_part.sum(-1).sum((0, 2), dtype=torch.float64)
             binned = pos_part if self.highpass_mass == "positive" else lam.abs()

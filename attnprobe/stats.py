@@ -34,6 +34,8 @@ __all__ = [
     "BORDERS",
     "butterworth_filter",
     "butterworth_highpass",
+    "highpass_operator",
+    "DENSE_MAX_TOKENS",
     "effective_receptive_field",
     "recommended_kernel_size",
     "asm_from_rings",
@@ -163,6 +165,29 @@ def butterworth_highpass(
     spec = torch.fft.rfft2(work.reshape(*work.shape[:-1], h, w), s=size)  # s pads with zeros at the end
     out = torch.fft.irfft2(spec * response.to(work.dtype), s=size)[..., :h, :w]
     return out.reshape(maps.shape).to(maps.dtype)
+
+
+DENSE_MAX_TOKENS = 4096  # up to 64×64 tokens the zero-border high-pass runs as one (N, N) matmul (≤ 64 MB fp32)
+_OPERATORS: dict = {}
+
+
+def highpass_operator(grid: tuple[int, int], cutoff: float = 0.1, order: int = 2, border: str = "zero",
+                      device=None, dtype=torch.float32) -> torch.Tensor:
+    """The high-pass as a dense (N, N) matrix M with Λ(A) = A @ M (row k = the filtered unit map e_k).
+
+    Built once per (grid, cut-off, order, border, device, dtype) in float64 from
+    :func:`butterworth_highpass`, so it is the same filter; on CPU a zero-border map batch costs one
+    GEMM instead of 2H × 2W FFTs (5× faster at 32×32 tokens, measured in benchmarks/RESULTS.md).
+    """
+    key = (tuple(grid), float(cutoff), int(order), border, str(device), dtype)
+    if key not in _OPERATORS:
+        n = grid[0] * grid[1]
+        eye = torch.eye(n, dtype=torch.float64)
+        op = butterworth_highpass(eye, grid, cutoff, order, border=border)
+        while _OPERATORS and sum(t.numel() * t.element_size() for t in _OPERATORS.values()) + op.numel() * 4 > 2**29:
+            _OPERATORS.pop(next(iter(_OPERATORS)))  # oldest first: at most ~512 MB of operators are kept
+        _OPERATORS[key] = op.to(device=device, dtype=dtype).contiguous()
+    return _OPERATORS[key]
 
 
 def asm_from_rings(rings: np.ndarray | torch.Tensor) -> np.ndarray:

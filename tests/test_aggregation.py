@@ -108,3 +108,13 @@ def test_mean_map_analysis_round_trips_and_refuses_merge(tmp_path):
     other = analyze(pipe, ["a dog"], steps=2, aggregate="mean-map", seed=9, timestep_buckets=2)
     with pytest.raises(ReportError, match="mean-map"):
         merge_reports([rep, other])
+
+
+@pytest.mark.parametrize("grid", [(6, 9), (16, 16)])
+def test_dense_highpass_operator_is_the_fft_filter(grid):
+    from attnprobe.stats import highpass_operator
+
+    maps = torch.from_numpy(_random_maps(4, grid[0] * grid[1], 3).reshape(-1, grid[0] * grid[1]))
+    op = highpass_operator(grid, 0.1, 2, "zero", dtype=torch.float64)
+    np.testing.assert_allclose((maps @ op).numpy(), butterworth_highpass(maps, grid, 0.1, 2, border="zero").numpy(),
+                               atol=1e-12)

@@ -191,7 +191,8 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
             analytic = cost_model.operator_flops("deltaconv" if op.startswith("deltaconv") else op, rep).total
             row = {**base, "operator": op, "backend": "triton" if op == "deltaconv_triton" else
                    ("sdpa" if op == "self_attention" else "reference"),
-                   "ms_median": None, "ms_min": None, "peak_mb": None, "speedup_vs_sa": None, "note": ""}
+                   "ms_median": None, "ms_min": None, "peak_mb": None, "speedup_vs_sa": None, "floor_ms": None,
+                   "note": ""}
             guess = est.seconds(op, analytic)
             if guess > max_seconds:
                 row["note"] = f"skipped: est. {guess:.1f} s/call > --max-seconds {max_seconds:g}"
@@ -219,6 +220,8 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
                 est.update(op, analytic, t.median / 1e3)
                 mem = peak_memory_bytes(lambda: mod(x), device, known=[x, *mod.parameters(), *mod.buffers()])
                 row.update(ms_median=t.median, ms_min=t.min, peak_mb=mem / 2**20)
+                if op.startswith("deltaconv"):
+                    row["floor_ms"] = _projection_floor(mod, x, repeats, warmup, device)
                 times[op] = t.median
             except (RuntimeError, MemoryError) as exc:  # OOM or a kernel failure: record, go on
                 row["note"] = f"failed: {str(exc).splitlines()[0][:120]}"
@@ -229,6 +232,20 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
     if step:
         _step_latency(m, res, kspec, resolutions, repeats, warmup, device, tdtype, est, max_seconds, say)
 
+
+
+def _projection_floor(block, x, repeats, warmup, device) -> float:
+    """Median ms of the block's 1×1 projections alone (proj_in, proj_out) at x's shape: the matmul floor
+    a ΔConvBlock cannot beat; the depth-wise stages, gates and resizing are what it adds on top."""
+    import torch.nn.functional as F
+
+    tokens = x.reshape(-1, x.shape[-1])
+    mid = torch.randn(tokens.shape[0], block.proj_out.in_features, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        t = time_callable(lambda: (F.linear(tokens, block.proj_in.weight, block.proj_in.bias),
+                                   F.linear(mid, block.proj_out.weight, block.proj_out.bias)),
+                          repeats=repeats, warmup=warmup, device=device)
+    return t.median
 
 
 def _build_step_models(m, res, kspec, device, tdtype):

@@ -42,7 +42,7 @@ def flops_table_rows(result: BenchResult, scope: str = "layer") -> tuple[list[st
 
 
 def latency_table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
-    header = ["resolution", "scope", "operator", "median ms", "min ms", "peak MB", "speed-up", "note"]
+    header = ["resolution", "scope", "operator", "median ms", "min ms", "peak MB", "speed-up", "÷ floor", "note"]
     rows = []
     for row in result.latency:
         ref = "vs SA" if row["scope"] == "module" else "vs teacher"
@@ -53,6 +53,7 @@ def latency_table_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]
             "" if row["ms_min"] is None else f"{row['ms_min']:,.2f}",
             "" if row["peak_mb"] is None else f"{row['peak_mb']:,.1f}",
             "" if row["speedup_vs_sa"] is None else f"{row['speedup_vs_sa']:.2f}× {ref}",
+            "" if not row.get("floor_ms") or not row["ms_median"] else f"{row['ms_median'] / row['floor_ms']:.2f}×",
             row["note"],
         ])
     return header, rows
@@ -109,7 +110,8 @@ def print_result(result: BenchResult, console) -> None:
     if result.latency:
         h, rows = latency_table_rows(result)
         cap = (f"{meta['device']}, {meta['dtype']}; median of {meta['repeats']} calls after {meta['warmup']} warm-up; "
-               "peak MB = memory allocated by the call (CUDA max allocated, or live tensor bytes on CPU)"
+               "peak MB = memory allocated by the call (CUDA max allocated, or live tensor bytes on CPU); "
+               "÷ floor = ΔConvBlock time ÷ its two 1×1 projections alone at the same shape (the matmul floor)"
                + (f"; load average {meta['load_average_1min']} at start" if "load_average_1min" in meta else "") + ".")
         console.print(_rich_table(f"Latency — {meta['model']}", h, rows, cap))
     for note in result.notes:

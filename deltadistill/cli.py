@@ -127,9 +127,7 @@ def train(
         summary = run_train(cfg)
     except TrainingDiverged as exc:
         fail(exc, 1)
-    if summary["interrupted"]:
-        typer.echo(f"interrupted at step {summary['steps']}; checkpoint saved to {summary['checkpoint']}; "
-                   f"continue with --resume latest", err=True)
+    if summary["interrupted"]:  # the trainer has said where the checkpoint is (once, on the main process)
         raise typer.Exit(code=130)
     _print_summary(summary)
 

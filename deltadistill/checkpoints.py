@@ -180,3 +180,33 @@ def load_checkpoint(path: Path, student, optimizer, scheduler) -> dict:
     return state
 
 
+def truncate_metrics(metrics: Path, step: int) -> list[dict]:
+    """Drop metrics lines past ``step`` and a torn last line (a killed run's tail), atomically; returns the kept records."""
+    if not metrics.is_file():
+        return []
+    keep = []
+    for ln in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
+    tmp = metrics.parent / f".{metrics.name}.tmp-{os.getpid()}"
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, metrics)
+    return [json.loads(ln) for ln in keep]
+
+
+def prepare_run_folder(out: Path, replace_old: bool, artefacts, settings: dict) -> None:
+    """Remove an old run's artefacts (``replace_old``), create ``out``, clean stale temporaries, write train_config.json."""
+    if replace_old and out.is_dir():
+        for name in artefacts:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
+    (out / "train_config.json").write_text(json.dumps(settings, indent=2))

@@ -127,7 +127,12 @@ def train(
         summary = run_train(cfg)
     except TrainingDiverged as exc:
         fail(exc, 1)
-    if summary["interrupted"]:  # the trainer has said where the checkpoint is (once, on the main process)
+    if summary["interrupted"]:
+        from deltadistill.progress import is_main_process
+
+        if is_main_process():  # once, not once per rank
+            typer.echo(f"interrupted at step {summary['steps']}; checkpoint saved to {summary['checkpoint']}; "
+                       f"continue with --resume latest", err=True)
         raise typer.Exit(code=130)
     _print_summary(summary)
 

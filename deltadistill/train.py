@@ -43,8 +43,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,14 +51,8 @@ from typing import Callable
 import torch
 
 from attnprobe.core.outputs import claim_output
-from deltadistill.checkpoints import (
-    ckpt_name,
-    clean_stale_tmp,
-    find_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from deltadistill.checkpoints import (ckpt_name, find_checkpoint, list_checkpoints, load_checkpoint,  # noqa: F401
+                                      prepare_run_folder, save_checkpoint, truncate_metrics)
 from deltadistill.io import save_into_run
 from deltadistill.kernel_spec import check_kernels_fit
 from deltadistill.losses import FeatureTaps, distill_loss, feature_targets
@@ -119,10 +111,9 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
         """Load the report, the model, the data; build teacher, student, optimizer; resume."""
-        from attnprobe.core.family import denoiser_of, family_of, find_self_attention, vae_scale_factor
+        from attnprobe.core.family import denoiser_of, family_of, vae_scale_factor
         from attnprobe.core.registry import config_hash, load_pipeline
-        from deltadistill.conversion import convert, delta_modules
-        from deltadistill.data import prepare_data
+        from deltadistill.conversion import convert
 
         cfg, acc = self.cfg, self.accelerator
         report = load_report_of(cfg)
@@ -151,10 +142,30 @@ class Trainer:
 
         # data: nothing of an earlier run is touched before everything is validated
         acc.wait_for_everyone()  # every rank has validated --out before the main process writes
-        with acc.main_process_first():  # with a cache, the main process writes it, the others read it
+        self.prepare_data(pipe, den, f"{self.model_name}:{config_hash(den.config)}")
+        torch.manual_seed(cfg.seed)
+        self.teacher = copy.deepcopy(den).eval().requires_grad_(False)
+        for name in ("text_encoder", "text_encoder_2", "vae"):  # not needed for training any more
+            if getattr(pipe, name, None) is not None:
+                setattr(pipe, name, None)
+        kernel_spec = cfg.kernel_size if cfg.kernel_size is not None else report
+        try:
+            convert(pipe, kernel_spec, gate=cfg.gate, gate_scale=cfg.gate_scale, pool=cfg.pool, dw_bias=cfg.dw_bias,
+                    init=cfg.init, kernel_ratio=cfg.kernel_ratio, preset=cfg.preset)
+        except ValueError as exc:
+            raise TrainError(f"cannot convert {self.model_name}: {exc}") from None
+        self.finish_setup(pipe, den, vae_f)
+        return self
+
+    def prepare_data(self, pipe, den, model_id: str) -> None:
+        """Noised-data recipe: latents of the images (or teacher samples of the prompts) + conditions."""
+        from deltadistill.data import prepare_data
+
+        cfg = self.cfg
+        with self.accelerator.main_process_first():  # with a cache, the main process writes it, the others read it
             self.data = prepare_data(
-                pipe, cfg.data, resolution=self.resolution, model_id=f"{self.model_name}:{config_hash(den.config)}",
-                seed=cfg.seed, sample_steps=cfg.sample_steps, sample_guidance=cfg.sample_guidance,
+                pipe, cfg.data, resolution=self.resolution, model_id=model_id, seed=cfg.seed,
+                sample_steps=cfg.sample_steps, sample_guidance=cfg.sample_guidance,
                 samples_per_prompt=cfg.samples_per_prompt, cache_dir=self.out / "cache" if cfg.cache else None, log=self.say,
             )
         if not torch.isfinite(self.data.latents).all():
@@ -164,18 +175,12 @@ class Trainer:
             self.say(f"data: skipped {self.data.info['skipped']} unreadable image(s), e.g. "
                      f"{self.data.info['skipped_files'][0]['file']}")
 
-        # teacher and student
-        self.teacher = copy.deepcopy(den).eval().requires_grad_(False)
-        for name in ("text_encoder", "text_encoder_2", "vae"):  # not needed for training any more
-            if getattr(pipe, name, None) is not None:
-                setattr(pipe, name, None)
-        torch.manual_seed(cfg.seed)
-        kernel_spec = cfg.kernel_size if cfg.kernel_size is not None else report
-        try:
-            convert(pipe, kernel_spec, gate=cfg.gate, gate_scale=cfg.gate_scale, pool=cfg.pool, dw_bias=cfg.dw_bias,
-                    init=cfg.init, kernel_ratio=cfg.kernel_ratio, preset=cfg.preset)
-        except ValueError as exc:
-            raise TrainError(f"cannot convert {self.model_name}: {exc}") from None
+    def finish_setup(self, pipe, den, vae_f) -> None:
+        """Student, kernel checks, optimizer, resume, run folder (after conversion)."""
+        from attnprobe.core.family import denoiser_of, find_self_attention
+        from deltadistill.conversion import delta_modules
+
+        cfg, acc = self.cfg, self.accelerator
         self.pipe = pipe
         self.student = denoiser_of(pipe).train()
         blocks = delta_modules(self.student)
@@ -196,8 +201,7 @@ class Trainer:
         if self.setup_hook is not None:
             self.setup_hook(self.teacher, self.student)
 
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.make_optimizer(cfg.lr, lr_lambda(cfg))
         self.student_ddp, self.optimizer = acc.prepare(self.student, self.optimizer)
         self.teacher.to(self.device)
         self.wdtype = next(p for p in self.teacher.parameters()).dtype
@@ -206,7 +210,15 @@ class Trainer:
         self._prepare_run_folder()
         if self.resume_path is None and self.main:
             (self.out / "metrics.jsonl").write_text("")
-        return self
+
+    def make_optimizer(self, lr: float, schedule) -> None:
+        cfg = self.cfg
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps
 
     def _run_settings(self) -> dict:
         return {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution}
@@ -224,37 +236,15 @@ class Trainer:
     def _prepare_run_folder(self) -> None:
         """Main process: replace an old run (--overwrite), create the folder, write train_config.json."""
         if self.main:
-            out = self.out
-            if self.cfg.overwrite and self.cfg.resume is None and out.is_dir():
-                for name in RUN_ARTEFACTS:
-                    p = out / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
-            out.mkdir(parents=True, exist_ok=True)
-            clean_stale_tmp(out)
-            (out / "train_config.json").write_text(json.dumps(self._run_settings(), indent=2))
+            prepare_run_folder(self.out, self.cfg.overwrite and self.cfg.resume is None, RUN_ARTEFACTS, self._run_settings())
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> None:
         state = load_checkpoint(self.resume_path, self.student, self.optimizer, self.scheduler)
         self.start_step, self.skipped_total = int(state["step"]), int(state.get("skipped_total", 0))
         self.say(f"resumed from {self.resume_path} at step {self.start_step}")
-        metrics = self.out / "metrics.jsonl"
-        if self.main and metrics.is_file():  # drop lines past the checkpoint, and a torn last line (a killed run's tail)
-            keep = []
-            for ln in metrics.read_text().splitlines():
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and rec.get("step", 0) <= self.start_step:
-                    keep.append(ln)
-            self.history = [json.loads(ln) for ln in keep]
-            tmp = self.out / f".metrics.jsonl.tmp-{os.getpid()}"
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, metrics)
+        if self.main:
+            self.history = truncate_metrics(self.out / "metrics.jsonl", self.start_step)
 
     # -- one step --------------------------------------------------------------------------------
     def draw(self, step: int, stream: int = 0):
@@ -342,12 +332,12 @@ class Trainer:
         interrupted, consecutive, last_ckpt = False, 0, None
         with FeatureTaps(self.teacher, self.student, self.names,
                          feature_targets(self.cfg.feature_target, self.teacher, self.names)) as taps, StopFlag() as stop, \
-                TrainProgress(self.main and cfg.progress, cfg.steps, self.start_step) as bar:
+                TrainProgress(self.main and cfg.progress, self.total_steps, self.start_step) as bar:
             probe_start = self.probe(taps) if cfg.probe else None
             metrics = open(self.out / "metrics.jsonl", "a") if self.main else None
             try:
                 step = self.start_step
-                while step < cfg.steps:
+                while step < self.total_steps:
                     rec = self.step(taps, step)
                     step = rec["step"]
                     consecutive = consecutive + 1 if rec["skipped"] else 0
@@ -364,7 +354,7 @@ class Trainer:
                     if acc.reduce(torch.tensor([float(stop.requested)], device=self.device), "sum").item() > 0:
                         interrupted = True
                         break
-                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.total_steps:
                         last_ckpt = self.checkpoint(step)
             finally:
                 if metrics is not None:

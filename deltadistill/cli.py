@@ -103,6 +103,19 @@ def train(
     gate_scale: Optional[str] = typer.Option(None, "--gate-scale", help="Scaled gate's factor s: a number, or 'official' for √(C'/2) [toolkit 1/√C' (the paper's text); paper SD: official]."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Half-scale pooling: ceil (2×2, ⌈n/2⌉) or adaptive (⌊n/2⌋, overlapping windows, the official code) [toolkit ceil, paper adaptive]."),
     dw_bias: Optional[bool] = typer.Option(None, "--dw-bias/--no-dw-bias", help="Bias in the depth-wise convolutions [toolkit yes, paper no]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="trajectory: record the teacher's own sampling "
+                                         "trajectories, regress every block on its layer's input/output, then fine-tune "
+                                         "on the recorded states; noised: noised data latents with output + feature "
+                                         "loss (the paper's) [preset's]."),
+    regress_steps: Optional[int] = typer.Option(None, "--regress-steps", help="trajectory: teacher-forced regression "
+                                                "steps before the --steps fine-tune steps [toolkit 600]."),
+    regress_batch: int = typer.Option(32, "--regress-batch", help="trajectory: recorded states per regression step."),
+    regress_lr: float = typer.Option(2e-3, "--regress-lr", help="trajectory: regression learning rate (cosine to 0)."),
+    traj_seeds: int = typer.Option(4, "--traj-seeds", help="trajectory: teacher samples per prompt."),
+    traj_steps: int = typer.Option(20, "--traj-steps", help="trajectory: sampling steps of the recorded trajectories."),
+    traj_keep_every: int = typer.Option(1, "--traj-keep-every", help="trajectory: keep every k-th denoiser call (memory)."),
+    cfg_loss: Optional[float] = typer.Option(None, "--cfg-loss", help="trajectory: weight of the guided-output MSE "
+                                             "(u + w·(c − u) over each CFG pair) [toolkit 0.25]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ):
     """Distil every self-attention layer into a ΔConvBlock (teacher frozen, only blocks train).
@@ -121,7 +134,9 @@ def train(
         resolution=resolution, seed=seed, cache=cache, caption_dropout=caption_dropout, sample_steps=sample_steps,
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
-        max_bad_steps=max_bad_steps, init=init, progress=progress,
+        max_bad_steps=max_bad_steps, init=init, progress=progress, recipe=recipe, regress_steps=regress_steps,
+        regress_batch=regress_batch, regress_lr=regress_lr, traj_seeds=traj_seeds, traj_steps=traj_steps,
+        traj_keep_every=traj_keep_every, cfg_loss=cfg_loss,
     )
     try:
         summary = run_train(cfg)

@@ -22,12 +22,12 @@ TOOLKIT_BLOCK = {"gate": "scaled", "gate_scale": None, "pool": "ceil", "dw_bias"
 
 # training recipes (TrainConfig fields); "paper" = the official configs (cfgs/train/py/*_dist.py)
 TRAIN = {
-    "toolkit": {"feature_target": "attention", "snr_weighting": "standard", "lr": 3e-4, "betas": (0.9, 0.99),
-                "weight_decay": 0.0, "warmup": 100, "clip": 1.0, "batch_size": 4, "caption_dropout": 0.1,
-                "beta": 1e-3, "gamma": 5.0},
-    "paper": {"feature_target": "residual", "snr_weighting": "none", "lr": 3e-4, "betas": (0.9, 0.99),
+    "toolkit": {"recipe": "noised", "feature_target": "attention", "snr_weighting": "standard", "lr": 3e-4,
+                "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup": 100, "clip": 1.0, "batch_size": 4,
+                "caption_dropout": 0.1, "beta": 1e-3, "gamma": 5.0, "regress_steps": 600, "cfg_loss": 0.25},
+    "paper": {"recipe": "noised", "feature_target": "residual", "snr_weighting": "none", "lr": 3e-4, "betas": (0.9, 0.99),
               "weight_decay": 1e-2, "warmup": 500, "clip": 1.0, "batch_size": 16, "caption_dropout": 0.15,
-              "beta": 1e-3, "gamma": 5.0},
+              "beta": 1e-3, "gamma": 5.0, "regress_steps": 0, "cfg_loss": 0.0},
 }
 
 

@@ -405,6 +405,9 @@ def train(cfg: TrainConfig, *, batch_hook: Callable | None = None, setup_hook: C
     Raises :class:`TrainError` (bad input; nothing already written is touched), and
     :class:`TrainingDiverged` after ``max_bad_steps`` consecutive non-finite steps.
     """
-    trainer = Trainer(cfg, batch_hook=batch_hook, setup_hook=setup_hook, log=log)
+    cls = Trainer
+    if validate(cfg).recipe == "trajectory":
+        from deltadistill.trajectory_train import TrajectoryTrainer as cls
+    trainer = cls(cfg, batch_hook=batch_hook, setup_hook=setup_hook, log=log)
     with claim_output(trainer.out) if trainer.main else contextlib.nullcontext():  # one run per folder at a time
         return trainer.setup().run()

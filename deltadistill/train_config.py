@@ -42,6 +42,14 @@ class TrainConfig:
     kernel_ratio: float | None = None  # recompute the report's kernel sizes as odd(ceil(ratio · ERF))
     steps: int = 1000
     preset: str = "toolkit"  # toolkit | paper: the values of every option left at None below
+    recipe: str | None = None  # trajectory (teacher sampling states) | noised (noised data latents)
+    regress_steps: int | None = None  # trajectory: teacher-forced per-layer regression steps before --steps
+    regress_batch: int = 32
+    regress_lr: float = 2e-3
+    traj_seeds: int = 4  # trajectory: teacher samples per prompt
+    traj_steps: int = 20  # trajectory: sampling steps (the scheduler and guidance of the pipeline)
+    traj_keep_every: int = 1  # keep every k-th denoiser call
+    cfg_loss: float | None = None  # trajectory: weight of the guided-output term
     batch_size: int | None = None  # global batch (split over processes)
     lr: float | None = None
     betas: tuple[float, float] | None = None
@@ -107,6 +115,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.pool in (None, "ceil", "adaptive"), f"--pool must be ceil or adaptive, got {cfg.pool!r}")
     need(cfg.init in ("mean_field", "zero"), f"--init must be mean_field or zero, got {cfg.init!r}")
 
+    need(cfg.recipe in ("trajectory", "noised"), f"--recipe must be trajectory or noised, got {cfg.recipe!r}")
+    need(cfg.regress_steps >= 0, f"--regress-steps must be >= 0, got {cfg.regress_steps}")
+    need(cfg.regress_batch >= 1, f"--regress-batch must be >= 1, got {cfg.regress_batch}")
+    need(cfg.regress_lr > 0 and math.isfinite(cfg.regress_lr), f"--regress-lr must be a positive number, got {cfg.regress_lr}")
+    need(cfg.traj_seeds >= 1 and cfg.traj_steps >= 1 and cfg.traj_keep_every >= 1,
+         "--traj-seeds, --traj-steps and --traj-keep-every must be >= 1")
+    need(cfg.cfg_loss >= 0, f"--cfg-loss must be >= 0, got {cfg.cfg_loss}")
     need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")

@@ -1,0 +1,205 @@
+"""Teacher trajectories: what the student will meet at sampling time, recorded once, replayed in training.
+
+The ``trajectory`` recipe (``deltadistill train --recipe trajectory``, the toolkit's default)
+trains on the states the teacher itself visits when it samples, instead of on noised data:
+
+1. **Record.** The frozen teacher samples every prompt × seed with the pipeline's own scheduler and
+   guidance. Hooks keep, for every denoiser call, its keyword arguments (latents z_t, timestep,
+   text condition; classifier-free guidance batches [uncond, cond] are kept as 2 samples whose
+   ``pair`` points at each other) and its output, and for every converted self-attention site the
+   module's input x and output y ([M, N, C], stored in fp16).
+2. **Regress** (``regress_steps``): every ΔConvBlock learns its teacher's map x → y directly, all
+   layers at once but independently (teacher forcing: layer l sees the teacher's x_l, not what
+   earlier students made of it): L = Σ_l mean (block_l(x_l) − y_l)², gradients clipped per block.
+3. **Fine-tune** (``steps``): the whole student on recorded states, L = ‖s(z_t) − f(z_t)‖² plus
+   ``cfg_loss`` · ‖guided s − guided f‖² with guided = u + w·(c − u) over each CFG pair, so that
+   the errors the sampler amplifies (the guided difference) are the ones trained away.
+
+Memory: M = prompts × seeds × steps × 2 samples, each holding 2 · layers · N · C fp16 values
+(the demo: 14 × 4 × 20 × 2 = 2240 samples, 3.4 GB); ``keep_every`` keeps every k-th call only.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Trajectories", "record_trajectories", "regression_loss", "replay"]
+
+
+@dataclass
+class Trajectories:
+    """Recorded teacher calls (M samples). ``kwargs``: batched tensors [M, ...] and constants."""
+
+    batched: dict  # name → tensor [M, ...] (nested dicts flattened as "a.b")
+    constant: dict  # name → value used for every call (None, flags, ...)
+    out: torch.Tensor  # teacher output [M, ...], fp32
+    pair: torch.Tensor  # [M] index of the CFG partner (itself without guidance)
+    x: list[torch.Tensor] = field(default_factory=list)  # per site [M, N, C] inputs (fp16)
+    y: list[torch.Tensor] = field(default_factory=list)  # per site [M, N, C] outputs (fp16)
+    grids: list[tuple[int, int]] = field(default_factory=list)  # per site token grid
+    guidance: float = 1.0
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.out.shape[0])
+
+    def call_kwargs(self, idx: torch.Tensor, device=None, dtype=None) -> dict:
+        """Keyword arguments of one denoiser call on samples ``idx`` (floating tensors cast to ``dtype``)."""
+        kw: dict = {}
+        for name, value in self.batched.items():
+            v = value[idx].to(device)
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            _put(kw, name, v)
+        for name, value in self.constant.items():
+            _put(kw, name, value)
+        return kw
+
+
+def _put(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def _flatten(prefix: str, value, batch: int, batched: dict, constant: dict) -> None:
+    if isinstance(value, dict):
+        if not value:
+            constant[prefix] = {}
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, batch, batched, constant)
+    elif torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == batch:
+        batched[prefix] = value.detach().to("cpu", copy=True)
+    elif torch.is_tensor(value) and value.numel() == 1:  # a scalar timestep: one per sample
+        batched[prefix] = value.detach().reshape(1).expand(batch).to("cpu", copy=True)
+    else:
+        constant[prefix] = value
+
+
+@torch.no_grad()
+def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: int, resolution: int,
+                        guidance: float | None = None, sites=(), keep_every: int = 1, batch_size: int = 28,
+                        layer_dtype=torch.float16, log: Callable[[str], None] | None = None) -> Trajectories:
+    """Sample every (prompt, seed) with ``pipe`` and record its denoiser calls (see the module doc).
+
+    ``sites``: the :class:`~attnprobe.core.sites.AttnSite` list whose inputs/outputs to keep.
+    """
+    from attnprobe.core.family import denoiser_of, family_of
+    from attnprobe.core.pipeline import sample
+
+    den = denoiser_of(pipe)
+    family = family_of(den)
+    signature = inspect.signature(den.forward)
+    pairs = [(p, s) for p in prompts for s in seeds]
+    parts: dict = {"batched": [], "out": [], "pair": [], "x": [[] for _ in sites], "y": [[] for _ in sites]}
+    constant: dict = {}
+    grids: list = [None] * len(sites)
+    state = {"call": 0, "m": 0, "base": None, "io": [None] * len(sites)}
+
+    def pre(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        state["kwargs"] = dict(bound)
+        state["base"] = family.grid_from_call(module, args, kwargs)
+
+    def post(module, args, kwargs, output):
+        keep = state["call"] % keep_every == 0
+        state["call"] += 1
+        if not keep:
+            return
+        kw = state.pop("kwargs")
+        sample0 = kw.get("hidden_states", kw.get("sample"))
+        b = int(sample0.shape[0])
+        batched: dict = {}
+        _flatten("", {k: v for k, v in kw.items() if k != "return_dict"}, b, batched, constant)
+        parts["batched"].append(batched)
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        parts["out"].append(out.detach().float().cpu())
+        m, half = state["m"], b // 2
+        cfg = b == 2 * state["prompts"]
+        pair = torch.cat([torch.arange(half, b), torch.arange(0, half)]) if cfg else torch.arange(b)
+        parts["pair"].append(pair + m)
+        state["m"] += b
+        for i, io in enumerate(state["io"]):
+            x, y = io
+            parts["x"][i].append(x.to(layer_dtype).cpu())
+            parts["y"][i].append(y.to(layer_dtype).cpu())
+            if grids[i] is None and state["base"] is not None:
+                from attnprobe.core.sites import halve_grid
+
+                grids[i] = halve_grid(state["base"], sites[i].level)
+
+    def site_hook(i):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            state["io"][i] = (x.detach(), y.detach())
+        return hook
+
+    handles = [den.register_forward_pre_hook(pre, with_kwargs=True), den.register_forward_hook(post, with_kwargs=True)]
+    handles += [s.module.register_forward_hook(site_hook(i), with_kwargs=True) for i, s in enumerate(sites)]
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            state["prompts"] = len(chunk)
+            sample(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps=steps, resolution=resolution,
+                   guidance=guidance, output_type="latent" if family.returns_latents else "pil")
+            if log:
+                log(f"trajectories: {min(start + batch_size, len(pairs))}/{len(pairs)} samples, "
+                    f"{state['m']} states ({time.perf_counter() - t0:.0f}s)")
+    finally:
+        for h in handles:
+            h.remove()
+    keys = parts["batched"][0].keys()
+    traj = Trajectories(
+        batched={k: torch.cat([b[k] for b in parts["batched"]]) for k in keys}, constant=constant,
+        out=torch.cat(parts["out"]), pair=torch.cat(parts["pair"]),
+        x=[torch.cat(v) for v in parts["x"]], y=[torch.cat(v) for v in parts["y"]], grids=grids,
+        guidance=float(guidance if guidance is not None else _default_guidance(pipe)),
+    )
+    traj.info = {"prompts": len(prompts), "seeds": len(seeds), "steps": int(steps), "states": len(traj),
+                 "keep_every": int(keep_every), "seconds": round(time.perf_counter() - t0, 1),
+                 "layer_bytes": int(sum(t.numel() * t.element_size() for t in traj.x + traj.y))}
+    return traj
+
+
+def _default_guidance(pipe) -> float:
+    """The guidance scale the pipeline used: its recorded ``_guidance_scale`` or its call's default."""
+    value = getattr(pipe, "_guidance_scale", None)
+    if value is None:
+        param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+        value = param.default if param is not None and param.default is not inspect.Parameter.empty else 1.0
+    return float(value)
+
+
+def regression_loss(blocks: list, traj: Trajectories, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, list[float]]:
+    """Σ_l mean (block_l(x_l) − y_l)² on samples ``idx`` (teacher forcing); returns (total, per-layer values)."""
+    total, parts = 0.0, []
+    for block, x, y, grid in zip(blocks, traj.x, traj.y, traj.grids):
+        xb = x[idx].to(device=device, dtype=torch.float32)
+        yb = y[idx].to(device=device, dtype=torch.float32)
+        b, n, c = xb.shape
+        pred = block(xb.reshape(b, grid[0], grid[1], c)).reshape(b, n, c)
+        loss = F.mse_loss(pred, yb)
+        parts.append(float(loss.detach()))
+        total = total + loss
+    return total, parts
+
+
+def replay(denoiser, traj: Trajectories, idx: torch.Tensor, *, device=None, dtype=None) -> torch.Tensor:
+    """The denoiser's output on the recorded states ``idx`` (same call as the teacher's), [b, ...]."""
+    kw = traj.call_kwargs(idx, device=device, dtype=dtype)
+    kw["return_dict"] = False
+    out = denoiser(**kw)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def guided(out: torch.Tensor, pair_out: torch.Tensor, guidance: float) -> torch.Tensor:
+    """u + w·(c − u) for rows whose partner rows hold the other half (order: rows are uncond or cond)."""
+    return pair_out + guidance * (out - pair_out)

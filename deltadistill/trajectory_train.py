@@ -1,0 +1,176 @@
+"""The ``trajectory`` recipe's trainer: record teacher trajectories, regress every block, fine-tune end to end.
+
+Steps are counted over both stages, so checkpoints, ``--resume`` and the metrics file work as in
+the noised recipe: steps 1 … ``regress_steps`` are the teacher-forced regression
+(:func:`deltadistill.trajectory.regression_loss`, AdamW at ``regress_lr``, warm-up min(50, a quarter) then cosine
+to 0, gradients clipped per block), the next ``steps`` the end-to-end fine-tune on recorded states
+(output MSE + ``cfg_loss`` · guided-output MSE, AdamW at ``lr``, warm-up then cosine, clip
+``clip``). A fresh optimizer starts at the stage boundary. Every draw of a step comes from
+:func:`~deltadistill.train_config.step_generator` (seed, step) for the global batch; the
+trajectories are re-recorded identically (seeded sampling) when a run resumes.
+
+With several processes every rank records the same trajectories; the regression's gradients
+are averaged over ranks by hand (the blocks are called directly, outside DDP), the fine-tune
+runs through the DDP-wrapped student as the noised recipe does.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from deltadistill.train import Trainer
+from deltadistill.train_config import TrainError, step_generator
+from deltadistill.trajectory import guided, record_trajectories, regression_loss, replay
+
+__all__ = ["TrajectoryTrainer", "trajectory_seeds", "REGRESS_WARMUP"]
+
+REGRESS_WARMUP = 50
+PROBE_STATES = 16
+
+
+def trajectory_seeds(seed: int, n: int) -> list[int]:
+    """Sampling seeds of the recorded trajectories: 1000 + 1000·seed + i, clear of the evaluation's 0 … 3."""
+    return [1000 + 1000 * int(seed) + i for i in range(n)]
+
+
+def _cosine(warmup: int, steps: int):
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup))))
+    return f
+
+
+class _TrajectoryData:
+    def __init__(self, traj):
+        self.traj = traj
+        self.info = {"kind": "trajectories", **traj.info}
+
+    def __len__(self) -> int:
+        return len(self.traj)
+
+
+class TrajectoryTrainer(Trainer):
+    """:class:`~deltadistill.train.Trainer` with the trajectory recipe (see the module docstring)."""
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.regress_steps + self.cfg.steps
+
+    def prepare_data(self, pipe, den, model_id: str) -> None:
+        from attnprobe.core.family import find_self_attention
+        from deltadistill.data import read_image_folder, read_prompts
+
+        cfg = self.cfg
+        source = __import__("pathlib").Path(cfg.data)
+        if source.is_dir():
+            prompts = sorted({cap for _, cap in read_image_folder(source)[0] if cap})
+            if not prompts:
+                raise TrainError(f"--data {source}: the trajectory recipe samples from captions and these images have none")
+        else:
+            prompts = read_prompts(source)
+        sites = find_self_attention(den)
+        seeds = trajectory_seeds(cfg.seed, cfg.traj_seeds)
+        self.say(f"data: recording teacher trajectories, {len(prompts)} prompts × {len(seeds)} seeds × "
+                 f"{cfg.traj_steps} steps")
+        self.traj = record_trajectories(pipe, prompts, seeds, steps=cfg.traj_steps, resolution=self.resolution,
+                                        guidance=cfg.sample_guidance, sites=sites, keep_every=cfg.traj_keep_every,
+                                        log=self.say)
+        self.traj.site_names = [s.name for s in sites]
+        self.data = _TrajectoryData(self.traj)
+        self.say(f"data: {len(self.traj)} states, {self.traj.info['layer_bytes'] / 2**30:.2f} GiB of layer inputs/outputs")
+
+    def make_optimizer(self, lr: float, schedule) -> None:
+        cfg = self.cfg
+        if cfg.regress_steps > 0 and not getattr(self, "_finetuning", False):
+            lr, schedule = cfg.regress_lr, _cosine(min(REGRESS_WARMUP, max(1, cfg.regress_steps // 4)), cfg.regress_steps)
+        else:
+            schedule = _cosine(cfg.warmup, cfg.steps)
+        super().make_optimizer(lr, schedule)
+
+    def _start_finetune(self) -> None:
+        self._finetuning = True
+        self.make_optimizer(self.cfg.lr, None)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+
+    def _resume(self) -> None:
+        state = json.loads((self.resume_path / "state.json").read_text())
+        if int(state["step"]) >= self.cfg.regress_steps:
+            self._start_finetune()  # the checkpoint holds the fine-tune optimizer's state
+        super()._resume()
+
+    def _blocks(self) -> list:
+        from deltadistill.conversion import delta_modules
+
+        mods = delta_modules(self.student)
+        missing = [n for n in self.traj.site_names if n not in mods]
+        if missing:
+            raise TrainError(f"recorded layers {missing[:3]} were not converted; the trajectory recipe converts every one")
+        return [mods[n].block for n in self.traj.site_names]
+
+    def _indices(self, step: int, batch: int, stream: int = 0) -> torch.Tensor:
+        g = step_generator(self.cfg.seed, step, stream)
+        return torch.randint(len(self.traj), (batch,), generator=g)
+
+    def _finetune_loss(self, idx: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, traj = self.cfg, self.traj
+        if cfg.cfg_loss > 0:
+            idx = torch.cat([idx, traj.pair[idx]])
+        target = traj.out[idx].to(self.device)
+        with self.accelerator.autocast():
+            out = replay(model, traj, idx, device=self.device, dtype=self.wdtype).float()
+        l_out = F.mse_loss(out, target)
+        l_cfg = torch.zeros((), device=self.device)
+        if cfg.cfg_loss > 0:
+            b = len(idx) // 2
+            l_cfg = F.mse_loss(guided(out[:b], out[b:], traj.guidance), guided(target[:b], target[b:], traj.guidance))
+        return l_out + cfg.cfg_loss * l_cfg, l_out, l_cfg
+
+    def probe(self, taps) -> dict:
+        """Output and guided-output MSE on a fixed set of recorded states (stream 1)."""
+        idx = self._indices(0, min(PROBE_STATES, len(self.traj)), stream=1)
+        with torch.no_grad():
+            total, l_out, l_cfg = self._finetune_loss(idx, self.student)
+        vals = self.accelerator.reduce(torch.stack([total, l_out, l_cfg]).detach().float(), "mean")
+        return {"loss": float(vals[0]), "l_z": float(vals[1]), "l_f": 0.0, "gap": float(vals[2])}
+
+    def step(self, taps, step: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        regress = step < cfg.regress_steps
+        if not regress and not getattr(self, "_finetuning", False):
+            self._start_finetune()
+        if regress:
+            idx = self._indices(step, cfg.regress_batch)
+            blocks = self._blocks()
+            loss, parts = regression_loss(blocks, self.traj, idx, device=self.device)
+            loss.backward()
+            if self.world > 1:  # blocks were called outside DDP: average their gradients by hand
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, "mean")
+            norms = [float(torch.nn.utils.clip_grad_norm_(list(b.parameters()), cfg.clip if cfg.clip > 0 else float("inf")))
+                     for b in blocks]
+            gnorm = math.sqrt(sum(n * n for n in norms))
+            record = {"stage": "regress", "l_z": 0.0, "l_f": float(loss), "gap": 0.0, "layers": [round(v, 6) for v in parts]}
+        else:
+            sl = slice(self.rank * self.local_bs, (self.rank + 1) * self.local_bs)
+            idx = self._indices(step, cfg.batch_size)[sl]
+            loss, l_out, l_cfg = self._finetune_loss(idx, self.student_ddp)
+            acc.backward(loss)
+            gnorm = acc.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+            gnorm = float(gnorm) if gnorm is not None else float("nan")
+            record = {"stage": "finetune", "l_z": float(l_out), "l_f": 0.0, "gap": float(l_cfg)}
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        value = acc.reduce(loss.detach().float().reshape(1), "mean")
+        bad = not (torch.isfinite(value).all() and math.isfinite(gnorm))
+        if bad:
+            self.skipped_total += 1
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, "loss": float(value), **record, "lr": lr_now, "grad_norm": gnorm, "skipped": bad,
+                "skipped_total": self.skipped_total}

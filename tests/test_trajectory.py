@@ -1,0 +1,106 @@
+"""The trajectory recipe: recording teacher trajectories, replaying them, regression, resumable training."""
+import shutil
+
+import pytest
+import torch
+
+from attnprobe.core.family import denoiser_of, find_self_attention
+from attnprobe.core.registry import load_pipeline
+from deltadistill.trajectory import record_trajectories, regression_loss, replay
+from deltadistill.train import TrainConfig, train
+from deltadistill.checkpoints import list_checkpoints
+from safetensors.torch import load_file
+
+
+@pytest.mark.parametrize("alias", ["tiny-pixart", "tiny-sd15"])
+def test_recorded_states_replay_to_the_teacher_output(alias):
+    pipe, _ = load_pipeline(alias)
+    den = denoiser_of(pipe)
+    sites = find_self_attention(den)
+    traj = record_trajectories(pipe, ["a photo of cat", "a red dog"], [0, 1], steps=3, resolution=32, sites=sites)
+    assert len(traj) == 2 * 2 * 3 * 2  # prompts × seeds × steps × (uncond, cond)
+    assert torch.equal(traj.pair[traj.pair], torch.arange(len(traj)))  # partners pair up
+    assert traj.guidance > 1
+    idx = torch.tensor([0, 5, len(traj) - 1])
+    with torch.no_grad():
+        out = replay(den, traj, idx)
+    torch.testing.assert_close(out, traj.out[idx], atol=1e-5, rtol=1e-4)
+    for site, x, y, grid in zip(sites, traj.x, traj.y, traj.grids):
+        assert x.shape[0] == len(traj) and x.shape[1] == grid[0] * grid[1] and y.shape == x.shape, site.name
+    # the recorded output of a layer is what the module gives on the recorded input
+    with torch.no_grad():
+        y0 = sites[0].module(traj.x[0][idx].float())
+    torch.testing.assert_close(y0, traj.y[0][idx].float(), atol=2e-3, rtol=2e-2)  # fp16 storage
+
+
+def test_regression_loss_is_the_layerwise_mse():
+    from deltadistill.block import DeltaConvBlock
+
+    pipe, _ = load_pipeline("tiny-pixart")
+    sites = find_self_attention(denoiser_of(pipe))
+    traj = record_trajectories(pipe, ["a cat"], [0], steps=2, resolution=32, sites=sites)
+    torch.manual_seed(0)
+    blocks = [DeltaConvBlock(x.shape[-1], 3) for x in traj.x]
+    for b in blocks:
+        torch.nn.init.normal_(b.proj_out.weight, std=0.1)
+    idx = torch.tensor([1, 2])
+    total, parts = regression_loss(blocks, traj, idx)
+    by_hand = []
+    for b, x, y, (h, w) in zip(blocks, traj.x, traj.y, traj.grids):
+        xb = x[idx].float()
+        by_hand.append(((b(xb.reshape(2, h, w, -1)).reshape(xb.shape) - y[idx].float()) ** 2).mean().item())
+    assert parts == pytest.approx(by_hand, rel=1e-6) and float(total) == pytest.approx(sum(by_hand), rel=1e-6)
+
+
+def _cfg(prompts, out, **kw):
+    base = dict(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, recipe="trajectory",
+                regress_steps=6, steps=6, regress_batch=8, batch_size=2, traj_seeds=2, traj_steps=3, warmup=2, lr=1e-2,
+                checkpoint_every=4, progress=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("resume_at", ["step-0000004", "step-0000008"])  # inside the regression, inside the fine-tune
+def test_trajectory_run_resumes_exactly(tmp_path, resume_at):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\na red dog\n")
+    full = tmp_path / "full"
+    s = train(_cfg(prompts, full), log=lambda m: None)
+    assert s["steps"] == 12 and [h["stage"] for h in s["history"]] == ["regress"] * 6 + ["finetune"] * 6
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for p in list_checkpoints(part):
+        if p.name > resume_at:
+            shutil.rmtree(p)
+    for name in ("config.json", "delta_blocks.safetensors", "summary.json"):
+        (part / name).unlink()
+    train(_cfg(prompts, part, resume="latest"), log=lambda m: None)
+    a, b = load_file(full / "delta_blocks.safetensors"), load_file(part / "delta_blocks.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_regression_stage_lowers_the_layerwise_error(tmp_path):
+    from deltadistill.conversion import convert, delta_modules
+    from deltadistill.generate import load_distilled
+    from deltadistill.trajectory_train import trajectory_seeds
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\na red dog\n")
+    train(_cfg(prompts, tmp_path / "run", regress_steps=120, steps=1, regress_lr=1e-2, lr=1e-7, checkpoint_every=0),
+          log=lambda m: None)
+    pipe, _ = load_pipeline("tiny-pixart")
+    sites = find_self_attention(denoiser_of(pipe))
+    traj = record_trajectories(pipe, ["a photo of cat", "a red dog"], trajectory_seeds(0, 2), steps=3, resolution=32,
+                               sites=sites)
+    everything = torch.arange(len(traj))
+    torch.manual_seed(0)
+    convert(pipe, 3)  # the run's starting point (same seed, mean-field init)
+    names = [s.name for s in sites]
+    start = delta_modules(pipe)
+    trained = delta_modules(load_distilled(tmp_path / "run")[0])
+    with torch.no_grad():
+        before = regression_loss([start[n].block for n in names], traj, everything)[0]
+        after = regression_loss([trained[n].block for n in names], traj, everything)[0]
+    assert float(after) < 0.9 * float(before)

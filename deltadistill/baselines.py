@@ -7,7 +7,7 @@
   borders so every query sees min(K, H)·min(K, W) keys), implemented as an additive mask passed to
   the module's own processor (the paper's Fig. 6 ablation with K = 13);
 * :func:`untrained_student` — the conversion of a distilled run before training (same kernel
-  sizes, block settings, init and seed: :class:`deltadistill.train.Trainer` seeds torch with the
+  sizes, block settings, init and seed: :class:`deltadistill.trainer.Trainer` seeds torch with the
   run seed right before ``convert``, so this is exactly the student at step 0).
 """
 from __future__ import annotations

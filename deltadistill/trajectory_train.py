@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from deltadistill.train import Trainer
+from deltadistill.trainer import Trainer
 from deltadistill.train_config import TrainError, step_generator
 from deltadistill.trajectory import guided, record_trajectories, regression_loss, replay
 
@@ -54,7 +54,7 @@ class _TrajectoryData:
 
 
 class TrajectoryTrainer(Trainer):
-    """:class:`~deltadistill.train.Trainer` with the trajectory recipe (see the module docstring)."""
+    """:class:`~deltadistill.trainer.Trainer` with the trajectory recipe (see the module docstring)."""
 
     @property
     def total_steps(self) -> int:

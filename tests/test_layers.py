@@ -72,7 +72,7 @@ def graph() -> dict[str, set[str]]:
 def test_graph_is_not_empty(graph):
     assert "attnprobe.core.family" in graph and "deltadistill.train" in graph
     assert "attnprobe.core.family" in graph["attnprobe.capture"]  # the parser sees real edges
-    assert "attnprobe.core.registry" in graph["deltadistill.train"]  # ...also inside functions
+    assert "attnprobe.core.registry" in graph["deltadistill.trainer"]  # ...also inside functions
 
 
 def test_no_upward_import(graph):

@@ -142,7 +142,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     first = save_checkpoint(tmp_path, 5, model, opt, sched, {"k": 1})
-    import deltadistill.train as tr
+    import deltadistill.checkpoints as tr
 
     def boom(*a, **k):
         raise OSError("disk full")

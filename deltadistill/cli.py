@@ -165,7 +165,11 @@ def _print_summary(summary: dict) -> None:
     table.add_column("start", justify="right")
     table.add_column("end", justify="right")
     a, b = summary.get("probe_loss_start") or {}, summary.get("probe_loss_end") or {}
-    for key, label in (("loss", "probe loss L"), ("l_z", "L_z"), ("gap", "‖ε̃ − ε̂‖² (weighted)"), ("l_f", "L_f")):
+    if (summary.get("data") or {}).get("kind") == "trajectories":
+        rows = (("loss", "probe loss L"), ("l_z", "output MSE on recorded states"), ("gap", "guided-output MSE"))
+    else:
+        rows = (("loss", "probe loss L"), ("l_z", "L_z"), ("gap", "‖ε̃ − ε̂‖² (weighted)"), ("l_f", "L_f"))
+    for key, label in rows:
         if key in a and key in b:
             table.add_row(label, f"{a[key]:.5g}", f"{b[key]:.5g}")
     Console().print(table)

@@ -122,7 +122,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.traj_seeds >= 1 and cfg.traj_steps >= 1 and cfg.traj_keep_every >= 1,
          "--traj-seeds, --traj-steps and --traj-keep-every must be >= 1")
     need(cfg.cfg_loss >= 0, f"--cfg-loss must be >= 0, got {cfg.cfg_loss}")
-    need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.recipe == "trajectory" and cfg.regress_steps > 0:
+        need(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
+    else:
+        need(cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}")
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
     need(cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}")

@@ -21,6 +21,7 @@ Memory: M = prompts × seeds × steps × 2 samples, each holding 2 · layers · 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Trajectories", "record_trajectories", "regression_loss", "replay"]
+__all__ = ["Trajectories", "TrajectoryMemoryError", "check_memory", "record_trajectories", "regression_loss", "replay"]
 
 
 @dataclass
@@ -85,10 +86,13 @@ def _flatten(prefix: str, value, batch: int, batched: dict, constant: dict) -> N
 @torch.no_grad()
 def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: int, resolution: int,
                         guidance: float | None = None, sites=(), keep_every: int = 1, batch_size: int = 28,
-                        layer_dtype=torch.float16, log: Callable[[str], None] | None = None) -> Trajectories:
+                        layer_dtype=torch.float16, log: Callable[[str], None] | None = None,
+                        budget: int | None = None) -> Trajectories:
     """Sample every (prompt, seed) with ``pipe`` and record its denoiser calls (see the module doc).
 
     ``sites``: the :class:`~attnprobe.core.sites.AttnSite` list whose inputs/outputs to keep.
+    ``budget``: bytes the recording may take (default: 80 % of the memory available now); the
+    projection from the first denoiser call is checked before anything more is sampled.
     """
     from attnprobe.core.family import denoiser_of, family_of
     from attnprobe.core.pipeline import sample
@@ -125,14 +129,18 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
         pair = torch.cat([torch.arange(half, b), torch.arange(0, half)]) if cfg else torch.arange(b)
         parts["pair"].append(pair + m)
         state["m"] += b
+        nbytes = out.numel() * 4
         for i, io in enumerate(state["io"]):
             x, y = io
             parts["x"][i].append(x.to(layer_dtype).cpu())
             parts["y"][i].append(y.to(layer_dtype).cpu())
+            nbytes += 2 * x.numel() * parts["x"][i][-1].element_size()
             if grids[i] is None and state["base"] is not None:
                 from attnprobe.core.sites import halve_grid
 
                 grids[i] = halve_grid(state["base"], sites[i].level)
+        if state["call"] == 1:
+            check_memory(nbytes, math.ceil(steps / keep_every) * math.ceil(len(pairs) / batch_size), budget)
 
     def site_hook(i):
         def hook(module, args, kwargs, output):
@@ -167,6 +175,24 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
                  "keep_every": int(keep_every), "seconds": round(time.perf_counter() - t0, 1),
                  "layer_bytes": int(sum(t.numel() * t.element_size() for t in traj.x + traj.y))}
     return traj
+
+
+class TrajectoryMemoryError(RuntimeError):
+    """The recorded states would not fit in memory (the message says what to change)."""
+
+
+def check_memory(bytes_per_call: int, calls: int, budget: int | None = None) -> None:
+    """Refuse a recording of ``calls`` denoiser calls of ``bytes_per_call`` each beyond ``budget``."""
+    from attnprobe.core.registry import _available_memory
+
+    if budget is None:
+        budget = int(0.8 * _available_memory())
+    need = bytes_per_call * calls
+    if budget > 0 and need > budget:
+        raise TrajectoryMemoryError(
+            f"the trajectory recipe would keep {need / 2**30:.1f} GiB of recorded states "
+            f"({calls} denoiser calls × {bytes_per_call / 2**20:.0f} MiB) but {budget / 2**30:.1f} GiB is available; "
+            "lower --traj-seeds or --traj-steps, raise --traj-keep-every, or use --recipe noised (streams its data)")
 
 
 def _default_guidance(pipe) -> float:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from deltadistill.trainer import Trainer
 from deltadistill.train_config import TrainError, step_generator
-from deltadistill.trajectory import guided, record_trajectories, regression_loss, replay
+from deltadistill.trajectory import TrajectoryMemoryError, guided, record_trajectories, regression_loss, replay
 
 __all__ = ["TrajectoryTrainer", "trajectory_seeds", "REGRESS_WARMUP"]
 
@@ -76,9 +76,12 @@ class TrajectoryTrainer(Trainer):
         seeds = trajectory_seeds(cfg.seed, cfg.traj_seeds)
         self.say(f"data: recording teacher trajectories, {len(prompts)} prompts × {len(seeds)} seeds × "
                  f"{cfg.traj_steps} steps")
-        self.traj = record_trajectories(pipe, prompts, seeds, steps=cfg.traj_steps, resolution=self.resolution,
-                                        guidance=cfg.sample_guidance, sites=sites, keep_every=cfg.traj_keep_every,
-                                        log=self.say)
+        try:
+            self.traj = record_trajectories(pipe, prompts, seeds, steps=cfg.traj_steps, resolution=self.resolution,
+                                            guidance=cfg.sample_guidance, sites=sites, keep_every=cfg.traj_keep_every,
+                                            log=self.say)
+        except TrajectoryMemoryError as e:
+            raise TrainError(str(e)) from None
         self.traj.site_names = [s.name for s in sites]
         self.data = _TrajectoryData(self.traj)
         self.say(f"data: {len(self.traj)} states, {self.traj.info['layer_bytes'] / 2**30:.2f} GiB of layer inputs/outputs")
@@ -154,7 +157,7 @@ class TrajectoryTrainer(Trainer):
             norms = [float(torch.nn.utils.clip_grad_norm_(list(b.parameters()), cfg.clip if cfg.clip > 0 else float("inf")))
                      for b in blocks]
             gnorm = math.sqrt(sum(n * n for n in norms))
-            record = {"stage": "regress", "l_z": 0.0, "l_f": float(loss), "gap": 0.0, "layers": [round(v, 6) for v in parts]}
+            record = {"stage": "regress", "l_z": 0.0, "l_f": float(loss.detach()), "gap": 0.0, "layers": [round(v, 6) for v in parts]}
         else:
             sl = slice(self.rank * self.local_bs, (self.rank + 1) * self.local_bs)
             idx = self._indices(step, cfg.batch_size)[sl]

@@ -325,12 +325,16 @@ def test_demo_distillation_ordering(tmp_path):
         import distill_demo
     finally:
         sys.path.pop(0)
-    res = distill_demo.main(["--out", str(tmp_path), "--kernel-size", "13", "--steps", "120", "--eval-prompts", "4",
-                             "--eval-seeds", "100", "--eval-steps", "15"])
-    d = res["distances"]
-    # the full run (RESULTS.md) reaches about half the baselines' MSE; this shorter one must be clearly below
-    assert d["distilled"]["mse"] < 0.8 * d["untrained"]["mse"], d
-    assert d["distilled"]["mse"] < 0.8 * d["no_attention"]["mse"], d
+    res = distill_demo.main(["--out", str(tmp_path), "--kernel-size", "9", "--variants", "final", "--steps", "60",
+                             "--regress-steps", "150", "--traj-seeds", "1", "--eval-prompts", "4", "--eval-seeds", "0",
+                             "--eval-steps", "15"])
+    d, base = res["ablation"][0]["distilled"], res["baselines"]
+    # the short recipe must beat both baselines clearly (in MSE: 10^(ΔPSNR/10); 1 dB ≈ 1.26×). The
+    # training-free neighbourhood attention is not one of them here: K = 13 on the demo's 16×16 token
+    # grid keeps nearly every key, so it is close to the teacher (28.6 dB measured) — a reference.
+    for name in ("untrained", "no_attention"):
+        assert d["psnr_db"] > base[name]["psnr_db"] + 1.0, (name, d, base[name])
+    assert base["neighbourhood"]["psnr_db"] > base["no_attention"]["psnr_db"]
 
 
 @pytest.mark.parametrize("alias", ["tiny-pixart", "tiny-sd15"])

@@ -104,3 +104,41 @@ def test_regression_stage_lowers_the_layerwise_error(tmp_path):
         before = regression_loss([start[n].block for n in names], traj, everything)[0]
         after = regression_loss([trained[n].block for n in names], traj, everything)[0]
     assert float(after) < 0.9 * float(before)
+
+
+def test_recording_that_would_not_fit_is_refused_after_one_call():
+    """The projection from the first denoiser call (its bytes × the calls to come) is checked first."""
+    from deltadistill.trajectory import TrajectoryMemoryError
+
+    pipe, _ = load_pipeline("tiny-pixart")
+    den = denoiser_of(pipe)
+    sites = find_self_attention(den)
+    calls = []
+    handle = den.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        full = record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32, sites=sites)
+        need = full.info["layer_bytes"] + full.out.numel() * 4
+        calls.clear()
+        with pytest.raises(TrajectoryMemoryError, match="--traj-keep-every"):
+            record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32, sites=sites, budget=need - 1)
+        assert len(calls) == 1  # stopped at the first call, not after sampling everything
+        again = record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32, sites=sites, budget=need)
+    finally:
+        handle.remove()
+    assert len(again) == len(full)
+
+
+def test_cli_refuses_a_recording_beyond_memory(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import attnprobe.core.registry as registry
+    from deltadistill.cli import app
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    monkeypatch.setattr(registry, "_available_memory", lambda: 1000)
+    res = CliRunner().invoke(app, ["train", "--model", "tiny-pixart", "--data", str(prompts), "--out", str(tmp_path / "run"),
+                                   "--kernel-size", "3", "--recipe", "trajectory", "--steps", "2", "--regress-steps", "2",
+                                   "--traj-steps", "2", "--traj-seeds", "1", "--no-progress"])
+    assert res.exit_code != 0
+    assert "GiB of recorded states" in res.output and "Traceback" not in res.output

@@ -290,7 +290,7 @@ def models():
 def plot(
     report_path: Path = typer.Argument(..., metavar="RUN/erf.json", help="The report (or its run folder)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the figures (default: RUN/figures)."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it already holds files (the run's own figures folder is always replaced)."),
+    overwrite: bool = typer.Option(False, help="Write into OUT although it already holds files: figures of the same name are replaced, other files are kept (the run's own figures folder is always replaced as a whole)."),
     formats: str = typer.Option("png,svg", "--format", help="Comma-separated file formats: png, svg, pdf."),
     dpi: int = typer.Option(120, min=50, max=600, help="Resolution of raster formats (dots per inch)."),
 ):
@@ -303,7 +303,8 @@ def plot(
 
     report = load_report(report_path)
     run_dir = report_path if report_path.is_dir() else report_path.parent
-    if out is None:  # the run's own figures folder holds derived files only: redrawing replaces it
+    own = out is None
+    if own:  # the run's own figures folder holds derived files only: redrawing replaces it
         out, overwrite = run_dir / "figures", True
     fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
     if not fmts or any(f not in ("png", "svg", "pdf") for f in fmts):
@@ -312,10 +313,14 @@ def plot(
         raise UsageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"output folder {out} already holds files; pass --overwrite to write into it")
-    from attnprobe.core.outputs import staged_output_dir
+    from attnprobe.core.outputs import merge_into_dir, staged_output_dir
 
-    with console.status("drawing figures"), staged_output_dir(out, overwrite) as tmp:  # replaced as a whole
-        paths = [out / p.relative_to(tmp) for p in plot_all(report, tmp, images_dir=run_dir / "images", formats=fmts, dpi=dpi)]
+    if own or not out.is_dir() or not any(out.iterdir()):
+        with console.status("drawing figures"), staged_output_dir(out, overwrite) as tmp:  # replaced as a whole
+            paths = [out / p.relative_to(tmp) for p in plot_all(report, tmp, images_dir=run_dir / "images", formats=fmts, dpi=dpi)]
+    else:  # a folder of the user's (e.g. a paper's figures/): only the figures' own files are replaced
+        with console.status("drawing figures"), merge_into_dir(out) as tmp:
+            paths = [out / p.relative_to(tmp) for p in plot_all(report, tmp, images_dir=run_dir / "images", formats=fmts, dpi=dpi)]
     stems = sorted({p.stem for p in paths})
     console.print(f"wrote {len(stems)} figures ({', '.join(fmts)}) to [bold]{out}[/]: {', '.join(stems)}")
 

@@ -40,6 +40,7 @@ VARIANTS = {
     "no_finetune": {**FINAL, "steps": 0},
     "no_cfg_loss": {**FINAL, "cfg_loss": 0.0},
     "one_seed": {**FINAL, "traj_seeds": 1},
+    "linear_attention": {**FINAL, "student": "linear"},  # the baseline: LinFusion's form, same recipe and budget
 }
 DESCRIPTIONS = {
     "final": "toolkit recipe: trajectories, regression, fine-tune",
@@ -48,6 +49,7 @@ DESCRIPTIONS = {
     "no_finetune": "without the fine-tune stage",
     "no_cfg_loss": "fine-tune without the guided-output term",
     "one_seed": "1 trajectory per caption instead of 4",
+    "linear_attention": "baseline: linear attention of LinFusion's form, same recipe and budget",
 }
 
 
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other variants' rows (and the baselines) of the committed results; replace these")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--machine", default=None)
     return ap.parse_args(argv)
@@ -126,14 +130,19 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     report, analyze_s = _report(args, out)
+    results_path = ROOT / "benchmarks" / "results" / "distill_demo.json"
+    earlier = json.loads(results_path.read_text()) if args.append and results_path.is_file() else None
+    kept = [r for r in (earlier or {}).get("ablation", []) if r["variant"] not in names]
+    if earlier:
+        analyze_s = earlier.get("analyze_seconds", analyze_s)
     rows = []
     for i, name in enumerate(names):
-        rows.append(run_variant(name, report, out, args, baselines=i == 0))
+        rows.append(run_variant(name, report, out, args, baselines=i == 0 and not any("untrained" in r for r in kept)))
         (out / "rows.json").write_text(json.dumps(rows, indent=1, default=float))
         r = rows[-1]
         print(f"{name}: {r['distilled']['psnr_db']:.2f} dB, SSIM {r['distilled']['ssim']:.3f}, "
               f"accuracy {r['distilled']['accuracy']}, {r['train_seconds']:.0f} s", flush=True)
-        result = summarise(rows, args, analyze_s, argv)
+        result = summarise(_ordered(kept + rows), args, analyze_s, argv, earlier)
         if args.write_results:  # after every variant: a run cut short still leaves what it measured
             (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
             tmp = ROOT / "benchmarks" / "results" / "distill_demo.json.tmp"
@@ -144,13 +153,20 @@ def main(argv=None) -> dict:
     return result
 
 
-def summarise(rows, args, analyze_s, argv) -> dict:
+def _ordered(rows: list) -> list:
+    return sorted(rows, key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+
+
+def summarise(rows, args, analyze_s, argv, earlier=None) -> dict:
     final = next((r for r in rows if r["variant"] == "final"), rows[0])
-    base = rows[0]
+    base = next((r for r in rows if "untrained" in r), rows[0])
+    command = "python " + shlex.join([str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:]))
+    commands = [c for c in (earlier or {}).get("commands", [(earlier or {}).get("command")]) if c] + [command]
     return {
         "date": time.strftime("%Y-%m-%d"),
         "machine": args.machine or f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU, torch threads {args.threads}",
-        "command": "python " + shlex.join([str(Path(__file__).relative_to(ROOT))] + (argv if argv is not None else sys.argv[1:])),
+        "command": commands[0],
+        "commands": commands,
         "evaluation": {"prompts": args.eval_prompts or 14, "seeds": args.eval_seeds, "steps": args.eval_steps},
         "analyze_seconds": round(analyze_s, 1),
         "psnr_db": final["distilled"]["psnr_db"], "ssim": final["distilled"]["ssim"],
@@ -184,16 +200,16 @@ def write_section(result) -> None:
     final = result["ablation"][0]
     text = f"""{SECTION}
 
-Date: {result['date']}. Machine: {result['machine']}. Command:
+Date: {result['date']}. Machine: {result['machine']}. Commands:
 
-    {result['command']}
+    {(chr(10) + "    ").join(result['commands'])}
 
 Every model is sampled from the same noise as the teacher for the 14 demo captions × seeds
 {result['evaluation']['seeds']} ({result['evaluation']['steps']} DPM-Solver++ steps, CFG 4.5, 256 px): PSNR and SSIM of the
 images against the teacher's, ε error = mean squared difference of the denoiser's output along the
 teacher's own trajectories, and the demo's nearest-photo accuracy (the share of samples classified as
 their caption's photo). Kernel sizes from `attnprobe analyze` with its defaults
-({', '.join(f'{k}' for k in sorted(set(final['kernel_sizes'].values())))}). Numbers in
+({', '.join(f'{k}' for k in sorted({v for v in final['kernel_sizes'].values() if v is not None}))}). Numbers in
 `benchmarks/results/distill_demo.json`.
 
 {table(result)}

@@ -102,6 +102,8 @@ def untrained_student(base: str, config: dict, train_config: dict, device: str =
     layers = config["layers"]
     first = layers[0]
     torch.manual_seed(int(train_config.get("seed", 0)))
+    if first.get("student") == "linear":
+        return convert(pipe, None, layers=[layer["name"] for layer in layers], student="linear")
     convert(
         pipe,
         {layer["name"]: int(layer["kernel_size"]) for layer in layers},

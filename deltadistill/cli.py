@@ -99,6 +99,7 @@ def train(
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help="Autocast: auto (bf16/fp16 on GPU, none on CPU), no, bf16, fp16."),
     max_bad_steps: int = typer.Option(10, "--max-bad-steps", help="Stop after this many consecutive steps with NaN/inf loss or gradients (each is skipped)."),
     init: str = typer.Option("mean_field", "--init", help="Global-branch initialisation: mean_field (the teacher's attention under uniform weights) or zero."),
+    student: str = typer.Option("deltaconv", "--student", help="What replaces self-attention: deltaconv (the ΔConvBlock) or linear (a linear attention of LinFusion's form, projections copied from the teacher: the baseline, needs no kernel sizes)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="Block gate: scaled (x1·x2·s) or sigmoid (x1·σ(x2)) [toolkit scaled; paper: sigmoid for PixArt, scaled for SD]."),
     gate_scale: Optional[str] = typer.Option(None, "--gate-scale", help="Scaled gate's factor s: a number, or 'official' for √(C'/2) [toolkit 1/√C' (the paper's text); paper SD: official]."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Half-scale pooling: ceil (2×2, ⌈n/2⌉) or adaptive (⌊n/2⌋, overlapping windows, the official code) [toolkit ceil, paper adaptive]."),
@@ -117,6 +118,7 @@ def train(
     cfg_loss: Optional[float] = typer.Option(None, "--cfg-loss", help="trajectory: weight of the guided-output MSE "
                                              "(u + w·(c − u) over each CFG pair) [toolkit 0.25]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    estimate: bool = typer.Option(False, "--estimate", help="Dry run: build the model from its shipped config on the meta device, convert it as this run would, and print parameters, memory (weights, optimizer, activations, recorded data) and the estimated time of each stage on --device; loads no weights, writes nothing."),
 ):
     """Distil every self-attention layer into a ΔConvBlock (teacher frozen, only blocks train).
 
@@ -134,10 +136,15 @@ def train(
         resolution=resolution, seed=seed, cache=cache, caption_dropout=caption_dropout, sample_steps=sample_steps,
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
-        max_bad_steps=max_bad_steps, init=init, progress=progress, recipe=recipe, regress_steps=regress_steps,
+        max_bad_steps=max_bad_steps, init=init, student=student, progress=progress, recipe=recipe, regress_steps=regress_steps,
         regress_batch=regress_batch, regress_lr=regress_lr, traj_seeds=traj_seeds, traj_steps=traj_steps,
         traj_keep_every=traj_keep_every, cfg_loss=cfg_loss,
     )
+    if estimate:
+        from deltadistill.estimate import estimate_training, print_training_estimate
+
+        print_training_estimate(estimate_training(cfg))
+        return
     try:
         summary = run_train(cfg)
     except TrainingDiverged as exc:

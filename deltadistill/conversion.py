@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 INITS = ("mean_field", "zero")
+STUDENTS = ("deltaconv", "linear")
 get_denoiser = denoiser_of  # the denoiser of a pipeline, unwrapping DDP / torch.compile
 
 
@@ -126,7 +127,7 @@ class DeltaConvAttention(nn.Module):
             raise ValueError(f"{self.site_name}: expected tokens [B, N, C], got shape {tuple(hidden_states.shape)}")
         b, n, c = hidden_states.shape
         h, w = self.token_grid(n)
-        dtype = self.block.proj_in.weight.dtype
+        dtype = next(self.block.parameters()).dtype
         z = hidden_states.reshape(b, h, w, c)  # [B, N, C] → [B, H', W', C], row-major
         if z.dtype != dtype and not torch.is_autocast_enabled(z.device.type):
             z = z.to(dtype)  # e.g. fp32 master blocks inside a bf16 frozen model
@@ -185,7 +186,7 @@ def attn_dim(attn: nn.Module, name: str) -> int:
 
 def convert(pipe, report_or_kernel_size=None, *, layers=None, gate: str | None = None, inter_ratio: float = 0.5,
             scales=(1, 0.5), init: str = "mean_field", kernel_ratio: float | None = None, gate_scale: float | None = None,
-            pool: str | None = None, dw_bias: bool | None = None, preset: str | None = None):
+            pool: str | None = None, dw_bias: bool | None = None, preset: str | None = None, student: str = "deltaconv"):
     """Replace self-attention with ΔConvBlocks in place; returns ``pipe``.
 
     Args:
@@ -201,6 +202,9 @@ def convert(pipe, report_or_kernel_size=None, *, layers=None, gate: str | None =
             sizes are given), see :mod:`deltadistill.presets`.
         init: ``"mean_field"`` (global branch = teacher attention under uniform weights) or ``"zero"``.
         kernel_ratio: with a report, recompute its kernel sizes as odd(ceil(ratio · ERF)).
+        student: ``"deltaconv"`` (the ΔConvBlock) or ``"linear"``: the baseline
+            :class:`~deltadistill.linear_attention.LinearAttentionBlock` (LinFusion's form, projections
+            copied from the teacher; kernel sizes and block settings do not apply).
 
     Raises:
         ValueError: joint-attention models (FLUX, SD3), already converted models, bad kernel specs,
@@ -210,7 +214,16 @@ def convert(pipe, report_or_kernel_size=None, *, layers=None, gate: str | None =
 
     if init not in INITS:
         raise UserError(f"unknown init {init!r}; choose one of {INITS}")
+    if student not in STUDENTS:
+        raise UserError(f"unknown student {student!r}; choose one of {STUDENTS}")
     den, family, sites = convertible_sites(pipe)
+    if student == "linear":
+        from deltadistill.linear_attention import LinearAttentionBlock
+
+        chosen = select(layers, sites)
+        install(pipe, {s.name: LinearAttentionBlock.from_attention(s.module, s.name) for s in chosen},
+                {"student": "linear", "kernel_source": None, "preset": preset or "toolkit"})
+        return pipe
     block_kw = block_settings(preset, family, gate=gate, gate_scale=gate_scale, pool=pool, dw_bias=dw_bias)
     if report_or_kernel_size is None:
         report_or_kernel_size = preset_kernel_sizes(preset, family, sites)

@@ -159,6 +159,10 @@ def plot_gradient_erf(
     from deltadistill.conversion import delta_modules
 
     blocks = delta_modules(student)
+    if any(getattr(m.block, "kind", None) == "linear" for m in blocks.values()):
+        from attnprobe.core.errors import UserError
+
+        raise UserError("the gradient-ERF figure measures ΔConvBlocks' pyramid branch; this student is linear attention")
     teacher_mods = {s.name: s.module for s in find_self_attention(denoiser_of(teacher))}
     chosen = [l for l in _pick(forward_order(report), layers) if l.name in blocks and l.name in teacher_mods]
     if not chosen:

@@ -102,21 +102,8 @@ def save_blocks(blocks: dict[str, DeltaConvBlock], labels: dict[str, str], denoi
         "base_config_hash": config_hash(denoiser.config),
         "report_hash": info.get("report_hash"),
         "kernel_source": info.get("kernel_source"),
-        "layers": [
-            {
-                "name": name,
-                "label": labels.get(name, name),
-                "dim": block.dim,
-                "kernel_size": block.kernel_size,
-                "scales": list(block.scales),
-                "inter_ratio": block.inter_ratio,
-                "gate": block.gate,
-                "gate_scale": block.gate_scale,
-                "pool": block.pool,
-                "dw_bias": block.dw_bias,
-            }
-            for name, block in blocks.items()
-        ],
+        "layers": [{"name": name, "label": labels.get(name, name), "dim": block.dim, **_block_settings(block)}
+                   for name, block in blocks.items()],
         "extra": extra or {},
     }
     text = json.dumps(config, indent=2, ensure_ascii=False)  # fail before writing anything if not JSON
@@ -139,6 +126,30 @@ def save_blocks(blocks: dict[str, DeltaConvBlock], labels: dict[str, str], denoi
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _block_settings(block) -> dict:
+    if getattr(block, "kind", None) == "linear":
+        return {"kernel_size": None, **block.settings()}
+    return {"kernel_size": block.kernel_size, "scales": list(block.scales), "inter_ratio": block.inter_ratio,
+            "gate": block.gate, "gate_scale": block.gate_scale, "pool": block.pool, "dw_bias": block.dw_bias}
+
+
+def _build_block(layer: dict, dim: int):
+    if layer.get("student", "deltaconv") == "linear":
+        from deltadistill.linear_attention import LinearAttentionBlock
+
+        return LinearAttentionBlock(dim, int(layer["heads"]), int(layer["head_dim"]), bias=bool(layer.get("bias", True)))
+    return DeltaConvBlock(
+        dim,
+        layer["kernel_size"],
+        scales=tuple(layer.get("scales", (1, 0.5))),
+        inter_ratio=layer.get("inter_ratio", 0.5),
+        gate=layer.get("gate", "scaled"),
+        gate_scale=layer.get("gate_scale") if layer.get("gate", "scaled") == "scaled" else None,
+        pool=layer.get("pool", "ceil"),
+        dw_bias=bool(layer.get("dw_bias", True)),
+    )
 
 
 def save_into_run(pipe, out, *, base_model, extra: dict | None = None) -> None:
@@ -219,16 +230,7 @@ def load(pipe, folder):
         if int(layer.get("dim", -1)) != dim:
             raise FolderMismatchError(f"{folder}: layer {name} has dim {layer.get('dim')} in {CONFIG_NAME}, the model has {dim}")
         try:
-            blocks[name] = DeltaConvBlock(
-                dim,
-                layer["kernel_size"],
-                scales=tuple(layer.get("scales", (1, 0.5))),
-                inter_ratio=layer.get("inter_ratio", 0.5),
-                gate=layer.get("gate", "scaled"),
-                gate_scale=layer.get("gate_scale") if layer.get("gate", "scaled") == "scaled" else None,
-                pool=layer.get("pool", "ceil"),
-                dw_bias=bool(layer.get("dw_bias", True)),
-            )
+            blocks[name] = _build_block(layer, dim)
         except (KeyError, TypeError, ValueError) as exc:
             raise FolderMismatchError(f"{folder}: layer {name} has invalid settings in {CONFIG_NAME}: {exc}") from None
 
@@ -262,6 +264,8 @@ def load(pipe, folder):
             ref.copy_(tensors[key].to(ref.dtype))  # state_dict() values share storage with the parameters
 
     info = {k: config.get(k) for k in ("report_hash", "kernel_source")}
+    if any(layer.get("student") == "linear" for layer in config["layers"]):
+        info["student"] = "linear"
     info["loaded_from"] = str(folder)
     install(pipe, blocks, info)
     return pipe

@@ -81,6 +81,7 @@ class TrainConfig:
     pool: str | None = None  # ceil | adaptive (None: the preset's)
     dw_bias: bool | None = None
     init: str = "mean_field"
+    student: str = "deltaconv"  # deltaconv (ΔConvBlock) | linear (LinFusion-form linear attention, a baseline)
     probe: bool = True  # loss on a fixed probe batch at start and end
     progress: bool = True
 
@@ -148,7 +149,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              f"--kernel-ratio must be a finite number > 0, got {cfg.kernel_ratio}")
     if cfg.resolution is not None:
         need(cfg.resolution > 0, f"--resolution must be positive, got {cfg.resolution}")
-    need(cfg.erf_report is not None or cfg.kernel_size is not None or cfg.preset == "paper",
+    need(cfg.student in ("deltaconv", "linear"), f"--student must be deltaconv or linear, got {cfg.student!r}")
+    need(cfg.erf_report is not None or cfg.kernel_size is not None or cfg.preset == "paper" or cfg.student == "linear",
          "give --erf-report erf.json (per-layer kernel sizes), --kernel-size K, or --preset paper (its kernel table)")
     data = Path(cfg.data)
     need(data.exists(), f"--data {data} does not exist; pass a folder of captioned images or a prompt file")

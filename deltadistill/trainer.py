@@ -147,8 +147,9 @@ class Trainer:
                 setattr(pipe, name, None)
         kernel_spec = cfg.kernel_size if cfg.kernel_size is not None else report
         try:
-            convert(pipe, kernel_spec, gate=cfg.gate, gate_scale=cfg.gate_scale, pool=cfg.pool, dw_bias=cfg.dw_bias,
-                    init=cfg.init, kernel_ratio=cfg.kernel_ratio, preset=cfg.preset)
+            convert(pipe, kernel_spec if cfg.student == "deltaconv" else None, gate=cfg.gate, gate_scale=cfg.gate_scale,
+                    pool=cfg.pool, dw_bias=cfg.dw_bias, init=cfg.init, kernel_ratio=cfg.kernel_ratio, preset=cfg.preset,
+                    student=cfg.student)
         except ValueError as exc:
             raise TrainError(f"cannot convert {self.model_name}: {exc}") from None
         self.finish_setup(pipe, den, vae_f)
@@ -188,11 +189,14 @@ class Trainer:
         self.n_trainable = sum(p.numel() for p in self.params)
         self.kernel_sizes = {n: m.block.kernel_size for n, m in blocks.items()}
         try:
-            check_kernels_fit(self.kernel_sizes, find_self_attention(self.teacher),
-                              self.family.base_grid(den.config, vae_f, self.resolution, self.resolution), self.resolution)
+            if cfg.student == "deltaconv":
+                check_kernels_fit(self.kernel_sizes, find_self_attention(self.teacher),
+                                  self.family.base_grid(den.config, vae_f, self.resolution, self.resolution),
+                                  self.resolution)
         except ValueError as exc:
             raise TrainError(str(exc)) from None
-        self.say(f"model {self.model_name} ({self.family.name}): {len(self.names)} self-attention layers → ΔConvBlocks, "
+        self.say(f"model {self.model_name} ({self.family.name}): {len(self.names)} self-attention layers → "
+                 f"{'ΔConvBlocks' if cfg.student == 'deltaconv' else 'linear attention'}, "
                  f"{self.n_trainable:,} trainable parameters; {len(self.data)} training samples at {self.resolution}px; "
                  f"{self.world} process(es), global batch {cfg.batch_size}")
         if self.setup_hook is not None:

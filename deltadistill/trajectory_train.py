@@ -165,7 +165,7 @@ class TrajectoryTrainer(Trainer):
             acc.backward(loss)
             gnorm = acc.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
             gnorm = float(gnorm) if gnorm is not None else float("nan")
-            record = {"stage": "finetune", "l_z": float(l_out), "l_f": 0.0, "gap": float(l_cfg)}
+            record = {"stage": "finetune", "l_z": float(l_out.detach()), "l_f": 0.0, "gap": float(l_cfg.detach())}
         lr_now = self.optimizer.param_groups[0]["lr"]
         value = acc.reduce(loss.detach().float().reshape(1), "mean")
         bad = not (torch.isfinite(value).all() and math.isfinite(gnorm))

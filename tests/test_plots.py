@@ -255,3 +255,25 @@ def test_cli_plot_and_report(run_dir, drawn, tmp_path, monkeypatch):
     result = runner.invoke(app, ["report", str(run_dir), "--html"])  # figures exist: embeds them
     assert result.exit_code == 0, result.output
     assert "block 0" in result.stdout and (run_dir / "report.html").is_file()
+
+
+def test_cli_plot_overwrite_into_a_user_folder_keeps_its_other_files(run_dir, tmp_path, monkeypatch):
+    """--overwrite into a folder of the user's replaces the figures' own files only (a paper's figures/
+    folder with its scripts survives a redraw)."""
+    from attnprobe.cli import app
+
+    def fake_plot_all(report, out_dir, images_dir=None, **kw):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(Path(out_dir) / "erf.png")
+        return [Path(out_dir) / "erf.png"]
+
+    monkeypatch.setattr(plots, "plot_all", fake_plot_all)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "make_figures.sh").write_text("keep")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(mine / "erf.png")
+    result = runner.invoke(app, ["plot", str(run_dir / "erf.json"), "--out", str(mine), "--overwrite", "--format", "png"])
+    assert result.exit_code == 0, result.output
+    assert (mine / "make_figures.sh").read_text() == "keep"
+    assert Image.open(mine / "erf.png").getpixel((0, 0)) == (255, 0, 0)  # replaced
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # the staging folder is gone

@@ -183,6 +183,28 @@ def check_writable(out: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
+def merge_into_dir(out: str | os.PathLike):
+    """``with merge_into_dir(folder) as tmp:`` write into ``tmp``; on success every file is renamed into
+    ``folder`` (same names replaced, one atomic rename each), and files already there are kept."""
+    out = Path(out)
+    check_writable(out)
+    with claim_output(out):
+        tmp = out.parent / f".{out.name}.{_HOST}.{os.getpid()}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            for path in sorted(tmp.rglob("*")):
+                if path.is_file():
+                    target = out / path.relative_to(tmp)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.chmod(path, file_mode())
+                    os.replace(path, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def staged_output_dir(out: str | os.PathLike, overwrite: bool = False):
     """``with staged_output_dir("runs/x") as tmp:`` write into ``tmp``; on success it becomes ``runs/x``.
 

@@ -86,7 +86,7 @@ def plot_erf(report, out_dir, *, layers=None, formats: Sequence[str] = FORMATS, 
     s = report.settings
     viridis = _cmap("viridis")
     with _style():
-        fig = Figure(figsize=(_layers_width(n), 5.0), layout="constrained")
+        fig = Figure(figsize=(_layers_width(n, lo=10.0), 5.6), layout="constrained")  # room for the legend
         ax = fig.subplots()
         erfs = np.array([l.erf for l in chosen], dtype=float)
         ax.bar(x - 0.2, erfs, 0.4, color=viridis(0.35), label="ERF, high-passed maps")
@@ -116,8 +116,8 @@ def plot_erf(report, out_dir, *, layers=None, formats: Sequence[str] = FORMATS, 
         ax.set_xlabel("layer")
         ax.set_ylabel("ERF (tokens)")
         ax.grid(axis="y", alpha=0.3)
-        fig.legend(loc="outside lower center", ncols=3, frameon=False)
-        fig.suptitle(f"Effective receptive field per layer (τ = {report.threshold}) — {_title(report)}")
+        fig.legend(loc="outside lower center", ncols=2, frameon=False, fontsize="small")
+        fig.suptitle(f"Effective receptive field per layer (τ = {report.threshold})\n{_title(report)}")
         return _save(fig, out_dir, "erf", formats, dpi)
 
 

@@ -1,0 +1,82 @@
+"""deltadistill train --estimate: a dry run on the meta device that matches what a real run builds."""
+import pytest
+import torch
+
+from deltadistill.estimate import estimate_training
+from deltadistill.train import TrainConfig, train
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("a photo of a cat\na red dog\n")
+    return p
+
+
+def _cfg(prompts, out, **kw):
+    base = dict(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, steps=1, batch_size=2, warmup=0,
+                checkpoint_every=0, progress=False, seed=0, sample_steps=2, samples_per_prompt=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_parameters_match_a_real_run(prompts, tmp_path):
+    from attnprobe.core.family import denoiser_of
+    from attnprobe.core.registry import load_pipeline
+
+    est = estimate_training(_cfg(prompts, tmp_path / "est"), calibrate=False)
+    assert not (tmp_path / "est").exists()  # writes nothing
+    summary = train(_cfg(prompts, tmp_path / "run"), log=lambda m: None)
+    assert est.trainable_params == summary["trainable_parameters"] > 0
+    pipe, _ = load_pipeline("tiny-pixart")
+    assert est.teacher_params == sum(p.numel() for p in denoiser_of(pipe).parameters())
+    assert len(est.layers) == summary["layers"] and {k for _, _, _, k, _ in est.layers} == {3}
+    assert est.step_flops > 0 and est.activation_bytes > 0 and est.rate == 0
+
+
+def test_recorded_states_match_a_real_recording(prompts, tmp_path):
+    from attnprobe.core.family import denoiser_of, find_self_attention
+    from attnprobe.core.registry import load_pipeline
+    from deltadistill.trajectory import record_trajectories
+
+    cfg = _cfg(prompts, tmp_path / "est", recipe="trajectory", traj_seeds=2, traj_steps=3, resolution=32)
+    est = estimate_training(cfg, calibrate=False)
+    pipe, _ = load_pipeline("tiny-pixart")
+    traj = record_trajectories(pipe, ["a photo of a cat", "a red dog"], [0, 1], steps=3, resolution=32,
+                               sites=find_self_attention(denoiser_of(pipe)))
+    assert est.data_states == len(traj)
+    assert est.data_bytes == traj.info["layer_bytes"] + traj.out.numel() * 4
+    from deltadistill.presets import TRAIN
+
+    assert est.data_calls == 2 * 2 * 3 and est.regress_flops > 0
+    assert est.regress_steps == TRAIN["toolkit"]["regress_steps"]  # the preset's, as the run resolves it
+
+
+def test_activations_grow_with_the_batch(prompts, tmp_path):
+    one = estimate_training(_cfg(prompts, tmp_path / "a", batch_size=1), calibrate=False)
+    four = estimate_training(_cfg(prompts, tmp_path / "b", batch_size=4), calibrate=False)
+    assert four.activation_bytes == pytest.approx(4 * one.activation_bytes, rel=0.1)
+    assert four.step_flops == pytest.approx(4 * one.step_flops, rel=0.1)
+
+
+def test_linear_student_needs_no_kernel_sizes(prompts, tmp_path):
+    est = estimate_training(_cfg(prompts, tmp_path / "x", kernel_size=None, student="linear"), calibrate=False)
+    assert est.student == "linear" and all(k is None for _, _, _, k, _ in est.layers) and est.trainable_params > 0
+
+
+def test_cli_estimate_at_real_size_writes_nothing(prompts, tmp_path):
+    from typer.testing import CliRunner
+
+    from deltadistill.cli import app
+
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    res = CliRunner().invoke(app, ["train", "--model", "pixart", "--data", str(prompts), "--out", str(out),
+                                   "--kernel-size", "13", "--resolution", "256", "--batch-size", "1", "--estimate"],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "28 layers converted" in res.output and "GiB resident" in res.output and "block 27" in res.output
+    assert not out.exists()
+    bad = CliRunner().invoke(app, ["train", "--model", "pixart", "--data", str(prompts), "--out", str(out),
+                                   "--erf-report", str(tmp_path / "none.json"), "--estimate"])
+    assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output

@@ -61,11 +61,19 @@ def smoke(model: str, resolution: int, work: Path) -> dict:
     row["analyze"] = {"seconds": round(secs, 1), "rss_gib": round(rss / 2**30, 2), "layers": len(report["layers"]),
                       "weights": report["model"].get("weights"),
                       "rss_vs_estimate": round(rss / est.rss_bytes, 2) if est.rss_bytes else None}
+    from deltadistill.estimate import estimate_training
+    from deltadistill.train import TrainConfig
+
+    test = estimate_training(TrainConfig(data=str(work / "p.txt"), out=str(work / "train"), erf_report=str(work / "analysis" / "erf.json"),
+                                         steps=2, batch_size=1, sample_steps=2, resolution=resolution, checkpoint_every=0))
+    row["train_estimate"] = {"seconds": round(test.total_s, 1), "rss_gib": round(test.rss_bytes / 2**30, 2),
+                             "trainable_m": round(test.trainable_params / 1e6, 2)}
     secs, rss, out = _run(["deltadistill.cli", "train", "--erf-report", "analysis/erf.json", "--data", "p.txt",
                            "--out", "train", "--steps", "2", "--batch-size", "1", "--sample-steps", "2",
                            "--resolution", str(resolution), "--checkpoint-every", "0", "--no-progress"], work)
     row["train"] = {"seconds": round(secs, 1), "rss_gib": round(rss / 2**30, 2),
-                    "converted": sum(1 for _ in (work / "train").glob("delta_blocks.safetensors"))}
+                    "converted": sum(1 for _ in (work / "train").glob("delta_blocks.safetensors")),
+                    "rss_vs_estimate": round(rss / test.rss_bytes, 2) if test.rss_bytes else None}
     return row
 
 
@@ -81,10 +89,12 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(smoke(model.strip(), args.resolution, Path(tmp)))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    head = ["model", "params", "estimate s/step", "analyze 2 steps", "analyze RSS (÷ est.)", "train 2 steps", "train RSS"]
+    head = ["model", "params", "estimate s/step", "analyze 2 steps", "analyze RSS (÷ est.)", "train 2 steps (est.)",
+            "train RSS (÷ est.)"]
     table = [[r["model"], f"{r['params_m']:.0f} M", f"{r['estimate']['step_s']:.1f}", f"{r['analyze']['seconds']:.0f} s",
-              f"{r['analyze']['rss_gib']:.2f} GiB ({r['analyze']['rss_vs_estimate']}×)", f"{r['train']['seconds']:.0f} s",
-              f"{r['train']['rss_gib']:.2f} GiB"] for r in rows]
+              f"{r['analyze']['rss_gib']:.2f} GiB ({r['analyze']['rss_vs_estimate']}×)",
+              f"{r['train']['seconds']:.0f} s ({r['train_estimate']['seconds']:.0f} s)",
+              f"{r['train']['rss_gib']:.2f} GiB ({r['train']['rss_vs_estimate']}×)"] for r in rows]
     if args.markdown:
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for r in table:

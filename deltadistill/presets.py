@@ -70,6 +70,14 @@ def preset_kernel_sizes(preset: str | None, family, sites) -> dict[str, int]:
     return sizes
 
 
-def train_settings(preset: str | None) -> dict:
-    """The preset's training options (TrainConfig field → value)."""
-    return dict(TRAIN[_check(preset)])
+# the toolkit's fine-tune stage of the trajectory recipe (measured best on the demo, benchmarks/distill_demo.py)
+TRAJECTORY = {"toolkit": {"lr": 5e-4, "warmup": 20}, "paper": {}}
+
+
+def train_settings(preset: str | None, recipe: str | None = None) -> dict:
+    """The preset's training options (TrainConfig field → value) for ``recipe`` (None: the preset's)."""
+    preset = _check(preset)
+    values = dict(TRAIN[preset])
+    if (recipe or values["recipe"]) == "trajectory":
+        values.update(TRAJECTORY[preset])
+    return values

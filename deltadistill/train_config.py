@@ -89,7 +89,7 @@ class TrainConfig:
         """A copy with every option left at None filled in from the preset (training part)."""
         from deltadistill.presets import train_settings
 
-        values = train_settings(self.preset)
+        values = train_settings(self.preset, self.recipe)
         return replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
     @classmethod

@@ -16,3 +16,4 @@ def test_pixart_xl_random_weights_analyse_convert_train(tmp_path):
     assert row["analyze"]["layers"] == 28 and row["analyze"]["weights"] == "random"
     assert 0.5 <= row["analyze"]["rss_vs_estimate"] <= 2.0, row  # the dry run's memory estimate holds within 2×
     assert row["train"]["converted"] == 1  # conversion and 2 optimizer steps wrote the distilled blocks
+    assert 0.5 <= row["train"]["rss_vs_estimate"] <= 2.0, row  # deltadistill train --estimate holds within 2× too

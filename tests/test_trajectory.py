@@ -142,3 +142,12 @@ def test_cli_refuses_a_recording_beyond_memory(tmp_path, monkeypatch):
                                    "--traj-steps", "2", "--traj-seeds", "1", "--no-progress"])
     assert res.exit_code != 0
     assert "GiB of recorded states" in res.output and "Traceback" not in res.output
+
+
+def test_toolkit_preset_gives_the_trajectory_fine_tune_its_own_lr(tmp_path):
+    base = dict(data="p.txt", out=str(tmp_path / "r"), kernel_size=3)
+    assert (TrainConfig(recipe="trajectory", **base).resolved().lr, TrainConfig(recipe="trajectory", **base).resolved().warmup) \
+        == (5e-4, 20)
+    assert TrainConfig(recipe="noised", **base).resolved().lr == 3e-4  # the noised recipe keeps the preset's
+    assert TrainConfig(recipe="trajectory", lr=1e-3, warmup=5, **base).resolved().lr == 1e-3  # a flag wins
+    assert TrainConfig(recipe="trajectory", preset="paper", **base).resolved().lr == 3e-4

@@ -36,19 +36,28 @@ VARIANTS = {
     "final": FINAL,
     "previous": {"recipe": "noised", "steps": 300, "lr": 2e-3, "warmup": 10, "lr_schedule": "cosine",
                  "samples_per_prompt": 2, "sample_steps": 10},  # the recipe shipped before (15.7 dB)
+    "noised_beta1": {"recipe": "noised", "steps": 300, "lr": 2e-3, "warmup": 10, "lr_schedule": "cosine",
+                     "samples_per_prompt": 2, "sample_steps": 10, "beta": 1.0},  # previous, feature loss weight 1
+    "noised_preset": {"recipe": "noised", "steps": 300},  # the toolkit preset's noised recipe as it is (lr 3e-4)
     "no_regression": {**FINAL, "regress_steps": 0},
     "no_finetune": {**FINAL, "steps": 0},
     "no_cfg_loss": {**FINAL, "cfg_loss": 0.0},
     "one_seed": {**FINAL, "traj_seeds": 1},
+    "kernel_13": {**FINAL, "kernel_size": 13},  # the official PixArt table: 13 everywhere
+    "zero_init": {**FINAL, "init": "zero"},
     "linear_attention": {**FINAL, "student": "linear"},  # the baseline: LinFusion's form, same recipe and budget
 }
 DESCRIPTIONS = {
     "final": "toolkit recipe: trajectories, regression, fine-tune",
     "previous": "previous recipe: noised latents, L_z + 1e-3 L_f, 300 steps",
+    "noised_beta1": "previous recipe with feature-loss weight β = 1 (not 1e-3)",
+    "noised_preset": "noised recipe with the toolkit preset as it is (lr 3e-4, warm-up 75, β = 1e-3)",
     "no_regression": "without the regression stage",
     "no_finetune": "without the fine-tune stage",
     "no_cfg_loss": "fine-tune without the guided-output term",
     "one_seed": "1 trajectory per caption instead of 4",
+    "kernel_13": "K = 13 in every layer (the official PixArt table) instead of the report's sizes",
+    "zero_init": "global branch initialised at zero instead of the teacher's mean field",
     "linear_attention": "baseline: linear attention of LinFusion's form, same recipe and budget",
 }
 
@@ -86,6 +95,22 @@ def _report(args, out: Path) -> tuple[str | None, float]:
     return str(report.save(out / "erf.json")), time.perf_counter() - t0
 
 
+def loss_curve(run: Path) -> dict | None:
+    """The feature loss over training from ``run/metrics.jsonl``: the trajectory recipe's teacher-forced
+    regression loss (Σ over layers of each block's MSE to its layer's recorded output), or the noised
+    recipe's L_f on its training batches; mean of the first 10 and of the last 50 records."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    regress = [r["l_f"] for r in recs if r.get("stage") == "regress"]
+    noised = [r["l_f"] for r in recs if "stage" not in r]
+    vals, kind = (regress, "regression") if regress else (noised, "L_f") if noised else (None, None)
+    if not vals:
+        return None
+    return {"kind": kind, "start": sum(vals[:10]) / len(vals[:10]), "end": sum(vals[-50:]) / len(vals[-50:])}
+
+
 def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dict:
     from attnprobe.demo import DEMO_PROMPTS, PROMPTS_FILE
     from deltadistill.evaluate import evaluate
@@ -96,8 +121,9 @@ def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dic
     for key in ("steps", "regress_steps", "traj_seeds"):  # command-line overrides (short runs, tests)
         if getattr(args, key) is not None and changes.get(key) == FINAL.get(key):  # not what the variant toggles
             changes[key] = getattr(args, key)
-    cfg = TrainConfig(data=str(PROMPTS_FILE), out=str(run), model="demo", erf_report=report, kernel_size=args.kernel_size,
-                      checkpoint_every=0, overwrite=True, progress=False, device="cpu", **changes)
+    settings = {"kernel_size": args.kernel_size, **changes}  # a variant may fix its own kernel size
+    cfg = TrainConfig(data=str(PROMPTS_FILE), out=str(run), model="demo", erf_report=report, checkpoint_every=0,
+                      overwrite=True, progress=False, device="cpu", **settings)
     t0 = time.perf_counter()
     summary = train(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
     train_s = time.perf_counter() - t0
@@ -109,7 +135,7 @@ def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dic
     row = {"variant": name, "description": DESCRIPTIONS[name], "changes": VARIANTS[name],
            "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
            "steps": summary["steps"], "probe_start": summary["probe_loss_start"], "probe_end": summary["probe_loss_end"],
-           "kernel_sizes": summary["kernel_sizes"], "data": summary["data"]}
+           "kernel_sizes": summary["kernel_sizes"], "data": summary["data"], "feature_loss": loss_curve(run)}
     for v in variants:
         d = ev["distances"][v]
         row[v] = {"psnr_db": d["psnr"], "ssim": d["ssim"], "eps_error": d["eps_error"],
@@ -133,6 +159,9 @@ def main(argv=None) -> dict:
     results_path = ROOT / "benchmarks" / "results" / "distill_demo.json"
     earlier = json.loads(results_path.read_text()) if args.append and results_path.is_file() else None
     kept = [r for r in (earlier or {}).get("ablation", []) if r["variant"] not in names]
+    for r in kept:  # rows of an earlier run in the same --out: their curves from the runs' metrics
+        if r.get("feature_loss") is None:
+            r["feature_loss"] = loss_curve(out / r["variant"])
     if earlier:
         analyze_s = earlier.get("analyze_seconds", analyze_s)
     rows = []
@@ -179,21 +208,58 @@ def summarise(rows, args, analyze_s, argv, earlier=None) -> dict:
 
 
 def table(result) -> str:
-    lines = ["| model | PSNR (dB) | SSIM | ε error | nearest-photo accuracy | train (s) |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | PSNR (dB) | SSIM | ε error | nearest-photo accuracy | feature loss, start → end | train (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
 
     def acc(v):
         return "–" if v is None else f"{v:.0%}"
 
+    def lf(c):
+        return "–" if not c else f"{c['kind']} {c['start']:.3g} → {c['end']:.3g}"
+
     for r in result["ablation"]:
         d = r["distilled"]
         lines.append(f"| {r['description']} | {d['psnr_db']:.2f} | {d['ssim']:.3f} | {d['eps_error']:.4f} | "
-                     f"{acc(d['accuracy'])} | {r['train_seconds']:.0f} |")
+                     f"{acc(d['accuracy'])} | {lf(r.get('feature_loss'))} | {r['train_seconds']:.0f} |")
     labels = {"untrained": "untrained student (converted, step 0)", "no_attention": "teacher, self-attention zeroed",
               "neighbourhood": "teacher, neighbourhood attention K = 13 (training-free)"}
     for k, d in result["baselines"].items():
-        lines.append(f"| {labels[k]} | {d['psnr_db']:.2f} | {d['ssim']:.3f} | {d['eps_error']:.4f} | {acc(d['accuracy'])} | 0 |")
-    lines.append(f"| teacher | ∞ | 1 | 0 | {acc(result['teacher_accuracy'])} | – |")
+        lines.append(f"| {labels[k]} | {d['psnr_db']:.2f} | {d['ssim']:.3f} | {d['eps_error']:.4f} | {acc(d['accuracy'])} "
+                     f"| – | 0 |")
+    lines.append(f"| teacher | ∞ | 1 | 0 | {acc(result['teacher_accuracy'])} | – | – |")
     return "\n".join(lines)
+
+
+def verdict(result) -> str:
+    """What the table says, computed from it: the targets, each toggle's effect, where the gap is."""
+    rows = {r["variant"]: r for r in result["ablation"]}
+    final = rows.get("final", result["ablation"][0])
+    f_db, f_acc, t_acc = final["distilled"]["psnr_db"], final["distilled"]["accuracy"], result["teacher_accuracy"]
+    out = [f"**Targets** (≥ 22 dB; accuracy within 5 points of the teacher's; feature loss falling): "
+           f"{f_db:.2f} dB — {'met' if f_db >= 22 else 'not met'}; accuracy "
+           + (f"{f_acc:.0%} vs the teacher's {t_acc:.0%} ({100 * (f_acc - t_acc):+.1f} points) — "
+              f"{'met' if t_acc - f_acc <= 0.05 + 1e-9 else 'not met'}" if f_acc is not None and t_acc is not None else "–")]
+    c = final.get("feature_loss")
+    if c:
+        out[-1] += f"; {c['kind']} loss {c['start']:.3g} → {c['end']:.3g} — {'met' if c['end'] < c['start'] else 'not met'}."
+    toggles = [f"{rows[k]['description']}: {rows[k]['distilled']['psnr_db'] - f_db:+.2f} dB"
+               for k in VARIANTS if k != "final" and k in rows]
+    if toggles:
+        out.append("**Each row against the final recipe**: " + "; ".join(toggles) + ".")
+    base = result["baselines"]
+    if "neighbourhood" in base:
+        lin = rows.get("linear_attention")
+        out.append(
+            f"**Where the gap is.** Training-free neighbourhood attention at K = 13 is {base['neighbourhood']['psnr_db']:.1f} dB "
+            "from the teacher: on this 16×16 token grid a 13×13 window holds most keys, and with the teacher's own "
+            "content-dependent weights inside it the samples barely change — locality is not what limits the student. "
+            "A ΔConvBlock's taps are the same for every input (only its gate depends on content)"
+            + (f"; teacher-forced, the blocks' summed regression loss ends at {c['end']:.3g}, {100 * c['end'] / c['start']:.0f}% "
+               "of its value at the mean-field initialisation" if c and c["kind"] == "regression" else "")
+            + (f"; the linear attention of LinFusion's form, content-dependent but global, reaches "
+               f"{lin['distilled']['psnr_db']:.2f} dB with the same recipe and budget" if lin else "")
+            + ". The recipe's own choices are in the rows above.")
+    return "\n\n".join(out)
 
 
 def write_section(result) -> None:
@@ -213,6 +279,8 @@ their caption's photo). Kernel sizes from `attnprobe analyze` with its defaults
 `benchmarks/results/distill_demo.json`.
 
 {table(result)}
+
+{verdict(result)}
 """
     path = ROOT / "benchmarks" / "RESULTS.md"
     old = path.read_text()

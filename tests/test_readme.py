@@ -38,6 +38,8 @@ def _commands(body: str) -> list[str]:
 
 def _shrink(cmd: str) -> str:
     cmd = re.sub(r"--steps \d+", "--steps 2", cmd)
+    cmd = re.sub(r"--regress-steps \d+", "--regress-steps 2", cmd)
+    cmd = re.sub(r"--traj-seeds \d+", "--traj-seeds 1", cmd)
     if cmd.startswith("attnprobe analyze") and "--steps" not in cmd:
         cmd += " --steps 2"
     if cmd.startswith("deltadistill bench"):

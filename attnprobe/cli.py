@@ -321,6 +321,9 @@ def plot(
     else:  # a folder of the user's (e.g. a paper's figures/): only the figures' own files are replaced
         with console.status("drawing figures"), merge_into_dir(out) as tmp:
             paths = [out / p.relative_to(tmp) for p in plot_all(report, tmp, images_dir=run_dir / "images", formats=fmts, dpi=dpi)]
+        for path in paths:  # no stale other-format copy of a figure just drawn (erf.svg beside a new erf.png)
+            for ext in {"png", "svg", "pdf"} - set(fmts):
+                path.with_suffix(f".{ext}").unlink(missing_ok=True)
     stems = sorted({p.stem for p in paths})
     console.print(f"wrote {len(stems)} figures ({', '.join(fmts)}) to [bold]{out}[/]: {', '.join(stems)}")
 

@@ -272,8 +272,10 @@ def test_cli_plot_overwrite_into_a_user_folder_keeps_its_other_files(run_dir, tm
     mine.mkdir()
     (mine / "make_figures.sh").write_text("keep")
     Image.new("RGB", (8, 8), (0, 0, 255)).save(mine / "erf.png")
+    (mine / "erf.svg").write_text("<svg/>")  # an earlier --format svg of the same figure: stale now
     result = runner.invoke(app, ["plot", str(run_dir / "erf.json"), "--out", str(mine), "--overwrite", "--format", "png"])
     assert result.exit_code == 0, result.output
     assert (mine / "make_figures.sh").read_text() == "keep"
     assert Image.open(mine / "erf.png").getpixel((0, 0)) == (255, 0, 0)  # replaced
+    assert not (mine / "erf.svg").exists()
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # the staging folder is gone

@@ -246,6 +246,16 @@ def verdict(result) -> str:
                for k in VARIANTS if k != "final" and k in rows]
     if toggles:
         out.append("**Each row against the final recipe**: " + "; ".join(toggles) + ".")
+    prev, beta1 = rows.get("previous"), rows.get("noised_beta1")
+    if prev and beta1 and prev.get("feature_loss") and beta1.get("feature_loss"):
+        a, b = prev["feature_loss"], beta1["feature_loss"]
+        out.append(
+            f"**Why L_f rose.** In the noised recipe the feature loss compares each block's output with the teacher's "
+            f"attention output on free-running student inputs, weighted β = 1e-3 against the output loss: there it goes "
+            f"{a['start']:.3g} → {a['end']:.3g}. With β = 1 and nothing else changed it falls, {b['start']:.3g} → "
+            f"{b['end']:.3g}, and the samples gain {beta1['distilled']['psnr_db'] - prev['distilled']['psnr_db']:+.2f} dB: "
+            "with almost no weight on L_f the blocks trade per-layer fidelity for the output loss. The trajectory "
+            "recipe optimises the per-layer fit directly (teacher-forced regression) before the end-to-end fine-tune.")
     base = result["baselines"]
     if "neighbourhood" in base:
         lin = rows.get("linear_attention")

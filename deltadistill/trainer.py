@@ -155,6 +155,15 @@ class Trainer:
         self.finish_setup(pipe, den, vae_f)
         return self
 
+    def apply_step(self, bad: bool) -> None:
+        """Step the optimizer and schedule, or count a skipped (non-finite) step; then clear the gradients."""
+        if bad:
+            self.skipped_total += 1
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def prepare_data(self, pipe, den, model_id: str) -> None:
         """Noised-data recipe: latents of the images (or teacher samples of the prompts) + conditions."""
         from deltadistill.data import prepare_data
@@ -302,12 +311,7 @@ class Trainer:
         gnorm = float(gnorm) if gnorm is not None else float("nan")
         bad = bool(bad_loss.item() > 0) or not math.isfinite(gnorm)
         lr_now = self.optimizer.param_groups[0]["lr"]
-        if bad:
-            self.skipped_total += 1
-        else:
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_step(bad)
         vals = acc.reduce(local, "mean")
         return {"step": step + 1, "loss": float(vals[0]), "l_z": float(vals[1]), "l_f": float(vals[2]),
                 "gap": float(vals[3]), "lr": lr_now, "grad_norm": gnorm, "skipped": bad,

@@ -169,11 +169,6 @@ class TrajectoryTrainer(Trainer):
         lr_now = self.optimizer.param_groups[0]["lr"]
         value = acc.reduce(loss.detach().float().reshape(1), "mean")
         bad = not (torch.isfinite(value).all() and math.isfinite(gnorm))
-        if bad:
-            self.skipped_total += 1
-        else:
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_step(bad)
         return {"step": step + 1, "loss": float(value), **record, "lr": lr_now, "grad_norm": gnorm, "skipped": bad,
                 "skipped_total": self.skipped_total}

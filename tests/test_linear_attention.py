@@ -97,3 +97,16 @@ def test_linear_student_trains_saves_and_loads(tmp_path):
     with torch.no_grad():
         assert torch.equal(b1(x), b2(x))
     assert isinstance(b1.to_q, nn.Linear)
+
+
+def test_cli_refuses_an_unknown_student(tmp_path):
+    from typer.testing import CliRunner
+
+    from deltadistill.cli import app
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    res = CliRunner().invoke(app, ["train", "--model", "tiny-pixart", "--data", str(prompts), "--out", str(tmp_path / "run"),
+                                   "--student", "mamba"])
+    assert res.exit_code == 2 and "--student must be deltaconv or linear" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "run").exists()

@@ -46,6 +46,7 @@ from fractions import Fraction
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from deltadistill import ops
 
@@ -187,11 +188,22 @@ class DeltaConvBlock(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check(z)
         glob = self.global_proj(z.mean(dim=(1, 2)))  # [B, C]
-        return self.local(z) + glob[:, None, None, :]  # [B, H, W, C]
+        feats = self._pyramid(z)  # [B, H, W, C'/2·S]
+        # the global branch rides in proj_out's bias: one pass over the output instead of two
+        bias = self.proj_out.bias + glob  # [B, C]
+        b, h, w, ci = feats.shape
+        if b == 1:
+            return F.linear(feats, self.proj_out.weight, bias[0])
+        out = torch.baddbmm(bias[:, None, :], feats.reshape(b, h * w, ci), self.proj_out.weight.t().expand(b, -1, -1))
+        return out.view(b, h, w, self.dim)  # [B, H, W, C]
 
     def local(self, z: torch.Tensor) -> torch.Tensor:
         """The pyramid branch alone (no global branch): ``proj_out(concat_s g_s)``, [B, H, W, C]."""
         self._check(z)
+        return self.proj_out(self._pyramid(z))
+
+    def _pyramid(self, z: torch.Tensor) -> torch.Tensor:
+        """``concat_s g_s``: the gated, upsampled stages before proj_out, [B, H, W, C'/2·S]."""
         b, h, w, _ = z.shape
         be, mode, scale = self.backend, self.gate, self.gate_scale
         x = self.proj_in(z)  # [B, H, W, C']
@@ -209,4 +221,4 @@ class DeltaConvBlock(nn.Module):
             if stage.level > 0:
                 g = ops.upsample_bilinear_nhwc(g, (h, w), backend=be)  # [B, H, W, C'/2]
             feats.append(g)
-        return self.proj_out(torch.cat(feats, dim=-1))  # [B, H, W, C'/2·S] → [B, H, W, C]
+        return torch.cat(feats, dim=-1)  # [B, H, W, C'/2·S]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from attnprobe.core.errors import UserError
+from deltadistill.block import scale_level
 from deltadistill.losses import SNR_WEIGHTINGS
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "validate", "RUN_ARTEFACTS", "resolve_device",
@@ -81,6 +82,8 @@ class TrainConfig:
     pool: str | None = None  # ceil | adaptive (None: the preset's)
     dw_bias: bool | None = None
     init: str = "mean_field"
+    inter_ratio: float = 0.5  # ΔConvBlock width ρ: C' = ρ·C
+    scales: tuple = (1, 0.5)  # ΔConvBlock pyramid stages (each 1/2^k)
     student: str = "deltaconv"  # deltaconv (ΔConvBlock) | linear (LinFusion-form linear attention, a baseline)
     probe: bool = True  # loss on a fixed probe batch at start and end
     progress: bool = True
@@ -98,6 +101,8 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "betas" in kw:
             kw["betas"] = tuple(kw["betas"])
+        if "scales" in kw:
+            kw["scales"] = tuple(kw["scales"])
         return cls(**kw)
 
 
@@ -115,6 +120,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.gate in (None, "scaled", "sigmoid"), f"--gate must be scaled or sigmoid, got {cfg.gate!r}")
     need(cfg.pool in (None, "ceil", "adaptive"), f"--pool must be ceil or adaptive, got {cfg.pool!r}")
     need(cfg.init in ("mean_field", "zero"), f"--init must be mean_field or zero, got {cfg.init!r}")
+    need(cfg.inter_ratio > 0 and math.isfinite(cfg.inter_ratio), f"--inter-ratio must be a positive number, got {cfg.inter_ratio}")
+    try:
+        levels = [scale_level(s) for s in cfg.scales]
+    except ValueError as exc:
+        raise TrainError(f"--scales: {exc}") from None
+    need(levels and len(set(levels)) == len(levels), f"--scales must name distinct stages 1/2^k, got {list(cfg.scales)}")
 
     need(cfg.recipe in ("trajectory", "noised"), f"--recipe must be trajectory or noised, got {cfg.recipe!r}")
     need(cfg.regress_steps >= 0, f"--regress-steps must be >= 0, got {cfg.regress_steps}")

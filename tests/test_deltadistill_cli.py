@@ -74,6 +74,10 @@ def test_help_explains():
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--resolution", "30"], "not divisible"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--steps", "0"], "--steps"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--resume", "latest"], "no checkpoint"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--scales", "1,0.3"], "1/2^k"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--scales", "1,half"], "--scales"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--inter-ratio", "0.3"], "even integer"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--inter-ratio", "-1"], "--inter-ratio"),
     ],
 )
 def test_train_bad_input(files, tmp_path, args, needle):

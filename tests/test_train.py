@@ -413,6 +413,23 @@ def test_paper_preset_run_records_every_value_and_overrides_win(prompts, tmp_pat
     assert {(la["kernel_size"], la["gate"], la["pool"], la["dw_bias"]) for la in layers} == {(13, "sigmoid", "adaptive", False)}
 
 
+def test_block_width_and_pyramid_reach_the_saved_model(prompts, tmp_path):
+    from attnprobe.core.registry import load_pipeline
+    from deltadistill.conversion import delta_modules
+    from deltadistill.io import load
+
+    out = tmp_path / "wide"
+    cfg = TrainConfig(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, steps=1, batch_size=1,
+                      inter_ratio=1.0, scales=(1, 0.5, 0.25), checkpoint_every=0, progress=False, probe=False)
+    train(cfg, log=_quiet)
+    layers = json.loads((out / "config.json").read_text())["layers"]
+    assert layers and all(la["inter_ratio"] == 1.0 and la["scales"] == [1.0, 0.5, 0.25] for la in layers)
+    assert json.loads((out / "train_config.json").read_text())["scales"] == [1, 0.5, 0.25]
+    pipe, _ = load_pipeline("tiny-pixart")
+    blocks = [m.block for m in delta_modules(load(pipe, out).transformer).values()]
+    assert blocks and all(len(b.stages) == 3 and b.inter_dim == b.dim for b in blocks)
+
+
 def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(prompts, tmp_path):
     run = tmp_path / "run"
     train(_cfg(prompts, run, steps=6, checkpoint_every=2), log=_quiet)

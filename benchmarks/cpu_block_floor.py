@@ -1,0 +1,127 @@
+"""CPU cost of one ΔConvBlock against its matmul floor and against the self-attention it replaces.
+
+Usage:  python benchmarks/cpu_block_floor.py [--repeats 7] [--threads 2] [--markdown] [--json out.json]
+
+For each layer shape of the issue's table (PixArt-Σ XL C = 1152, K = 13 on 32² and 64² tokens;
+SD1.5's level-0 layer C = 320, K = 9 on 64²), batch 1, fp32, no grad, it times interleaved (one
+call of each operator per round, median over rounds, after one warm-up round):
+
+* ``SDPA module``: diffusers' ``Attention`` with ``AttnProcessor2_0`` (q, k, v, out projections
+  and ``scaled_dot_product_attention``), the layer a ΔConvBlock replaces;
+* ``ΔConv, two passes``: the block as it ran before, ``local(z)`` then the global branch added
+  in a second pass over the output;
+* ``ΔConv``: ``DeltaConvBlock.forward`` now (the global branch folded into ``proj_out``'s bias);
+* ``floor``: the block's two 1×1 projections alone at the same shape (two ``F.linear``), the
+  matmul work no implementation of the block avoids.
+
+Columns: SA ÷ ΔConv, the analytic FLOPs ratio of :mod:`deltadistill.flops`, and each
+ΔConv path ÷ the floor. Random weights (speed does not depend on values).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+
+SHAPES = [  # (label, C, heads, K, grid, qkv bias)
+    ("PixArt C = 1152, K = 13", 1152, 16, 13, 32, True),
+    ("PixArt C = 1152, K = 13", 1152, 16, 13, 64, True),
+    ("SD1.5 level 0, C = 320, K = 9", 320, 8, 9, 64, False),
+]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    return ap.parse_args(argv)
+
+
+def measure(label, c, heads, k, grid, qkv_bias, repeats):
+    import torch
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from deltadistill.block import DeltaConvBlock
+    from deltadistill.flops import deltaconv_flops, self_attention_flops
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=c, heads=heads, dim_head=c // heads, bias=qkv_bias, out_bias=True,
+                     processor=AttnProcessor2_0()).eval()
+    block = DeltaConvBlock(c, k, backend="reference").eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    n = grid * grid
+    tokens = torch.randn(1, n, c)
+    z = tokens.view(1, grid, grid, c)
+    mid = torch.randn(n, block.proj_out.in_features)
+    flat = tokens.view(n, c)
+
+    def two_pass():
+        return block.local(z) + block.global_proj(z.mean(dim=(1, 2)))[:, None, None, :]
+
+    cases = {
+        "sdpa": lambda: attn(tokens),
+        "two_pass": two_pass,
+        "block": lambda: block(z),
+        "floor": lambda: (F.linear(flat, block.proj_in.weight, block.proj_in.bias),
+                          F.linear(mid, block.proj_out.weight, block.proj_out.bias)),
+    }
+    times = {name: [] for name in cases}
+    with torch.inference_mode():
+        for name, fn in cases.items():  # warm-up round
+            fn()
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    sa = self_attention_flops(n, c, heads, qkv_bias=qkv_bias).total
+    dc = deltaconv_flops((grid, grid), c, k).total
+    return {"layer": label, "grid": grid, "dim": c, "kernel_size": k, "ms": {k_: round(v, 2) for k_, v in ms.items()},
+            "sa_over_block": ms["sdpa"] / ms["block"], "flops_ratio": sa / dc,
+            "two_pass_over_floor": ms["two_pass"] / ms["floor"], "block_over_floor": ms["block"] / ms["floor"],
+            "spread_block_ms": [round(min(times["block"]), 2), round(max(times["block"]), 2)]}
+
+
+def table(rows, markdown: bool) -> str:
+    head = ["layer", "grid", "SDPA module", "ΔConv, two passes", "ΔConv", "floor", "SA ÷ ΔConv",
+            "FLOPs ratio", "two passes ÷ floor", "ΔConv ÷ floor"]
+    body = [[r["layer"], f"{r['grid']}²", f"{r['ms']['sdpa']:.1f} ms", f"{r['ms']['two_pass']:.1f} ms",
+             f"{r['ms']['block']:.1f} ms", f"{r['ms']['floor']:.1f} ms", f"{r['sa_over_block']:.1f}×",
+             f"{r['flops_ratio']:.1f}×", f"{r['two_pass_over_floor']:.2f}×", f"{r['block_over_floor']:.2f}×"]
+            for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure(*shape, args.repeats) for shape in SHAPES]
+    print(f"{date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32, batch 1, median of {args.repeats} interleaved rounds")
+    print(table(rows, args.markdown))
+    if args.json:
+        meta = {"date": str(date.today()), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+                "torch": torch.__version__, "repeats": args.repeats}
+        with open(args.json, "w") as fh:
+            json.dump({**meta, "rows": rows}, fh, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -45,6 +45,7 @@ VARIANTS = {
     "one_seed": {**FINAL, "traj_seeds": 1},
     "kernel_13": {**FINAL, "kernel_size": 13},  # the official PixArt table: 13 everywhere
     "zero_init": {**FINAL, "init": "zero"},
+    "wide_block": {**FINAL, "inter_ratio": 1.0, "scales": [1, 0.5, 0.25]},  # 2× width and a ¼ stage
     "linear_attention": {**FINAL, "student": "linear"},  # the baseline: LinFusion's form, same recipe and budget
 }
 DESCRIPTIONS = {
@@ -58,6 +59,7 @@ DESCRIPTIONS = {
     "one_seed": "1 trajectory per caption instead of 4",
     "kernel_13": "K = 13 in every layer (the official PixArt table) instead of the report's sizes",
     "zero_init": "global branch initialised at zero instead of the teacher's mean field",
+    "wide_block": "larger blocks: ρ = 1 (C' = C) and a third pyramid stage 1/4",
     "linear_attention": "baseline: linear attention of LinFusion's form, same recipe and budget",
 }
 

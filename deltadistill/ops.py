@@ -1,8 +1,10 @@
 """Channels-last primitives of the ΔConvBlock, dispatched through the one backend registry.
 
 Every op takes and returns channels-last tensors ``[B, H, W, C]``. Each has a ``reference``
-implementation here in plain PyTorch (runs anywhere; on CPU it transposes to NCHW, where
-depth-wise convolution is ~3-4x faster) and, where a GPU and Triton are present, a ``triton``
+implementation here in plain PyTorch (runs anywhere: it hands PyTorch a permuted NCHW *view*,
+channels-last in memory, with no copy; on this CPU, torch 2.13, oneDNN's channels-last depth-wise
+convolution is 7-15× faster than a contiguous NCHW input at C' = 576, K = 13, and 1.4× slower at
+C' = 160, K = 9, so channels-last is kept throughout) and, where a GPU and Triton are present, a ``triton``
 implementation in :mod:`deltadistill.kernels`. Which one runs is decided by
 :mod:`attnprobe.core.backends` (``backend=`` argument, else ``ATTNPROBE_BACKEND``, else auto).
 

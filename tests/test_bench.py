@@ -212,6 +212,7 @@ def test_cli_bench_tiny_pixart(tmp_path):
     assert "ΔConv" in result.output and "teacher step" in result.output
     data = json.loads((tmp_path / "b.json").read_text())
     assert {r["operator"] for r in data["latency"]} >= {"self_attention", "deltaconv", "teacher_step", "student_step"}
+    assert "CPU" in data["meta"]["device"] and "None" not in result.output  # the device is named, on CPU too
     assert (out / "flops.csv").is_file() and (out / "latency.csv").is_file()
     bad = runner.invoke(app, ["bench", "--model", "pixart", "--resolutions", "500", "--flops"])  # not a multiple of 16
     assert bad.exit_code == 2 and "divisible" in bad.output

@@ -60,6 +60,12 @@ def _device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import os
+        import platform
+
+        return f"{platform.machine() or 'unknown'} CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+    return str(device)
 
 
 def run_bench(

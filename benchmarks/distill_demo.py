@@ -260,7 +260,7 @@ def verdict(result) -> str:
             "recipe optimises the per-layer fit directly (teacher-forced regression) before the end-to-end fine-tune.")
     base = result["baselines"]
     if "neighbourhood" in base:
-        lin = rows.get("linear_attention")
+        lin, wide = rows.get("linear_attention"), rows.get("wide_block")
         out.append(
             f"**Where the gap is.** Training-free neighbourhood attention at K = 13 is {base['neighbourhood']['psnr_db']:.1f} dB "
             "from the teacher: on this 16×16 token grid a 13×13 window holds most keys, and with the teacher's own "
@@ -270,8 +270,19 @@ def verdict(result) -> str:
                "of its value at the mean-field initialisation" if c and c["kind"] == "regression" else "")
             + (f"; the linear attention of LinFusion's form, content-dependent but global, reaches "
                f"{lin['distilled']['psnr_db']:.2f} dB with the same recipe and budget" if lin else "")
-            + ". The recipe's own choices are in the rows above.")
+            + (_wide_clause(wide, final) if wide and wide.get("feature_loss") and c else "")
+            + ". The recipe's own choices are in the rows above; the capacity and fine-tune probes in the next section.")
     return "\n\n".join(out)
+
+
+def _wide_clause(wide: dict, final: dict) -> str:
+    d_db = wide["distilled"]["psnr_db"] - final["distilled"]["psnr_db"]
+    end, end0 = wide["feature_loss"]["end"], final["feature_loss"]["end"]
+    text = (f"; larger blocks (ρ = 1 and a ¼ stage) reach {wide['distilled']['psnr_db']:.2f} dB ({d_db:+.2f} dB), their "
+            f"regression loss ending at {end:.3g} against {end0:.3g}")
+    if abs(d_db) < 0.5 and abs(end - end0) < 0.1 * end0:
+        text += ": size changes little, the limit is the form of the block"
+    return text
 
 
 def write_section(result) -> None:

@@ -1,0 +1,239 @@
+"""Where the demo student's gap to its teacher is: block capacity and fine-tune probes.
+
+Usage:
+    python benchmarks/distill_probes.py capacity '{"base": {}, "r1": {"inter_ratio": 1.0}, "s3": {"scales": [1, 0.5, 0.25]}}'
+    python benchmarks/distill_probes.py finetune '{"regressed": {}, "base": {}, "onp1": {"onpolicy": 1}, "split": {"split": 1}, "s600": {"steps": 600}, "reg1": {"reg_w": 1.0}}'
+
+Faster than ``distill_demo.py`` (which runs the product end to end for every row): the teacher's
+trajectories (14 demo captions × seeds 1000, 1001 for training, seed 1002 held out; 20 steps) are
+recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3, 5, 9, 11, 13, 13, 13).
+
+* ``capacity``: for each block setting (``convert`` keyword arguments), the teacher-forced
+  regression of the trajectory recipe (600 steps, batch 32, AdamW 2e-3, warm-up 50 then cosine,
+  clip 1 per block) from the mean-field initialisation; prints the summed per-layer MSE on held-out
+  states (every 7th) before and after. A larger block that fitted the layers better would show here.
+* ``finetune``: one regression as above (cached), then from it each fine-tune variant: ``steps``
+  (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
+  + ``cfg_w`` (0.25) × guided-output MSE; ``reg_w`` adds the regression loss; ``split`` runs the
+  schedule twice over half the steps (the control for ``onpolicy``); ``onpolicy`` = n runs half the
+  steps, then samples the *student* on the training captions for n seeds, labels those states
+  with the teacher's outputs and runs the other half on recorded + student states. Prints the
+  held-out ε error (every 5th state) and the PSNR of the student's samples against the teacher's
+  (14 captions × seed 0, 20 steps; a quicker stand-in for ``distill_demo.py``'s 4 seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KERNELS = [3, 3, 5, 9, 11, 13, 13, 13]  # the demo report's recommendation per block
+EVAL_SEEDS = [0]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("probe", choices=["capacity", "finetune"])
+    ap.add_argument("variants", help="JSON object: variant name → settings (see the module docstring)")
+    ap.add_argument("--steps", type=int, default=600, help="regression steps")
+    ap.add_argument("--work", default="/tmp/distill_probes", help="cache of trajectories, teacher images, regressed blocks")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+def cosine(w, n):
+    return lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * min(1, (s - w) / max(1, n - w))))
+
+
+class Probe:
+    def __init__(self, work: str):
+        from attnprobe.core.family import denoiser_of, find_self_attention
+        from attnprobe.core.registry import load_pipeline
+        from attnprobe.demo import DEMO_PROMPTS
+        from deltadistill.trajectory import record_trajectories
+
+        os.makedirs(work, exist_ok=True)
+        self.work = work
+        self.pipe, _ = load_pipeline("demo")
+        den = denoiser_of(self.pipe)
+        self.sites = find_self_attention(den)
+        self.prompts = list(DEMO_PROMPTS)
+        cache = os.path.join(work, "traj.pt")
+        if os.path.exists(cache):
+            self.tr, self.te = torch.load(cache, weights_only=False)  # written by this script
+        else:
+            kw = dict(steps=20, resolution=256, sites=self.sites)
+            self.tr = record_trajectories(self.pipe, self.prompts, [1000, 1001], **kw)
+            self.te = record_trajectories(self.pipe, self.prompts, [1002], **kw)
+            torch.save((self.tr, self.te), cache)
+        print("states", len(self.tr), len(self.te), flush=True)
+        self.teacher = copy.deepcopy(den).eval().requires_grad_(False)
+        self.base = copy.deepcopy(den)
+        self.ks = {s.name: k for s, k in zip(self.sites, KERNELS)}
+
+    def make_student(self, block_kw: dict):
+        from deltadistill.conversion import convert, delta_modules
+
+        self.pipe.transformer = copy.deepcopy(self.base)
+        kw = dict(block_kw)
+        k = kw.pop("k", None)
+        convert(self.pipe, k if k else self.ks, **kw)
+        mods = delta_modules(self.pipe.transformer)
+        return self.pipe.transformer, [mods[s.name].block for s in self.sites]
+
+    def regress(self, blocks, steps: int) -> None:
+        from deltadistill.trajectory import regression_loss
+
+        params = [p for b in blocks for p in b.parameters()]
+        opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(min(50, steps // 4), steps))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(len(self.tr), (32,), generator=g)
+            loss, _ = regression_loss(blocks, self.tr, idx)
+            opt.zero_grad()
+            loss.backward()
+            for b in blocks:
+                torch.nn.utils.clip_grad_norm_(list(b.parameters()), 1.0)
+            opt.step()
+            sched.step()
+
+    def held_regression(self, blocks):
+        from deltadistill.trajectory import regression_loss
+
+        with torch.no_grad():
+            tot, parts = regression_loss(blocks, self.te, torch.arange(0, len(self.te), 7))
+        return float(tot), parts
+
+    def held_eps(self, student) -> float:
+        from deltadistill.trajectory import replay
+
+        with torch.no_grad():
+            idx = torch.arange(0, len(self.te), 5)
+            return float(F.mse_loss(replay(student, self.te, idx).float(), self.te.out[idx]))
+
+    def _images(self):
+        from attnprobe.core.pipeline import sample
+
+        imgs = sample(self.pipe, [p for p in self.prompts for _ in EVAL_SEEDS],
+                      [s for _ in self.prompts for s in EVAL_SEEDS], steps=20)
+        return np.stack([np.asarray(im) for im in imgs]) / 255.0
+
+    def teacher_images(self):
+        path = os.path.join(self.work, "teacher_imgs.npy")
+        if not os.path.exists(path):
+            student = self.pipe.transformer
+            self.pipe.transformer = self.base
+            np.save(path, self._images())
+            self.pipe.transformer = student
+        return np.load(path)
+
+    def quick_psnr(self) -> float:
+        from deltadistill.metrics import psnr
+
+        self.pipe.transformer.eval()
+        return psnr(self._images(), self.teacher_images())["psnr"]
+
+    def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None):
+        from deltadistill.trajectory import guided, regression_loss, replay
+
+        data = data or self.tr
+        params = [p for b in blocks for p in b.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(warmup, steps))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            idx = torch.randint(len(data), (bs,), generator=g)
+            idx = torch.cat([idx, data.pair[idx]])
+            target = data.out[idx]
+            out = replay(student, data, idx).float()
+            loss = F.mse_loss(out, target)
+            b = len(idx) // 2
+            loss = loss + cfg_w * F.mse_loss(guided(out[:b], out[b:], data.guidance),
+                                             guided(target[:b], target[b:], data.guidance))
+            if reg_w and data is self.tr:
+                r, _ = regression_loss(blocks, self.tr, idx[:b])
+                loss = loss + reg_w * r
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+
+    def relabel(self, student, seeds):
+        """Student rollouts on the training captions, labelled with the teacher's outputs."""
+        from deltadistill.trajectory import record_trajectories, replay
+
+        student.eval()
+        d = record_trajectories(self.pipe, self.prompts, seeds, steps=20, resolution=256, sites=())
+        with torch.no_grad():
+            d.out = torch.cat([replay(self.teacher, d, torch.arange(i, min(i + 56, len(d)))).float()
+                               for i in range(0, len(d), 56)])
+        student.train()
+        n = len(self.tr)
+        return dataclasses.replace(self.tr, batched={k: torch.cat([self.tr.batched[k], d.batched[k]]) for k in self.tr.batched},
+                                   out=torch.cat([self.tr.out, d.out]), pair=torch.cat([self.tr.pair, d.pair + n]), x=[], y=[])
+
+
+def capacity(probe: Probe, variants: dict, steps: int) -> None:
+    for name, kw in variants.items():
+        _, blocks = probe.make_student(kw)
+        t0 = time.perf_counter()
+        h0 = probe.held_regression(blocks)[0]
+        probe.regress(blocks, steps)
+        h1, parts = probe.held_regression(blocks)
+        n = sum(p.numel() for b in blocks for p in b.parameters())
+        print(f"{name}: held-out {h0:.4f} -> {h1:.4f} ({h1 / h0:.3f}), params {n}, {time.perf_counter() - t0:.0f}s, "
+              f"layers {[round(p, 4) for p in parts]}", flush=True)
+
+
+def finetune(probe: Probe, variants: dict, steps: int) -> None:
+    probe.teacher_images()
+    student, blocks = probe.make_student({})
+    path = os.path.join(probe.work, "regressed.pt")
+    if os.path.exists(path):
+        for b, s in zip(blocks, torch.load(path, weights_only=True)):
+            b.load_state_dict(s)
+    else:
+        t0 = time.perf_counter()
+        probe.regress(blocks, steps)
+        print(f"regression {time.perf_counter() - t0:.0f}s", flush=True)
+        torch.save([b.state_dict() for b in blocks], path)
+    start = [copy.deepcopy(b.state_dict()) for b in blocks]
+    variants = dict(variants)
+    if variants.pop("regressed", None) is not None:
+        print(f"regressed: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr():.2f}", flush=True)
+    for name, kw in variants.items():
+        kw = dict(kw)
+        for b, s in zip(blocks, start):
+            b.load_state_dict(s)
+        student.train()
+        t0 = time.perf_counter()
+        onp, split, total = kw.pop("onpolicy", 0), kw.pop("split", 0), kw.pop("steps", 300)
+        if split or onp:
+            probe.finetune(student, blocks, steps=total // 2, **kw)
+            data = probe.relabel(student, [1000, 1001][:onp]) if onp else None
+            probe.finetune(student, blocks, steps=total - total // 2, data=data, **kw)
+        else:
+            probe.finetune(student, blocks, steps=total, **kw)
+        t = time.perf_counter() - t0
+        print(f"{name}: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr():.2f} ({t:.0f}s)", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    probe = Probe(args.work)
+    (capacity if args.probe == "capacity" else finetune)(probe, json.loads(args.variants), args.steps)
+
+
+if __name__ == "__main__":
+    main()

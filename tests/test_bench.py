@@ -241,3 +241,17 @@ def test_cli_bench_flops_from_a_real_report(tmp_path):
     assert "erf.json" in data["meta"]["kernel_sizes"]
     other = CliRunner().invoke(app, ["bench", "--model", "tiny-pixart", "--flops", "--erf-report", str(path)])
     assert other.exit_code == 2 and "another model" in other.stderr
+
+
+def test_cpu_block_floor_script_on_a_small_shape():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_block_floor
+
+    row = cpu_block_floor.measure("tiny", 32, 4, 3, 8, True, 2)
+    assert set(row["ms"]) == {"sdpa", "two_pass", "block", "floor"} and all(v > 0 for v in row["ms"].values())
+    assert row["flops_ratio"] == pytest.approx(fl.self_attention_flops(64, 32, 4).total / fl.deltaconv_flops((8, 8), 32, 3).total)
+    md = cpu_block_floor.table([row], markdown=True).splitlines()
+    assert len(md) == 3 and md[2].count("|") == 11 and "8²" in md[2]

@@ -280,8 +280,10 @@ def _wide_clause(wide: dict, final: dict) -> str:
     end, end0 = wide["feature_loss"]["end"], final["feature_loss"]["end"]
     text = (f"; larger blocks (ρ = 1 and a ¼ stage) reach {wide['distilled']['psnr_db']:.2f} dB ({d_db:+.2f} dB), their "
             f"regression loss ending at {end:.3g} against {end0:.3g}")
-    if abs(d_db) < 0.5 and abs(end - end0) < 0.1 * end0:
-        text += ": size changes little, the limit is the form of the block"
+    if abs(d_db) < 0.5:
+        text += (": the samples do not improve" + (" although the training states are fitted better (held-out fit: next "
+                                                    "section)" if end < 0.9 * end0 else "")
+                 + " — the limit is the form of the block, not its size")
     return text
 
 

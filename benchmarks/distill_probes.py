@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/distill_probes.py capacity '{"base": {}, "r1": {"inter_ratio": 1.0}, "s3": {"scales": [1, 0.5, 0.25]}}'
     python benchmarks/distill_probes.py finetune '{"regressed": {}, "base": {}, "onp1": {"onpolicy": 1}, "split": {"split": 1}, "s600": {"steps": 600}, "reg1": {"reg_w": 1.0}}'
+    python benchmarks/distill_probes.py layers '{"blocks0-4": [0, 1, 2, 3, 4], "blocks5-7": [5, 6, 7]}'
 
 Faster than ``distill_demo.py`` (which runs the product end to end for every row): the teacher's
 trajectories (14 demo captions × seeds 1000, 1001 for training, seed 1002 held out; 20 steps) are
@@ -20,6 +21,9 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   with the teacher's outputs and runs the other half on recorded + student states. Prints the
   held-out ε error (every 5th state) and the PSNR of the student's samples against the teacher's
   (14 captions × seed 0, 20 steps; a quicker stand-in for ``distill_demo.py``'s 4 seeds).
+* ``layers``: which blocks cost the dB. For each list of block indices only those self-attention
+  layers are converted (the others keep the teacher's attention), then the recipe as above
+  (600 regression steps on those layers, 300 fine-tune steps); prints ε error and PSNR.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ EVAL_SEEDS = [0]
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=["capacity", "finetune"])
+    ap.add_argument("probe", choices=["capacity", "finetune", "layers"])
     ap.add_argument("variants", help="JSON object: variant name → settings (see the module docstring)")
     ap.add_argument("--steps", type=int, default=600, help="regression steps")
     ap.add_argument("--work", default="/tmp/distill_probes", help="cache of trajectories, teacher images, regressed blocks")
@@ -79,15 +83,23 @@ class Probe:
         self.base = copy.deepcopy(den)
         self.ks = {s.name: k for s, k in zip(self.sites, KERNELS)}
 
-    def make_student(self, block_kw: dict):
+    def make_student(self, block_kw: dict, only=None):
+        """Student with every (or only the ``only``-indexed) self-attention layer converted."""
         from deltadistill.conversion import convert, delta_modules
 
         self.pipe.transformer = copy.deepcopy(self.base)
         kw = dict(block_kw)
         k = kw.pop("k", None)
-        convert(self.pipe, k if k else self.ks, **kw)
+        sites = self.sites if only is None else [self.sites[i] for i in only]
+        spec = k if k else {s.name: self.ks[s.name] for s in sites}
+        convert(self.pipe, spec, layers=None if only is None else [s.name for s in sites], **kw)
         mods = delta_modules(self.pipe.transformer)
-        return self.pipe.transformer, [mods[s.name].block for s in self.sites]
+        return self.pipe.transformer, [mods[s.name].block for s in sites]
+
+    def restrict(self, only) -> None:
+        """Keep the recorded layer inputs/outputs of the ``only``-indexed layers (regression on those)."""
+        self.tr = dataclasses.replace(self.tr, x=[self.tr.x[i] for i in only], y=[self.tr.y[i] for i in only],
+                                      grids=[self.tr.grids[i] for i in only])
 
     def regress(self, blocks, steps: int) -> None:
         from deltadistill.trajectory import regression_loss
@@ -228,11 +240,27 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
         print(f"{name}: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr():.2f} ({t:.0f}s)", flush=True)
 
 
+def layers(probe: Probe, variants: dict, steps: int) -> None:
+    probe.teacher_images()
+    full = probe.tr
+    for name, only in variants.items():
+        probe.tr = full
+        student, blocks = probe.make_student({}, only=list(only))
+        probe.restrict(list(only))
+        t0 = time.perf_counter()
+        probe.regress(blocks, steps)
+        student.train()
+        probe.tr = full
+        probe.finetune(student, blocks)
+        t = time.perf_counter() - t0
+        print(f"{name}: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr():.2f} ({t:.0f}s)", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     probe = Probe(args.work)
-    (capacity if args.probe == "capacity" else finetune)(probe, json.loads(args.variants), args.steps)
+    {"capacity": capacity, "finetune": finetune, "layers": layers}[args.probe](probe, json.loads(args.variants), args.steps)
 
 
 if __name__ == "__main__":

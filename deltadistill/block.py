@@ -20,6 +20,14 @@ onto their H×W grid). With ρ = ``inter_ratio`` and C' = C·ρ::
   √(C'/2)), ``sigmoid`` = x1·σ(x2) (the official PixArt blocks).
 * ``up_{H×W}`` is bilinear resizing back to H×W (align_corners=False); identity for s = 1.
 
+How it is computed (the same function, less work): ``proj_out`` splits into one slice W_s per
+stage, and a 1×1 projection commutes with bilinear resizing (both linear; the resize acts per
+channel and its weights sum to one, so it keeps constants such as biases), so
+``y = Σ_s up_{H×W}( W_s · gate(…) )``: each coarse stage is projected at its own resolution
+(a quarter of the pixels for s = ½) and then resized, and ``proj_out``'s bias and the global
+branch are added once, in the first term. For the default scales (1, ½) this removes 3/16 of the
+block's projection FLOPs.
+
 All primitives go through :mod:`deltadistill.ops` (the single backend dispatch point: PyTorch
 reference anywhere, Triton on CUDA when available); ``backend=`` forces one.
 
@@ -188,23 +196,31 @@ class DeltaConvBlock(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check(z)
         glob = self.global_proj(z.mean(dim=(1, 2)))  # [B, C]
-        feats = self._pyramid(z)  # [B, H, W, C'/2·S]
         # the global branch rides in proj_out's bias: one pass over the output instead of two
-        bias = self.proj_out.bias + glob  # [B, C]
-        b, h, w, ci = feats.shape
-        if b == 1:
-            return F.linear(feats, self.proj_out.weight, bias[0])
-        out = torch.baddbmm(bias[:, None, :], feats.reshape(b, h * w, ci), self.proj_out.weight.t().expand(b, -1, -1))
-        return out.view(b, h, w, self.dim)  # [B, H, W, C]
+        return self._mix(z, self.proj_out.bias + glob)
 
     def local(self, z: torch.Tensor) -> torch.Tensor:
         """The pyramid branch alone (no global branch): ``proj_out(concat_s g_s)``, [B, H, W, C]."""
         self._check(z)
-        return self.proj_out(self._pyramid(z))
+        return self._mix(z, self.proj_out.bias.expand(z.shape[0], -1))
 
-    def _pyramid(self, z: torch.Tensor) -> torch.Tensor:
-        """``concat_s g_s``: the gated, upsampled stages before proj_out, [B, H, W, C'/2·S]."""
+    def _mix(self, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``proj_out(concat_s g_s)`` with per-sample bias [B, C], each stage projected at its own size."""
         b, h, w, _ = z.shape
+        half = self.inter_dim // 2
+        out = None
+        # full-resolution stages first, so that the output is born from a projection with its bias
+        feats = self._stages(z)
+        for i in sorted(range(len(self.stages)), key=lambda i: self.stages[i].level):
+            y = _linear(feats[i], self.proj_out.weight[:, i * half:(i + 1) * half], bias if out is None else None)
+            if self.stages[i].level > 0:
+                y = ops.upsample_bilinear_nhwc(y, (h, w), backend=self.backend)  # [B, H, W, C]
+            out = y.contiguous() if out is None else out.add_(y)
+        return out  # [B, H, W, C]
+
+    def _stages(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """``gate(dwconv_K(pool_s(x)))`` per stage at its own resolution, each [B, h_s, w_s, C'/2]."""
+        h, w = z.shape[1:3]
         be, mode, scale = self.backend, self.gate, self.gate_scale
         x = self.proj_in(z)  # [B, H, W, C']
         feats = []
@@ -217,8 +233,23 @@ class DeltaConvBlock(nn.Module):
             elif stage.level > 0:
                 pool, size = "adaptive", ops.adaptive_size(h, w, stage.level)  # (⌊H·s⌋, ⌊W·s⌋)
             # [pool →] conv → gate, fused on GPU: [B, h_k, w_k, C'/2]
-            g = ops.stage(xp, stage.weight, stage.bias, mode, scale, pool=pool, size=size, backend=be)
-            if stage.level > 0:
-                g = ops.upsample_bilinear_nhwc(g, (h, w), backend=be)  # [B, H, W, C'/2]
-            feats.append(g)
-        return torch.cat(feats, dim=-1)  # [B, H, W, C'/2·S]
+            feats.append(ops.stage(xp, stage.weight, stage.bias, mode, scale, pool=pool, size=size, backend=be))
+        return feats
+
+    def _pyramid(self, z: torch.Tensor) -> torch.Tensor:
+        """``concat_s g_s``: the gated stages resized to H×W, [B, H, W, C'/2·S] (the definition; tests)."""
+        h, w = z.shape[1:3]
+        feats = [g if st.level == 0 else ops.upsample_bilinear_nhwc(g, (h, w), backend=self.backend)
+                 for st, g in zip(self.stages, self._stages(z))]
+        return torch.cat(feats, dim=-1)
+
+
+def _linear(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``g @ weightᵀ (+ bias[b])`` over channels-last ``g`` [B, h, w, Ci]; bias is per sample, [B, C]."""
+    if bias is None:
+        return F.linear(g, weight)
+    b, h, w, ci = g.shape
+    if b == 1:
+        return F.linear(g, weight, bias[0])
+    out = torch.baddbmm(bias[:, None, :], g.reshape(b, h * w, ci), weight.t().expand(b, -1, -1))
+    return out.view(b, h, w, weight.shape[0])

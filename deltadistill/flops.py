@@ -39,12 +39,13 @@ Self-attention (N tokens, C channels, inner I, h heads; SDPA)::
                                                    as FlopCounterMode does)
       gate                scaled: 2 per output (x1·x2·s) → N_k·C';  sigmoid: 5 per output
                           (neg, exp, add, divide, multiply) → 2.5·N_k·C'
-      bilinear up (k ≥ 1) 7 per output element (4 multiplies + 3 adds) → 3.5·N·C'
-    proj_out              2·N·(S·C'/2)·C + N·C
-    global branch         mean N·C + C,  Linear 2·C² + C,  broadcast add N·C
+      proj_out slice      2·N_k·(C'/2)·C            (each stage projected at its own size)
+      bilinear up (k ≥ 1) 7 per output element (4 multiplies + 3 adds) → 7·N·C, then + N·C to sum
+    proj_out bias         N_k·C, once, in the first (finest) term
+    global branch         mean N·C + C,  Linear 2·C² + C,  + C into proj_out's bias
 
-  With the defaults (ρ = ½, scales (1, ½)) the dominant terms are 2·N·C² (proj_in + proj_out) and
-  N·C·K²·(1 + ¼)·ρ·2: linear in N.
+  With the defaults (ρ = ½, scales (1, ½)) the dominant terms are 2·N·C²·(1 + ½ + ⅛)·½ (proj_in
+  and the two proj_out slices) and N·C·K²·(1 + ¼)·ρ·2: linear in N.
 
 Neighbourhood (window) attention, NATTEN-style, same K: each query attends to the K×K window
 around it, shifted inward at borders so every query sees exactly k_eff = min(K,H)·min(K,W) keys::
@@ -185,6 +186,7 @@ def deltaconv_flops(grid: tuple[int, int], dim: int, kernel_size: int, scales=(1
     n, c, k2 = h * w, dim, kernel_size * kernel_size
     ci = int(round(dim * inter_ratio))  # C'
     levels = [scale_level(s) for s in scales]
+    finest = min(levels)  # the first term of the sum, which carries proj_out's bias
     cost = Cost()
     cost.add("proj_in", 2 * n * c * ci, True)  # [N, C] @ [C, C']
     cost.add("proj_in_bias", n * ci, False)
@@ -197,13 +199,18 @@ def deltaconv_flops(grid: tuple[int, int], dim: int, kernel_size: int, scales=(1
         cost.add(f"dwconv_s{lvl}", 2 * nk * ci * k2, True)  # [C', 1, K, K] over N_k outputs
         cost.add("dwconv_bias", nk * ci, False)
         cost.add("gate", (2 if gate == "scaled" else 5) * nk * (ci // 2), False)
+        cost.add("proj_out", 2 * nk * (ci // 2) * c, True)  # this stage's slice: [N_k, C'/2] @ [C'/2, C]
         if lvl:
-            cost.add("upsample", 7 * n * (ci // 2), False)  # 4-tap bilinear per output element
-    cost.add("proj_out", 2 * n * (ci // 2) * len(levels) * c, True)  # [N, S·C'/2] @ [S·C'/2, C]
-    cost.add("proj_out_bias", n * c, False)
+            cost.add("upsample", 7 * n * c, False)  # 4-tap bilinear per output element, C channels
+    hf, wf = h, w
+    for _ in range(finest):
+        hf, wf = math.ceil(hf / 2), math.ceil(wf / 2)
+    cost.add("proj_out_bias", hf * wf * c, False)  # once, in the first (finest) term
+    if len(levels) > 1:
+        cost.add("stage_sum", (len(levels) - 1) * n * c, False)
     cost.add("global_mean", n * c + c, False)
     cost.add("global_proj", 2 * c * c, True)  # [1, C] @ [C, C]
-    cost.add("global_bias_add", c + n * c, False)
+    cost.add("global_bias_add", 2 * c, False)  # global_proj's bias, then into proj_out's bias
     return cost
 
 

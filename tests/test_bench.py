@@ -38,7 +38,7 @@ def test_deltaconv_flops_by_hand():
         "proj_in": 2 * 24 * 8 * 4,  # 1536
         "dwconv_s0": 2 * 24 * 4 * 9,  # 1728
         "dwconv_s1": 2 * 6 * 4 * 9,  # 432
-        "proj_out": 2 * 24 * 4 * 8,  # 1536 (two stages × C'/2 = 4 channels in)
+        "proj_out": 2 * 24 * 2 * 8 + 2 * 6 * 2 * 8,  # 960: each stage's C'/2 = 2 channels at its own size
         "global_proj": 2 * 8 * 8,  # 128
     }
     elementwise = {
@@ -46,14 +46,15 @@ def test_deltaconv_flops_by_hand():
         "dwconv_bias": 24 * 4 + 6 * 4,  # 120
         "gate": 2 * 24 * 2 + 2 * 6 * 2,  # 120: x1·x2·s per output channel
         "pool": 4 * 6 * 4,  # 96
-        "upsample": 7 * 24 * 2,  # 336
+        "upsample": 7 * 24 * 8,  # 1344: the half stage, projected to C = 8, resized to 4×6
         "proj_out_bias": 24 * 8,  # 192
+        "stage_sum": 24 * 8,  # 192
         "global_mean": 24 * 8 + 8,  # 200
-        "global_bias_add": 8 + 24 * 8,  # 200
+        "global_bias_add": 8 + 8,  # 16: global_proj's bias, then folded into proj_out's bias
     }
     assert cost.matmul_terms == matmul
     assert cost.elementwise_terms == elementwise
-    assert cost.total == 6720
+    assert cost.total == 1536 + 1728 + 432 + 960 + 128 + 96 + 120 + 120 + 96 + 1344 + 192 + 192 + 200 + 16
     sig = fl.deltaconv_flops(GRID, C, K, gate="sigmoid")
     assert sig.elementwise_terms["gate"] == 5 * 24 * 2 + 5 * 6 * 2
 
@@ -251,7 +252,7 @@ def test_cpu_block_floor_script_on_a_small_shape():
     import cpu_block_floor
 
     row = cpu_block_floor.measure("tiny", 32, 4, 3, 8, True, 2)
-    assert set(row["ms"]) == {"sdpa", "two_pass", "block", "floor"} and all(v > 0 for v in row["ms"].values())
+    assert set(row["ms"]) == {"sdpa", "concat", "block", "floor"} and all(v > 0 for v in row["ms"].values())
     assert row["flops_ratio"] == pytest.approx(fl.self_attention_flops(64, 32, 4).total / fl.deltaconv_flops((8, 8), 32, 3).total)
     md = cpu_block_floor.table([row], markdown=True).splitlines()
     assert len(md) == 3 and md[2].count("|") == 11 and "8²" in md[2]

@@ -241,8 +241,10 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
 
 
 def _projection_floor(block, x, repeats, warmup, device) -> float:
-    """Median ms of the block's 1×1 projections alone (proj_in, proj_out) at x's shape: the matmul floor
-    a ΔConvBlock cannot beat; the depth-wise stages, gates and resizing are what it adds on top."""
+    """Median ms of the block's 1×1 projections alone (proj_in, proj_out) at x's full shape: the matmul
+    floor of the block as the paper writes it. The block projects its coarse stages at their own
+    resolution (3/16 fewer projection FLOPs for scales (1, ½)), so it can come slightly under it;
+    the depth-wise stages, gates and resizing are what it adds on top."""
     import torch.nn.functional as F
 
     tokens = x.reshape(-1, x.shape[-1])

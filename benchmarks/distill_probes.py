@@ -4,6 +4,7 @@ Usage:
     python benchmarks/distill_probes.py capacity '{"base": {}, "r1": {"inter_ratio": 1.0}, "s3": {"scales": [1, 0.5, 0.25]}}'
     python benchmarks/distill_probes.py finetune '{"regressed": {}, "base": {}, "onp1": {"onpolicy": 1}, "split": {"split": 1}, "s600": {"steps": 600}, "reg1": {"reg_w": 1.0}}'
     python benchmarks/distill_probes.py layers '{"blocks0-4": [0, 1, 2, 3, 4], "blocks5-7": [5, 6, 7]}'
+    python benchmarks/distill_probes.py speed '{"all": null, "blocks3-7": [3, 4, 5, 6, 7]}' --resolution 1024
 
 Faster than ``distill_demo.py`` (which runs the product end to end for every row): the teacher's
 trajectories (14 demo captions × seeds 1000, 1001 for training, seed 1002 held out; 20 steps) are
@@ -24,6 +25,10 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
 * ``layers``: which blocks cost the dB. For each list of block indices only those self-attention
   layers are converted (the others keep the teacher's attention), then the recipe as above
   (600 regression steps on those layers, 300 fine-tune steps); prints ε error and PSNR.
+* ``speed``: what a partly converted student saves. For each list of block indices (``null``: all)
+  the denoiser call at ``--resolution`` px (random latents, as ``deltadistill bench --step``) of
+  the student with only those layers converted, interleaved with the teacher's, median of
+  ``--repeats`` rounds; prints both and the speed-up.
 """
 from __future__ import annotations
 
@@ -45,11 +50,13 @@ EVAL_SEEDS = [0]
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=["capacity", "finetune", "layers"])
+    ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed"])
     ap.add_argument("variants", help="JSON object: variant name → settings (see the module docstring)")
     ap.add_argument("--steps", type=int, default=600, help="regression steps")
     ap.add_argument("--work", default="/tmp/distill_probes", help="cache of trajectories, teacher images, regressed blocks")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=1024, help="speed: image side in pixels")
+    ap.add_argument("--repeats", type=int, default=5, help="speed: timed rounds (median reported)")
     return ap.parse_args(argv)
 
 
@@ -256,10 +263,36 @@ def layers(probe: Probe, variants: dict, steps: int) -> None:
         print(f"{name}: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr():.2f} ({t:.0f}s)", flush=True)
 
 
+def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
+    import statistics
+
+    from deltadistill.bench.inputs import _load_model, denoiser_inputs
+
+    kw = denoiser_inputs(_load_model("demo"), resolution, "cpu", torch.float32)
+    nets = {"teacher": probe.base.eval()}
+    for name, only in variants.items():
+        nets[name] = probe.make_student({}, only=None if only is None else list(only))[0].eval()
+    times = {name: [] for name in nets}
+    with torch.inference_mode():
+        for net in nets.values():  # warm-up
+            net(**kw)
+        for _ in range(repeats):
+            for name, net in nets.items():
+                t0 = time.perf_counter()
+                net(**kw)
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+    for name, v in ms.items():
+        print(f"{name}: {resolution} px denoiser call {v:.0f} ms, speed-up {ms['teacher'] / v:.2f}x", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     probe = Probe(args.work)
+    if args.probe == "speed":
+        speed(probe, json.loads(args.variants), args.resolution, args.repeats)
+        return
     {"capacity": capacity, "finetune": finetune, "layers": layers}[args.probe](probe, json.loads(args.variants), args.steps)
 
 

@@ -108,7 +108,7 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     from attnprobe.core.family import family_of, find_self_attention
     from attnprobe.core.registry import denoiser_from_config, resolve
     from deltadistill.conversion import convert, delta_modules
-    from deltadistill.train_config import load_report_of, validate
+    from deltadistill.train_config import chosen_layers, load_report_of, validate
 
     cfg = validate(cfg)
     report = load_report_of(cfg)
@@ -137,7 +137,7 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     spec_k = cfg.kernel_size if cfg.kernel_size is not None else report
     convert(den, spec_k if cfg.student == "deltaconv" else None, gate=cfg.gate, gate_scale=cfg.gate_scale, pool=cfg.pool,
             dw_bias=cfg.dw_bias, init="zero", kernel_ratio=cfg.kernel_ratio, preset=cfg.preset,
-                    inter_ratio=cfg.inter_ratio, scales=cfg.scales, student=cfg.student)
+            inter_ratio=cfg.inter_ratio, scales=cfg.scales, student=cfg.student, layers=chosen_layers(cfg, sites))
     mods = delta_modules(den)
     for m in mods.values():
         m.block.float()

@@ -17,7 +17,7 @@ from attnprobe.core.errors import UserError
 from deltadistill.block import scale_level
 from deltadistill.losses import SNR_WEIGHTINGS
 
-__all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "validate", "RUN_ARTEFACTS", "resolve_device",
+__all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "validate", "RUN_ARTEFACTS", "resolve_device", "chosen_layers",
            "mixed_precision", "lr_lambda", "step_generator", "load_report_of", "check_report_model"]
 
 RUN_ARTEFACTS = ("config.json", "delta_blocks.safetensors", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints")
@@ -85,6 +85,7 @@ class TrainConfig:
     inter_ratio: float = 0.5  # ΔConvBlock width ρ: C' = ρ·C
     scales: tuple = (1, 0.5)  # ΔConvBlock pyramid stages (each 1/2^k)
     student: str = "deltaconv"  # deltaconv (ΔConvBlock) | linear (LinFusion-form linear attention, a baseline)
+    layers: str | None = None  # comma-separated regexes on layer names/labels: convert only those (None: all)
     probe: bool = True  # loss on a fixed probe batch at start and end
     progress: bool = True
 
@@ -189,6 +190,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         others = [p.name for p in out.iterdir() if not p.name.startswith(".")]
         need(not others, f"--out {out} already exists and holds other files ({others[0]}, ...); choose an empty or new folder")
     return cfg
+
+
+def chosen_layers(cfg: TrainConfig, sites) -> list[str] | None:
+    """Names of the self-attention sites ``--layers`` selects, in model order (``None``: all of them).
+
+    The others keep the teacher's self-attention: they are not converted, not recorded and not trained.
+    """
+    if not cfg.layers:
+        return None
+    from attnprobe.core.sites import select_sites
+
+    try:
+        return [s.name for s in select_sites(list(sites), cfg.layers)]
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def resolve_device(cfg: TrainConfig) -> bool:

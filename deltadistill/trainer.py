@@ -59,6 +59,7 @@ from deltadistill.train_config import (
     RUN_ARTEFACTS,
     TrainConfig,
     check_report_model,
+    chosen_layers,
     load_report_of,
     TrainError,
     TrainingDiverged,
@@ -108,7 +109,7 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
         """Load the report, the model, the data; build teacher, student, optimizer; resume."""
-        from attnprobe.core.family import denoiser_of, family_of, vae_scale_factor
+        from attnprobe.core.family import denoiser_of, family_of, find_self_attention, vae_scale_factor
         from attnprobe.core.registry import config_hash, load_pipeline
         from deltadistill.conversion import convert
 
@@ -130,6 +131,7 @@ class Trainer:
             raise TrainError(f"--resolution: {exc}") from None
         if self.resume_path is not None:
             self._check_resume_settings()
+        self.layer_names = chosen_layers(cfg, find_self_attention(den))  # None: every self-attention layer
         sched = pipe.scheduler
         if not hasattr(sched, "alphas_cumprod"):
             raise TrainError(f"{type(sched).__name__} has no alphas_cumprod; only DDPM-family (ε/v) models can be distilled")
@@ -149,7 +151,7 @@ class Trainer:
         try:
             convert(pipe, kernel_spec if cfg.student == "deltaconv" else None, gate=cfg.gate, gate_scale=cfg.gate_scale,
                     pool=cfg.pool, dw_bias=cfg.dw_bias, init=cfg.init, kernel_ratio=cfg.kernel_ratio, preset=cfg.preset,
-                    inter_ratio=cfg.inter_ratio, scales=cfg.scales,
+                    inter_ratio=cfg.inter_ratio, scales=cfg.scales, layers=self.layer_names,
                     student=cfg.student)
         except ValueError as exc:
             raise TrainError(f"cannot convert {self.model_name}: {exc}") from None
@@ -237,7 +239,7 @@ class Trainer:
     def _check_resume_settings(self) -> None:
         prev = json.loads((self.resume_path / "state.json").read_text()).get("config", {})
         now = {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution}
-        for key in ("model", "seed", "batch_size", "resolution"):  # kernel sizes: checked by block shapes
+        for key in ("model", "seed", "batch_size", "resolution", "layers"):  # kernel sizes: checked by block shapes
             if key in prev and prev[key] != now[key]:
                 raise TrainError(
                     f"--resume {self.resume_path}: the checkpoint was trained with {key}={prev[key]!r}, now {now[key]!r}; "

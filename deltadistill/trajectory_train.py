@@ -73,6 +73,8 @@ class TrajectoryTrainer(Trainer):
         else:
             prompts = read_prompts(source)
         sites = find_self_attention(den)
+        if self.layer_names is not None:  # --layers: only the layers that are converted are recorded
+            sites = [s for s in sites if s.name in set(self.layer_names)]
         seeds = trajectory_seeds(cfg.seed, cfg.traj_seeds)
         self.say(f"data: recording teacher trajectories, {len(prompts)} prompts × {len(seeds)} seeds × "
                  f"{cfg.traj_steps} steps")
@@ -111,7 +113,7 @@ class TrajectoryTrainer(Trainer):
         mods = delta_modules(self.student)
         missing = [n for n in self.traj.site_names if n not in mods]
         if missing:
-            raise TrainError(f"recorded layers {missing[:3]} were not converted; the trajectory recipe converts every one")
+            raise TrainError(f"recorded layers {missing[:3]} were not converted; the trajectory recipe converts every recorded one")
         return [mods[n].block for n in self.traj.site_names]
 
     def _indices(self, step: int, batch: int, stream: int = 0) -> torch.Tensor:

@@ -78,6 +78,8 @@ def test_help_explains():
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--scales", "1,half"], "--scales"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--inter-ratio", "0.3"], "even integer"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--inter-ratio", "-1"], "--inter-ratio"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "nosuchlayer"], "matches no self-attention"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "blocks.(1"], "not a valid regular expression"),
     ],
 )
 def test_train_bad_input(files, tmp_path, args, needle):

@@ -453,3 +453,33 @@ def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(prompts, tmp_path
     with pytest.raises(TrainError, match="no intact checkpoint"):
         train(_cfg(prompts, run, steps=10, resume="latest"), log=_quiet)
     assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("recipe", ["trajectory", "noised"])
+def test_layers_converts_only_the_chosen_layers(prompts, tmp_path, recipe):
+    from attnprobe.core.registry import load_pipeline
+    from deltadistill.conversion import delta_modules
+    from deltadistill.io import load
+
+    out = tmp_path / "some"
+    cfg = TrainConfig(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, steps=1, batch_size=1,
+                      recipe=recipe, regress_steps=2 if recipe == "trajectory" else None, layers=r"blocks\.1\.",
+                      checkpoint_every=0, progress=False, probe=False)
+    summary = train(cfg, log=_quiet)
+    assert summary["layers"] == 1
+    assert [la["name"] for la in json.loads((out / "config.json").read_text())["layers"]] == ["transformer_blocks.1.attn1"]
+    pipe, _ = load_pipeline("tiny-pixart")
+    den = load(pipe, out).transformer
+    assert list(delta_modules(den)) == ["transformer_blocks.1.attn1"]
+    from diffusers.models.attention_processor import Attention
+
+    kept = [n for n, m in den.named_modules() if n.endswith(".attn1") and type(m) is Attention]
+    assert kept == ["transformer_blocks.0.attn1", "transformer_blocks.2.attn1", "transformer_blocks.3.attn1"]
+
+
+def test_layers_that_match_nothing_is_a_clear_error(prompts, tmp_path):
+    cfg = TrainConfig(data=str(prompts), out=str(tmp_path / "none"), model="tiny-pixart", kernel_size=3, steps=1,
+                      layers="nosuchlayer", checkpoint_every=0, progress=False, probe=False)
+    with pytest.raises(TrainError, match="matches no self-attention layer"):
+        train(cfg, log=_quiet)
+    assert not (tmp_path / "none" / "config.json").exists()

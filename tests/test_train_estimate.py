@@ -52,6 +52,15 @@ def test_recorded_states_match_a_real_recording(prompts, tmp_path):
     assert est.regress_steps == TRAIN["toolkit"]["regress_steps"]  # the preset's, as the run resolves it
 
 
+def test_layers_restricts_the_estimate_to_the_converted_layers(prompts, tmp_path):
+    kw = dict(recipe="trajectory", traj_seeds=1, traj_steps=2, resolution=32)
+    every = estimate_training(_cfg(prompts, tmp_path / "all", **kw), calibrate=False)
+    one = estimate_training(_cfg(prompts, tmp_path / "one", layers=r"blocks\.1\.", **kw), calibrate=False)
+    assert len(every.layers) == 4 and [row[0] for row in one.layers] == ["block 1"]
+    assert one.trainable_params * 4 == every.trainable_params  # the four blocks are the same size
+    assert 0 < one.data_bytes < every.data_bytes  # only the converted layer's inputs and outputs are recorded
+
+
 def test_activations_grow_with_the_batch(prompts, tmp_path):
     one = estimate_training(_cfg(prompts, tmp_path / "a", batch_size=1), calibrate=False)
     four = estimate_training(_cfg(prompts, tmp_path / "b", batch_size=4), calibrate=False)

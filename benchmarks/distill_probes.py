@@ -13,7 +13,7 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
 * ``capacity``: for each block setting (``convert`` keyword arguments), the teacher-forced
   regression of the trajectory recipe (600 steps, batch 32, AdamW 2e-3, warm-up 50 then cosine,
   clip 1 per block) from the mean-field initialisation; prints the summed per-layer MSE on held-out
-  states (every 7th) before and after. A larger block that fitted the layers better would show here.
+  states (every 7th) before and after, and per layer the share of its mean-field error left. A larger block that fitted the layers better would show here.
 * ``finetune``: one regression as above (cached), then from it each fine-tune variant: ``steps``
   (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
   + ``cfg_w`` (0.25) × guided-output MSE; ``reg_w`` adds the regression loss; ``split`` runs the
@@ -24,7 +24,9 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   (14 captions × seed 0, 20 steps; a quicker stand-in for ``distill_demo.py``'s 4 seeds).
 * ``layers``: which blocks cost the dB. For each list of block indices only those self-attention
   layers are converted (the others keep the teacher's attention), then the recipe as above
-  (600 regression steps on those layers, 300 fine-tune steps); prints ε error and PSNR.
+  (600 regression steps on those layers, 300 fine-tune steps); prints ε error and PSNR. A variant
+  may also be ``{"only": [0], "k": 7, ...}``: block settings for the converted layers (``k`` an
+  odd kernel size for all of them).
 * ``speed``: what a partly converted student saves. For each list of block indices (``null``: all)
   the denoiser call at ``--resolution`` px (random latents, as ``deltadistill bench --step``) of
   the student with only those layers converted, interleaved with the teacher's, median of
@@ -206,12 +208,13 @@ def capacity(probe: Probe, variants: dict, steps: int) -> None:
     for name, kw in variants.items():
         _, blocks = probe.make_student(kw)
         t0 = time.perf_counter()
-        h0 = probe.held_regression(blocks)[0]
+        h0, parts0 = probe.held_regression(blocks)
         probe.regress(blocks, steps)
         h1, parts = probe.held_regression(blocks)
         n = sum(p.numel() for b in blocks for p in b.parameters())
         print(f"{name}: held-out {h0:.4f} -> {h1:.4f} ({h1 / h0:.3f}), params {n}, {time.perf_counter() - t0:.0f}s, "
-              f"layers {[round(p, 4) for p in parts]}", flush=True)
+              f"layers {[round(p, 4) for p in parts]}, share of each layer's mean-field error left "
+              f"{[round(p / max(q, 1e-12), 3) for p, q in zip(parts, parts0)]}", flush=True)
 
 
 def finetune(probe: Probe, variants: dict, steps: int) -> None:
@@ -251,8 +254,12 @@ def layers(probe: Probe, variants: dict, steps: int) -> None:
     probe.teacher_images()
     full = probe.tr
     for name, only in variants.items():
+        kw = {}
+        if isinstance(only, dict):  # {"only": [...], plus convert() settings, e.g. "k": 7 or "inter_ratio": 1}
+            kw = dict(only)
+            only = kw.pop("only")
         probe.tr = full
-        student, blocks = probe.make_student({}, only=list(only))
+        student, blocks = probe.make_student(kw, only=list(only))
         probe.restrict(list(only))
         t0 = time.perf_counter()
         probe.regress(blocks, steps)

@@ -109,6 +109,7 @@ def train(
     inter_ratio: float = typer.Option(0.5, "--inter-ratio", help="ΔConvBlock width ρ: the pyramid runs on C' = ρ·C channels (C·ρ must be an even integer)."),
     scales: str = typer.Option("1,0.5", "--scales", help="ΔConvBlock pyramid stages, comma-separated, each 1/2^k (e.g. 1,0.5,0.25)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Convert only these self-attention layers: comma-separated regexes on names or labels (as in attnprobe analyze --layers, e.g. 'blocks\\.[3-7]\\.'); the others keep the teacher's attention [all]."),
+    keep_attention: Optional[str] = typer.Option(None, "--keep-attention", help="Leave these self-attention layers out of the conversion (regexes as --layers, e.g. 'blocks\\.0\\.': keep the first block's attention) [none]."),
     student: str = typer.Option("deltaconv", "--student", help="What replaces self-attention: deltaconv (the ΔConvBlock) or linear (a linear attention of LinFusion's form, projections copied from the teacher: the baseline, needs no kernel sizes)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="Block gate: scaled (x1·x2·s) or sigmoid (x1·σ(x2)) [toolkit scaled; paper: sigmoid for PixArt, scaled for SD]."),
     gate_scale: Optional[str] = typer.Option(None, "--gate-scale", help="Scaled gate's factor s: a number, or 'official' for √(C'/2) [toolkit 1/√C' (the paper's text); paper SD: official]."),
@@ -146,7 +147,7 @@ def train(
         resolution=resolution, seed=seed, cache=cache, caption_dropout=caption_dropout, sample_steps=sample_steps,
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
-        max_bad_steps=max_bad_steps, init=init, inter_ratio=inter_ratio, scales=_scales(scales), student=student, layers=layers, progress=progress, recipe=recipe, regress_steps=regress_steps,
+        max_bad_steps=max_bad_steps, init=init, inter_ratio=inter_ratio, scales=_scales(scales), student=student, layers=layers, keep_attention=keep_attention, progress=progress, recipe=recipe, regress_steps=regress_steps,
         regress_batch=regress_batch, regress_lr=regress_lr, traj_seeds=traj_seeds, traj_steps=traj_steps,
         traj_keep_every=traj_keep_every, cfg_loss=cfg_loss,
     )

@@ -86,6 +86,7 @@ class TrainConfig:
     scales: tuple = (1, 0.5)  # ΔConvBlock pyramid stages (each 1/2^k)
     student: str = "deltaconv"  # deltaconv (ΔConvBlock) | linear (LinFusion-form linear attention, a baseline)
     layers: str | None = None  # comma-separated regexes on layer names/labels: convert only those (None: all)
+    keep_attention: str | None = None  # comma-separated regexes: layers left out of the conversion
     probe: bool = True  # loss on a fixed probe batch at start and end
     progress: bool = True
 
@@ -195,16 +196,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def chosen_layers(cfg: TrainConfig, sites) -> list[str] | None:
     """Names of the self-attention sites ``--layers`` selects, in model order (``None``: all of them).
 
-    The others keep the teacher's self-attention: they are not converted, not recorded and not trained.
+    ``--layers`` picks layers, ``--keep-attention`` then removes some. The others keep the teacher's
+    self-attention: they are not converted, not recorded and not trained.
     """
-    if not cfg.layers:
+    if not cfg.layers and not cfg.keep_attention:
         return None
     from attnprobe.core.sites import select_sites
 
+    sites = list(sites)
     try:
-        return [s.name for s in select_sites(list(sites), cfg.layers)]
+        chosen = select_sites(sites, cfg.layers) if cfg.layers else sites
+        kept = {s.name for s in select_sites(sites, cfg.keep_attention, "--keep-attention")} if cfg.keep_attention else set()
     except ValueError as exc:
         raise TrainError(str(exc)) from None
+    names = [s.name for s in chosen if s.name not in kept]
+    if not names:
+        raise TrainError(f"--keep-attention {cfg.keep_attention!r} keeps every layer --layers selects; nothing is left to convert")
+    return names
 
 
 def resolve_device(cfg: TrainConfig) -> bool:

@@ -239,7 +239,7 @@ class Trainer:
     def _check_resume_settings(self) -> None:
         prev = json.loads((self.resume_path / "state.json").read_text()).get("config", {})
         now = {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution}
-        for key in ("model", "seed", "batch_size", "resolution", "layers"):  # kernel sizes: checked by block shapes
+        for key in ("model", "seed", "batch_size", "resolution", "layers", "keep_attention"):  # kernel sizes: checked by block shapes
             if key in prev and prev[key] != now[key]:
                 raise TrainError(
                     f"--resume {self.resume_path}: the checkpoint was trained with {key}={prev[key]!r}, now {now[key]!r}; "

@@ -80,6 +80,7 @@ def test_help_explains():
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--inter-ratio", "-1"], "--inter-ratio"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "nosuchlayer"], "matches no self-attention"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "blocks.(1"], "not a valid regular expression"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--keep-attention", "nosuchlayer"], "--keep-attention 'nosuchlayer' matches no"),
     ],
 )
 def test_train_bad_input(files, tmp_path, args, needle):

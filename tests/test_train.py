@@ -483,3 +483,16 @@ def test_layers_that_match_nothing_is_a_clear_error(prompts, tmp_path):
     with pytest.raises(TrainError, match="matches no self-attention layer"):
         train(cfg, log=_quiet)
     assert not (tmp_path / "none" / "config.json").exists()
+
+
+def test_keep_attention_leaves_the_named_layers_out(prompts, tmp_path):
+    out = tmp_path / "keep0"
+    cfg = TrainConfig(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, steps=1, batch_size=1,
+                      regress_steps=1, keep_attention=r"blocks\.0\.", checkpoint_every=0, progress=False, probe=False)
+    train(cfg, log=_quiet)
+    names = [la["name"] for la in json.loads((out / "config.json").read_text())["layers"]]
+    assert names == [f"transformer_blocks.{i}.attn1" for i in (1, 2, 3)]
+    every = TrainConfig(data=str(prompts), out=str(tmp_path / "none"), model="tiny-pixart", kernel_size=3, steps=1,
+                        layers=r"blocks\.[01]\.", keep_attention=r"attn1", checkpoint_every=0, progress=False, probe=False)
+    with pytest.raises(TrainError, match="nothing is left to convert"):
+        train(every, log=_quiet)

@@ -55,16 +55,16 @@ class AttnSite:
         return halve_grid(base, self.level)
 
 
-def select_sites(sites: list[AttnSite], layers: str | None) -> list[AttnSite]:
-    """Filter sites by a comma-separated list of regular expressions on the name or label."""
+def select_sites(sites: list[AttnSite], layers: str | None, option: str = "--layers") -> list[AttnSite]:
+    """Filter sites by a comma-separated list of regular expressions on the name or label (errors name ``option``)."""
     if not layers:
         return sites
     try:
         pats = [re.compile(p.strip()) for p in layers.split(",") if p.strip()]
     except re.error as exc:
-        raise ValueError(f"--layers {layers!r} is not a valid regular expression: {exc}") from None
+        raise ValueError(f"{option} {layers!r} is not a valid regular expression: {exc}") from None
     chosen = [s for s in sites if any(p.search(s.name) or p.search(s.label) for p in pats)]
     if not chosen:
         names = ", ".join(s.label for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
-        raise ValueError(f"--layers {layers!r} matches no self-attention layer (layers: {names})")
+        raise ValueError(f"{option} {layers!r} matches no self-attention layer (layers: {names})")
     return chosen

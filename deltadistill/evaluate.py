@@ -240,7 +240,8 @@ def table_rows(result: dict, labels: dict | None = None) -> list[dict]:
     rows = []
     for name in ["teacher", *result["variants"]]:
         d = result["distances"].get(name, {})
-        row = {"model": labels[name], "psnr_db": d.get("psnr"), "ssim": d.get("ssim"), "eps_error": d.get("eps_error")}
+        row = {"model": labels[name], "psnr_db": d.get("psnr"), "psnr_mean_db": d.get("psnr_mean"), "ssim": d.get("ssim"),
+               "eps_error": d.get("eps_error")}
         row.update((result.get("scores") or {}).get(name, {}))
         if "accuracy" in result:
             row["accuracy"] = result["accuracy"].get(name)

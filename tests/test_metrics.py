@@ -22,6 +22,8 @@ def test_psnr_and_ssim_match_scikit_image():
     assert got["psnr"] == pytest.approx(10 * math.log10(1 / mse))
     for i in range(len(a)):
         assert got["psnr_per_image"][i] == pytest.approx(skm.peak_signal_noise_ratio(a[i], b[i], data_range=1.0))
+    assert got["psnr_mean"] == pytest.approx(np.mean([skm.peak_signal_noise_ratio(x, y, data_range=1.0) for x, y in zip(a, b)]))
+    assert got["psnr_mean"] > got["psnr"]  # Jensen: the mean of -log MSE is above -log of the mean MSE
     s = metrics.ssim(b, a)
     for i in range(len(a)):
         want = skm.structural_similarity(a[i], b[i], data_range=1.0, channel_axis=-1)

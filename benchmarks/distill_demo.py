@@ -297,8 +297,8 @@ def verdict(result) -> str:
                                       and f["accuracy"] is not None else ""))
         if h["eps_error"] < 0.75 * f["eps_error"] and abs(h["psnr_db"] - f["psnr_db"]) < 0.5:
             text += (". The denoiser errs much less per call, yet the pooled PSNR does not move: it is set by the samples "
-                     "whose composition changes, and those change about as often — the single-seed layers probe in the "
-                     "next section, which had this hybrid at +2.2 dB, was such a chance")
+                     "whose composition changes, and those change about as often (the single-seed layers probe in the "
+                     "next section ranked this hybrid higher by chance)")
         out.append(text + ". The targets of this table are read on the all-ΔConv student.")
     return "\n\n".join(out)
 

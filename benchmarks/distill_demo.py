@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -143,7 +144,8 @@ def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dic
     for v in variants:
         d = ev["distances"][v]
         row[v] = {"psnr_db": d["psnr"], "psnr_mean_db": d.get("psnr_mean"), "ssim": d["ssim"], "eps_error": d["eps_error"],
-                  "accuracy": (ev.get("accuracy") or {}).get(v)}
+                  "accuracy": (ev.get("accuracy") or {}).get(v), "psnr_per_prompt": d.get("psnr_per_prompt"),
+                  "psnr_per_image": d.get("psnr_per_image")}
     row["teacher_accuracy"] = (ev.get("accuracy") or {}).get("teacher")
     return row
 
@@ -257,6 +259,9 @@ def verdict(result) -> str:
     c = final.get("feature_loss")
     if c:
         out[-1] += f"; {c['kind']} loss {c['start']:.3g} → {c['end']:.3g} — {'met' if c['end'] < c['start'] else 'not met'}."
+    captions = _captions_clause(final["distilled"], len(result["evaluation"]["seeds"]))
+    if captions:
+        out.append(captions)
     toggles = [f"{rows[k]['description']}: {rows[k]['distilled']['psnr_db'] - f_db:+.2f} dB"
                for k in VARIANTS if k not in ("final", "keep_block0") and k in rows]
     if toggles:
@@ -296,11 +301,32 @@ def verdict(result) -> str:
                 f"{f['ssim']:.3f}" + (f", accuracy {h['accuracy']:.0%} against {f['accuracy']:.0%}" if h["accuracy"] is not None
                                       and f["accuracy"] is not None else ""))
         if h["eps_error"] < 0.75 * f["eps_error"] and abs(h["psnr_db"] - f["psnr_db"]) < 0.5:
-            text += (". The denoiser errs much less per call, yet the pooled PSNR does not move: it is set by the samples "
-                     "whose composition changes, and those change about as often (the single-seed layers probe in the "
-                     "next section ranked this hybrid higher by chance)")
+            text += (". The denoiser errs much less per call, yet the pooled PSNR does not move: it is set by the few "
+                     "captions with the largest error (above), which keeping block 0 does not repair (the single-seed "
+                     "layers probe in the next section ranked this hybrid higher by chance)")
         out.append(text + ". The targets of this table are read on the all-ΔConv student.")
     return "\n\n".join(out)
+
+
+def _captions_clause(d: dict, n_seeds: int, k: int = 3) -> str:
+    """Which captions set the final student's pooled PSNR (from the evaluation's per-prompt PSNR)."""
+    groups = d.get("psnr_per_prompt")
+    if not groups or len(groups) <= k:
+        return ""
+    worst = sorted(groups, key=lambda g: -g["mse_share"])[:k]
+    per = d.get("psnr_per_image") or []
+    parts = []
+    for g in worst:
+        i = [x["prompt"] for x in groups].index(g["prompt"])
+        seeds = per[i * n_seeds:(i + 1) * n_seeds]
+        parts.append(f"“{g['prompt']}” {g['psnr']:.1f} dB" + (f" (per seed {min(seeds):.1f}–{max(seeds):.1f})" if seeds else "")
+                     + f", {100 * g['mse_share']:.0f}% of the error")
+    rest = [10 ** (-g["psnr"] / 10) for g in groups if g not in worst]  # equal images per caption
+    share = sum(g["mse_share"] for g in worst)
+    return (f"**Which captions set the PSNR.** The {k} captions with the largest share of the final student's squared "
+            f"error carry {100 * share:.0f}% of it: " + "; ".join(parts)
+            + f". Without them the pooled PSNR of the other {len(rest)} captions is {-10 * math.log10(sum(rest) / len(rest)):.2f} dB. "
+            "Per-caption numbers: `per_prompt.csv` of `deltadistill evaluate`.")
 
 
 def _wide_clause(wide: dict, final: dict) -> str:
@@ -327,7 +353,8 @@ Every model is sampled from the same noise as the teacher for the 14 demo captio
 {result['evaluation']['seeds']} ({result['evaluation']['steps']} DPM-Solver++ steps, CFG 4.5, 256 px): PSNR and SSIM of the
 images against the teacher's (PSNR of the MSE pooled over all images, the measure the targets are
 read on, and the mean of the per-image PSNRs, the convention of most papers, which the pooled one
-stays below: it is set by the few samples whose composition changed; "–" where a row was measured
+stays below: it is set by the images with the largest error, on the demo three captions (see "Which
+captions set the PSNR" below); "–" where a row was measured
 before that column existed), ε error = mean squared difference of the denoiser's output along the
 teacher's own trajectories, and the demo's nearest-photo accuracy (the share of samples classified as
 their caption's photo). Kernel sizes from `attnprobe analyze` with its defaults

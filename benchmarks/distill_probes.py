@@ -5,6 +5,7 @@ Usage:
     python benchmarks/distill_probes.py finetune '{"regressed": {}, "base": {}, "onp1": {"onpolicy": 1}, "split": {"split": 1}, "s600": {"steps": 600}, "reg1": {"reg_w": 1.0}}'
     python benchmarks/distill_probes.py layers '{"blocks0-4": [0, 1, 2, 3, 4], "blocks5-7": [5, 6, 7]}'
     python benchmarks/distill_probes.py speed '{"all": null, "blocks3-7": [3, 4, 5, 6, 7]}' --resolution 1024
+    python benchmarks/distill_probes.py mixing '{"student 0-4": [0, 5], "student 5-19": [5, 20]}'
 
 Faster than ``distill_demo.py`` (which runs the product end to end for every row): the teacher's
 trajectories (14 demo captions × seeds 1000, 1001 for training, seed 1002 held out; 20 steps) are
@@ -16,17 +17,26 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   states (every 7th) before and after, and per layer the share of its mean-field error left. A larger block that fitted the layers better would show here.
 * ``finetune``: one regression as above (cached), then from it each fine-tune variant: ``steps``
   (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
-  + ``cfg_w`` (0.25) × guided-output MSE; ``reg_w`` adds the regression loss; ``split`` runs the
+  + ``cfg_w`` (0.25) × guided-output MSE; ``reg_w`` adds the regression loss; ``early`` = a draws
+  a state with probability ∝ 1 + a · t / 1000 (t its timestep: noisy states more often); ``full``
+  = m also trains the rest of the student (frozen in the recipe) at m × lr; ``split`` runs the
   schedule twice over half the steps (the control for ``onpolicy``); ``onpolicy`` = n runs half the
   steps, then samples the *student* on the training captions for n seeds, labels those states
   with the teacher's outputs and runs the other half on recorded + student states. Prints the
   held-out ε error (every 5th state) and the PSNR of the student's samples against the teacher's
-  (14 captions × seed 0, 20 steps; a quicker stand-in for ``distill_demo.py``'s 4 seeds).
+  (14 captions × ``--eval-seeds``, default 0, 20 steps; with 0,1,2,3 the images of ``distill_demo.py``).
 * ``layers``: which blocks cost the dB. For each list of block indices only those self-attention
   layers are converted (the others keep the teacher's attention), then the recipe as above
   (600 regression steps on those layers, 300 fine-tune steps); prints ε error and PSNR. A variant
   may also be ``{"only": [0], "k": 7, ...}``: block settings for the converted layers (``k`` an
   odd kernel size for all of them).
+* ``mixing``: at which sampling steps the student's errors change the samples. The recipe's
+  student (regression + the 300-step fine-tune, cached in ``--work``) denoises the sampling steps
+  [a, b) of each variant and the teacher the others (20 steps, step 0 the noisiest); prints the
+  PSNR against the teacher's samples as in ``finetune``.
+* Every PSNR printed also names the three captions with the largest share of the squared error
+  (they set the pooled PSNR); ``--worst-figure PREFIX`` saves, per variant, the 8 lowest-PSNR
+  samples beside the teacher's as PREFIX-variant.png.
 * ``speed``: what a partly converted student saves. For each list of block indices (``null``: all)
   the denoiser call at ``--resolution`` px (random latents, as ``deltadistill bench --step``) of
   the student with only those layers converted, interleaved with the teacher's, median of
@@ -47,16 +57,18 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = [3, 3, 5, 9, 11, 13, 13, 13]  # the demo report's recommendation per block
-EVAL_SEEDS = [0]
+EVAL_SEEDS = [0]  # --eval-seeds
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed"])
+    ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed", "mixing"])
     ap.add_argument("variants", help="JSON object: variant name → settings (see the module docstring)")
     ap.add_argument("--steps", type=int, default=600, help="regression steps")
     ap.add_argument("--work", default="/tmp/distill_probes", help="cache of trajectories, teacher images, regressed blocks")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worst-figure", default=None, help="path prefix: save each variant's 8 lowest-PSNR samples beside the teacher's")
+    ap.add_argument("--eval-seeds", default="0", help="comma-separated sampling seeds of the PSNR (14 captions each)")
     ap.add_argument("--resolution", type=int, default=1024, help="speed: image side in pixels")
     ap.add_argument("--repeats", type=int, default=5, help="speed: timed rounds (median reported)")
     return ap.parse_args(argv)
@@ -75,6 +87,7 @@ class Probe:
 
         os.makedirs(work, exist_ok=True)
         self.work = work
+        self.worst_figure = None
         self.pipe, _ = load_pipeline("demo")
         den = denoiser_of(self.pipe)
         self.sites = find_self_attention(den)
@@ -141,15 +154,30 @@ class Probe:
             idx = torch.arange(0, len(self.te), 5)
             return float(F.mse_loss(replay(student, self.te, idx).float(), self.te.out[idx]))
 
+    def held_eps_by_steps(self, student) -> str:
+        """Held-out ε error over the sampling steps 0-4, 5-9, 10-14, 15-19 (step 0 the noisiest)."""
+        from deltadistill.trajectory import replay
+
+        t = self.te.batched["timestep"].float()
+        order = torch.unique(t).flip(0)  # descending: step 0 first
+        step = torch.searchsorted(-order, -t)
+        idx = torch.arange(0, len(self.te), 5)
+        with torch.no_grad():
+            err = ((replay(student, self.te, idx).float() - self.te.out[idx]) ** 2).flatten(1).mean(1)
+        parts = [float(err[(step[idx] >= a) & (step[idx] < a + 5)].mean()) for a in range(0, 20, 5)]
+        return "/".join(f"{v:.4f}" for v in parts)
+
     def _images(self):
         from attnprobe.core.pipeline import sample
 
-        imgs = sample(self.pipe, [p for p in self.prompts for _ in EVAL_SEEDS],
-                      [s for _ in self.prompts for s in EVAL_SEEDS], steps=20)
+        imgs = []
+        for s in EVAL_SEEDS:  # one sampling batch per seed (14 captions), as the cached teacher images
+            imgs += sample(self.pipe, self.prompts, [s] * len(self.prompts), steps=20)
         return np.stack([np.asarray(im) for im in imgs]) / 255.0
 
     def teacher_images(self):
-        path = os.path.join(self.work, "teacher_imgs.npy")
+        name = "teacher_imgs.npy" if EVAL_SEEDS == [0] else f"teacher_imgs_{'-'.join(map(str, EVAL_SEEDS))}.npy"
+        path = os.path.join(self.work, name)
         if not os.path.exists(path):
             student = self.pipe.transformer
             self.pipe.transformer = self.base
@@ -157,25 +185,43 @@ class Probe:
             self.pipe.transformer = student
         return np.load(path)
 
-    def quick_psnr(self) -> str:
-        """PSNR of the mean MSE (what the tables report) and the median of the per-image PSNRs: the first is
-        dominated by the few samples whose composition changed, the second is not."""
-        from deltadistill.metrics import psnr
+    def quick_psnr(self, name: str | None = None) -> str:
+        """PSNR of the mean MSE (what the tables report), the median of the per-image PSNRs, and the three
+        captions with the largest share of the squared error (they set the first; the median is robust to them).
+        With ``--worst-figure`` and a ``name``, the 8 worst images beside the teacher's go to PREFIX-name.png."""
+        from deltadistill.metrics import psnr, psnr_by_group
 
         self.pipe.transformer.eval()
-        d = psnr(self._images(), self.teacher_images())
-        return f"{d['psnr']:.2f} (median per image {float(np.median(d['psnr_per_image'])):.2f})"
+        images, teacher = self._images(), self.teacher_images()
+        d = psnr(images, teacher)
+        groups = sorted(psnr_by_group(images, teacher, [i % len(self.prompts) for i in range(len(images))]),
+                        key=lambda g: -g["mse_share"])[:3]
+        if self.worst_figure and name:
+            worst_figure(images, teacher, d["psnr_per_image"], self.prompts, f"{self.worst_figure}-{name}.png")
+        return (f"{d['psnr']:.2f} (median per image {float(np.median(d['psnr_per_image'])):.2f}; largest error share: "
+                + ", ".join(f"'{self.prompts[g['group']]}' {g['psnr']:.1f} dB {100 * g['mse_share']:.0f}%" for g in groups) + ")")
 
-    def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None):
+    def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
+                 early=0.0, full=0.0):
         from deltadistill.trajectory import guided, regression_loss, replay
 
         data = data or self.tr
         params = [p for b in blocks for p in b.parameters()]
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+        groups = [{"params": params, "lr": lr}]
+        if full:  # also the rest of the student (frozen in the recipe), at lr · full
+            own = {id(p) for p in params}
+            rest = [p for p in student.parameters() if id(p) not in own]
+            for p in rest:
+                p.requires_grad_(True)
+            groups.append({"params": rest, "lr": lr * full})
+            params = params + rest
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(warmup, steps))
         g = torch.Generator().manual_seed(1)
+        weights = 1 + early * data.batched["timestep"].float() / 1000  # early > 0: draw noisy states more often
         for _ in range(steps):
-            idx = torch.randint(len(data), (bs,), generator=g)
+            idx = torch.multinomial(weights, bs, replacement=True, generator=g) if early else \
+                torch.randint(len(data), (bs,), generator=g)
             idx = torch.cat([idx, data.pair[idx]])
             target = data.out[idx]
             out = replay(student, data, idx).float()
@@ -207,6 +253,31 @@ class Probe:
                                    out=torch.cat([self.tr.out, d.out]), pair=torch.cat([self.tr.pair, d.pair + n]), x=[], y=[])
 
 
+def worst_figure(images, teacher, per_image, prompts, path: str, k: int = 8) -> None:
+    """Teacher (top) and student (bottom) for the ``k`` images with the lowest PSNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(per_image)[:k]
+    fig, ax = plt.subplots(2, k, figsize=(2 * k, 4.6))
+    for j, i in enumerate(order):
+        ax[0, j].imshow(teacher[i])
+        ax[1, j].imshow(images[i])
+        ax[0, j].set_title(f"{prompts[i % len(prompts)].removeprefix('a photo of ')}, seed {EVAL_SEEDS[i // len(prompts)]}\n"
+                           f"{per_image[i]:.1f} dB", fontsize=8)
+        for a in ax[:, j]:
+            a.set_xticks([])
+            a.set_yticks([])
+    ax[0, 0].set_ylabel("teacher")
+    ax[1, 0].set_ylabel("student")
+    fig.suptitle("the student's lowest-PSNR samples beside the teacher's (same noise)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def capacity(probe: Probe, variants: dict, steps: int) -> None:
     for name, kw in variants.items():
         _, blocks = probe.make_student(kw)
@@ -222,24 +293,17 @@ def capacity(probe: Probe, variants: dict, steps: int) -> None:
 
 def finetune(probe: Probe, variants: dict, steps: int) -> None:
     probe.teacher_images()
-    student, blocks = probe.make_student({})
-    path = os.path.join(probe.work, "regressed.pt")
-    if os.path.exists(path):
-        for b, s in zip(blocks, torch.load(path, weights_only=True)):
-            b.load_state_dict(s)
-    else:
-        t0 = time.perf_counter()
-        probe.regress(blocks, steps)
-        print(f"regression {time.perf_counter() - t0:.0f}s", flush=True)
-        torch.save([b.state_dict() for b in blocks], path)
-    start = [copy.deepcopy(b.state_dict()) for b in blocks]
+    student, blocks = regressed_student(probe, steps)
+    start = copy.deepcopy(student.state_dict())  # every variant starts here (``full`` changes more than the blocks)
+    trained = {id(p) for b in blocks for p in b.parameters()}
     variants = dict(variants)
     if variants.pop("regressed", None) is not None:
         print(f"regressed: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr()}", flush=True)
     for name, kw in variants.items():
         kw = dict(kw)
-        for b, s in zip(blocks, start):
-            b.load_state_dict(s)
+        student.load_state_dict(start)
+        for p in student.parameters():
+            p.requires_grad_(id(p) in trained)
         student.train()
         t0 = time.perf_counter()
         onp, split, total = kw.pop("onpolicy", 0), kw.pop("split", 0), kw.pop("steps", 300)
@@ -250,7 +314,49 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
         else:
             probe.finetune(student, blocks, steps=total, **kw)
         t = time.perf_counter() - t0
-        print(f"{name}: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr()} ({t:.0f}s)", flush=True)
+        print(f"{name}: eps {probe.held_eps(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+              f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
+
+
+def regressed_student(probe: Probe, steps: int):
+    """The all-ΔConv student after the recipe's regression (cached in ``--work``)."""
+    student, blocks = probe.make_student({})
+    path = os.path.join(probe.work, "regressed.pt")
+    if os.path.exists(path):
+        for b, s in zip(blocks, torch.load(path, weights_only=True)):
+            b.load_state_dict(s)
+    else:
+        t0 = time.perf_counter()
+        probe.regress(blocks, steps)
+        print(f"regression {time.perf_counter() - t0:.0f}s", flush=True)
+        torch.save([b.state_dict() for b in blocks], path)
+    return student, blocks
+
+
+def mixing(probe: Probe, variants: dict, steps: int) -> None:
+    probe.teacher_images()
+    student, blocks = regressed_student(probe, steps)
+    path = os.path.join(probe.work, "recipe.pt")
+    if os.path.exists(path):
+        for b, s in zip(blocks, torch.load(path, weights_only=True)):
+            b.load_state_dict(s)
+    else:
+        student.train()
+        probe.finetune(student, blocks)
+        torch.save([b.state_dict() for b in blocks], path)
+    student.eval()
+    own = student.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):  # steps [a, b) by the student, the others by the teacher
+        i = calls["n"] % 20  # 20 sampling steps per batch
+        calls["n"] += 1
+        return (own if a <= i < b else probe.teacher)(*args, **kwargs)
+
+    student.forward = forward
+    for name, (a, b) in variants.items():
+        calls["n"] = 0
+        print(f"{name}: student on steps [{a}, {b}), psnr {probe.quick_psnr()}", flush=True)
 
 
 def layers(probe: Probe, variants: dict, steps: int) -> None:
@@ -270,7 +376,8 @@ def layers(probe: Probe, variants: dict, steps: int) -> None:
         probe.tr = full
         probe.finetune(student, blocks)
         t = time.perf_counter() - t0
-        print(f"{name}: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr()} ({t:.0f}s)", flush=True)
+        print(f"{name}: eps {probe.held_eps(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+              f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 
 def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
@@ -298,12 +405,14 @@ def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    EVAL_SEEDS[:] = [int(v) for v in args.eval_seeds.split(",")]
     torch.set_num_threads(args.threads)
     probe = Probe(args.work)
+    probe.worst_figure = args.worst_figure
     if args.probe == "speed":
         speed(probe, json.loads(args.variants), args.resolution, args.repeats)
         return
-    {"capacity": capacity, "finetune": finetune, "layers": layers}[args.probe](probe, json.loads(args.variants), args.steps)
+    {"capacity": capacity, "finetune": finetune, "layers": layers, "mixing": mixing}[args.probe](probe, json.loads(args.variants), args.steps)
 
 
 if __name__ == "__main__":

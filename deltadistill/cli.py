@@ -288,9 +288,15 @@ def evaluate(
     import sys
 
     (Console() if sys.stdout.isatty() else Console(width=200)).print(table)  # files/pipes: no 80-column wrap
+    from deltadistill.evaluate import worst_prompts
+
+    worst = worst_prompts(result)
+    if len(prompt_list) > 1 and worst:
+        typer.echo("largest share of the student's error: " + "; ".join(
+            f"{g['prompt']!r} {g['psnr']:.1f} dB ({100 * g['mse_share']:.0f}%)" for g in worst))
     for note in result["notes"]:
         err.print(f"note: {note}", highlight=False)
-    typer.echo(f"wrote {out}/metrics.json, metrics.csv, grid.png, evaluation.png")
+    typer.echo(f"wrote {out}/metrics.json, metrics.csv, per_prompt.csv, grid.png, evaluation.png")
 
 
 @app.command(no_args_is_help=True)

@@ -162,6 +162,8 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
         d = metrics.psnr(arr, ref)
         d.update(metrics.ssim(arr, ref) if min(arr.shape[1:3]) >= 7 else {"ssim": float("nan")})
         d["mse_per_image"] = [float(v) for v in ((arr - ref) ** 2).mean(axis=(1, 2, 3))]
+        d["psnr_per_prompt"] = [{"prompt": prompts[g.pop("group")], **g}
+                                for g in metrics.psnr_by_group(arr, ref, [i // len(seeds) for i in range(len(pairs))])]
         d["eps_error_per_step"] = traj[name]
         d["eps_error"] = float(np.mean(traj[name])) if traj[name] else float("nan")
         result["distances"][name] = d
@@ -233,6 +235,23 @@ def _write(result: dict, images: dict, pairs, out: Path, k: int) -> None:
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     result["table"] = table_rows(result, labels)
     pd.DataFrame(result["table"]).to_csv(out / "metrics.csv", index=False)
+    pd.DataFrame(per_prompt_rows(result)).to_csv(out / "per_prompt.csv", index=False)
+
+
+def per_prompt_rows(result: dict) -> list[dict]:
+    """One row per prompt: each model's PSNR over that prompt's seeds and its share of the model's squared error."""
+    rows = [{"prompt": p} for p in result["prompts"]]
+    for name in result["variants"]:
+        for row, g in zip(rows, result["distances"][name]["psnr_per_prompt"]):
+            row[f"{name}_psnr_db"] = g["psnr"]
+            row[f"{name}_error_share"] = g["mse_share"]
+    return rows
+
+
+def worst_prompts(result: dict, name: str = "distilled", k: int = 3) -> list[dict]:
+    """The ``k`` prompts with the largest share of ``name``'s squared error (they set its pooled PSNR)."""
+    groups = result["distances"].get(name, {}).get("psnr_per_prompt") or []
+    return sorted(groups, key=lambda g: -g["mse_share"])[:k]
 
 
 def table_rows(result: dict, labels: dict | None = None) -> list[dict]:
@@ -253,8 +272,11 @@ def _figure(result: dict, labels: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     names = result["variants"]
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.4])
+    groups = result["distances"][names[0]].get("psnr_per_prompt") or []
+    per_prompt = len(groups) > 1
+    fig = Figure(figsize=(16 if per_prompt else 11, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3 if per_prompt else 2, width_ratios=[1, 1.4, 1.1] if per_prompt else [1, 1.4])
+    ax1, ax2 = axes[0], axes[1]
     psnrs = [min(result["distances"][n]["psnr"], 60) for n in names]
     ax1.barh([labels[n] for n in names], psnrs, color="#4c72b0")
     for y, v in enumerate(psnrs):
@@ -270,6 +292,18 @@ def _figure(result: dict, labels: dict, path: Path) -> None:
     ax2.set_ylabel("mean squared ε difference to the teacher")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
+    if per_prompt:  # which prompts set the pooled PSNR of the first model (the distilled student)
+        ax3 = axes[2]
+        worst = sorted(groups, key=lambda g: g["psnr"])[:12]
+        vals = [min(g["psnr"], 60) for g in worst]
+        ax3.barh([g["prompt"] if len(g["prompt"]) <= 32 else g["prompt"][:31] + "…" for g in worst], vals, color="#dd8452")
+        ax3.set_xlim(0, 1.4 * max(vals))
+        for y, (v, g) in enumerate(zip(vals, worst)):
+            ax3.text(v, y, f" {v:.1f} dB · {100 * g['mse_share']:.0f}%", va="center", fontsize=7)
+        ax3.invert_yaxis()
+        ax3.tick_params(axis="y", labelsize=7)
+        ax3.set_xlabel(f"{labels[names[0]]}: PSNR per prompt over its {len(result['seeds'])} seeds (dB)\n"
+                       "with its share of the squared error; lowest first", fontsize=8)
     fig.suptitle(f"{result['base_model']}: student and baselines vs the teacher, same noise ({len(result['prompts'])} "
                  f"prompts × {len(result['seeds'])} seeds, {result['steps']} steps)", fontsize=10)
     fig.savefig(path, dpi=110)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["psnr", "ssim", "frechet_distance", "inception_score", "clip_score", "Encoders", "EncoderUnavailable"]
+__all__ = ["psnr", "psnr_by_group", "ssim", "frechet_distance", "inception_score", "clip_score", "Encoders", "EncoderUnavailable"]
 
 
 def _as_float(images) -> np.ndarray:
@@ -52,6 +52,29 @@ def psnr(images, reference) -> dict:
 
     per_db = [db(float(m)) for m in per]
     return {"psnr": db(mse), "mse": mse, "psnr_per_image": per_db, "psnr_mean": float(np.mean(per_db))}
+
+
+def psnr_by_group(images, reference, groups) -> list[dict]:
+    """PSNR of the pooled MSE within each group of images (e.g. one prompt's seeds), in first-seen group order.
+
+    ``[{"group", "n", "psnr", "mse_share"}]``: ``mse_share`` is the group's part of the total squared
+    error, so the groups that set the pooled PSNR of :func:`psnr` stand out.
+    """
+    a, b = _as_float(images), _as_float(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
+    groups = list(groups)
+    if len(groups) != len(a):
+        raise ValueError(f"need one group per image, got {len(groups)} groups for {len(a)} images")
+    per = ((a - b) ** 2).mean(axis=(1, 2, 3))
+    total = float(per.sum())
+    out = []
+    for g in dict.fromkeys(groups):
+        m = per[[i for i, x in enumerate(groups) if x == g]]
+        mse = float(m.mean())
+        out.append({"group": g, "n": len(m), "psnr": float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse),
+                    "mse_share": float(m.sum()) / total if total > 0 else 0.0})
+    return out
 
 
 def _ssim_channel(x: np.ndarray, y: np.ndarray, win: int, data_range: float) -> float:

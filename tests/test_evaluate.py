@@ -90,8 +90,18 @@ def test_evaluate_cli_with_baselines_and_encoders(tmp_path, encoders):
         s = data["scores"][name]
         assert s["dino_score"] >= 1.0 and np.isfinite(s["fdd_reference"]) and 0 <= s["clip_score"] <= 100
     assert data["scores"]["distilled"]["fdd_teacher"] >= 0
-    for f in ("grid.png", "evaluation.png", "metrics.csv"):
+    for f in ("grid.png", "evaluation.png", "metrics.csv", "per_prompt.csv"):
         assert (out / f).is_file()
+    import pandas as pd
+
+    per = pd.read_csv(out / "per_prompt.csv")
+    assert list(per["prompt"]) == ["a photo of a cat", "a red rocket"]
+    d = data["distances"]["distilled"]
+    for i, row in per.iterrows():  # each prompt's PSNR is that of its own two seeds' pooled MSE
+        mse = np.mean(d["mse_per_image"][2 * i: 2 * i + 2])
+        assert row["distilled_psnr_db"] == pytest.approx(10 * np.log10(1 / mse))
+    assert per["distilled_error_share"].sum() == pytest.approx(1.0)
+    assert "largest share of the student's error: 'a " in result.stdout
     assert "neighbourhood attention K=13" in result.stdout
 
 

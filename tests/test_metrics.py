@@ -31,6 +31,24 @@ def test_psnr_and_ssim_match_scikit_image():
     assert metrics.ssim(a, a)["ssim"] == pytest.approx(1.0) and metrics.psnr(a, a)["psnr"] == float("inf")
 
 
+def test_psnr_by_group_is_the_pooled_psnr_of_each_group():
+    skm = pytest.importorskip("skimage.metrics")
+    a = _images(3, n=6)
+    b = np.clip(a + np.array([0.02, 0.3, 0.05, 0.02, 0.3, 0.05])[:, None, None, None]
+                * np.random.default_rng(4).standard_normal(a.shape), 0, 1)
+    groups = ["cat", "dog", "sky", "cat", "dog", "sky"]
+    got = metrics.psnr_by_group(b, a, groups)
+    assert [g["group"] for g in got] == ["cat", "dog", "sky"] and all(g["n"] == 2 for g in got)
+    for g in got:
+        idx = [i for i, x in enumerate(groups) if x == g["group"]]
+        # scikit-image on the stacked images of a group: PSNR of their pooled MSE
+        assert g["psnr"] == pytest.approx(skm.peak_signal_noise_ratio(a[idx], b[idx], data_range=1.0))
+    assert sum(g["mse_share"] for g in got) == pytest.approx(1.0)
+    assert max(got, key=lambda g: g["mse_share"])["group"] == "dog"  # the noisiest group carries most of the error
+    with pytest.raises(ValueError, match="one group per image"):
+        metrics.psnr_by_group(b, a, groups[:-1])
+
+
 def test_frechet_distance_matches_scipy_sqrtm():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((200, 12)) @ rng.standard_normal((12, 12))

@@ -19,7 +19,8 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
   + ``cfg_w`` (0.25) × guided-output MSE; ``reg_w`` adds the regression loss; ``early`` = a draws
   a state with probability ∝ 1 + a · t / 1000 (t its timestep: noisy states more often); ``full``
-  = m also trains the rest of the student (frozen in the recipe) at m × lr; ``split`` runs the
+  = m also trains the rest of the student (frozen in the recipe) at m × lr; ``hard`` = h draws a
+  state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``split`` runs the
   schedule twice over half the steps (the control for ``onpolicy``); ``onpolicy`` = n runs half the
   steps, then samples the *student* on the training captions for n seeds, labels those states
   with the teacher's outputs and runs the other half on recorded + student states. Prints the
@@ -202,7 +203,7 @@ class Probe:
                 + ", ".join(f"'{self.prompts[g['group']]}' {g['psnr']:.1f} dB {100 * g['mse_share']:.0f}%" for g in groups) + ")")
 
     def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
-                 early=0.0, full=0.0):
+                 early=0.0, full=0.0, hard=0.0):
         from deltadistill.trajectory import guided, regression_loss, replay
 
         data = data or self.tr
@@ -219,8 +220,13 @@ class Probe:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(warmup, steps))
         g = torch.Generator().manual_seed(1)
         weights = 1 + early * data.batched["timestep"].float() / 1000  # early > 0: draw noisy states more often
+        if hard:  # draw each state ∝ (the student's error on it at the start) ** hard
+            with torch.no_grad():
+                err = torch.cat([((replay(student, data, i).float() - data.out[i]) ** 2).flatten(1).mean(1)
+                                 for i in torch.arange(len(data)).split(56)])
+            weights = weights * (err / err.mean()) ** hard
         for _ in range(steps):
-            idx = torch.multinomial(weights, bs, replacement=True, generator=g) if early else \
+            idx = torch.multinomial(weights, bs, replacement=True, generator=g) if (early or hard) else \
                 torch.randint(len(data), (bs,), generator=g)
             idx = torch.cat([idx, data.pair[idx]])
             target = data.out[idx]

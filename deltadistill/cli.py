@@ -243,7 +243,7 @@ def _parse_seeds(text: str) -> list[int]:
 def evaluate(
     distilled: Path = typer.Option(..., "--distilled", help="Distilled model folder (the --out of `deltadistill train`)."),
     prompts: Path = typer.Option(..., "--prompts", help="Prompt file, one prompt per line; every prompt is sampled with every seed."),
-    out: Path = typer.Option(..., "--out", help="Folder for the images, grid.png, evaluation.png, metrics.json and metrics.csv."),
+    out: Path = typer.Option(..., "--out", help="Folder for the images, grid.png, evaluation.png, metrics.json, metrics.csv and per_prompt.csv."),
     seeds: str = typer.Option("0-3", "--seeds", help="Seeds, e.g. 0-3 or 0,1,5."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps."),
     baselines: bool = typer.Option(False, "--baselines", help="Also the untrained student, the teacher with self-attention zeroed, and training-free neighbourhood attention, from the same noise."),

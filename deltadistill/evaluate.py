@@ -4,7 +4,9 @@ For each (prompt, seed) every model samples with the *same* initial noise and sc
 differences come from the denoiser alone (:func:`evaluate`). Per model, against the teacher:
 
 * **paired image distances** (:mod:`deltadistill.metrics`): PSNR and SSIM of each sample to the
-  teacher's sample of the same noise;
+  teacher's sample of the same noise (PSNR of the pooled MSE and the mean of the per-image PSNRs),
+  and PSNR **per prompt** over its seeds with the prompt's share of the squared error — the pooled
+  PSNR is set by the few prompts with the largest error, and this names them;
 * **ε error along the teacher's trajectory**: the teacher's denoiser calls of a sampling run are
   recorded (inputs and outputs, the first ``trajectory_pairs`` pairs), and each model's denoiser is
   run on exactly those inputs; the mean squared difference of the noise predictions (learned-σ

@@ -259,7 +259,7 @@ def verdict(result) -> str:
     c = final.get("feature_loss")
     if c:
         out[-1] += f"; {c['kind']} loss {c['start']:.3g} → {c['end']:.3g} — {'met' if c['end'] < c['start'] else 'not met'}."
-    captions = _captions_clause(final["distilled"], len(result["evaluation"]["seeds"]))
+    captions = _captions_clause(final["distilled"], len(result["evaluation"]["seeds"]), result.get("baselines"))
     if captions:
         out.append(captions)
     toggles = [f"{rows[k]['description']}: {rows[k]['distilled']['psnr_db'] - f_db:+.2f} dB"
@@ -308,8 +308,13 @@ def verdict(result) -> str:
     return "\n\n".join(out)
 
 
-def _captions_clause(d: dict, n_seeds: int, k: int = 3) -> str:
-    """Which captions set the final student's pooled PSNR (from the evaluation's per-prompt PSNR)."""
+BASELINE_NAMES = {"untrained": "the untrained student", "no_attention": "the teacher without self-attention",
+                  "neighbourhood": "neighbourhood attention K = 13"}
+
+
+def _captions_clause(d: dict, n_seeds: int, baselines: dict | None = None, k: int = 3) -> str:
+    """Which captions set the final student's pooled PSNR (from the evaluation's per-prompt PSNR), and how the
+    baselines do on them."""
     groups = d.get("psnr_per_prompt")
     if not groups or len(groups) <= k:
         return ""
@@ -326,7 +331,22 @@ def _captions_clause(d: dict, n_seeds: int, k: int = 3) -> str:
     return (f"**Which captions set the PSNR.** The {k} captions with the largest share of the final student's squared "
             f"error carry {100 * share:.0f}% of it: " + "; ".join(parts)
             + f". Without them the pooled PSNR of the other {len(rest)} captions is {-10 * math.log10(sum(rest) / len(rest)):.2f} dB. "
-            "Per-caption numbers: `per_prompt.csv` of `deltadistill evaluate`.")
+            + _baselines_on(worst, baselines or {})
+            + "Per-caption numbers: `per_prompt.csv` of `deltadistill evaluate`.")
+
+
+def _baselines_on(worst: list, baselines: dict) -> str:
+    parts = []
+    for name, label in BASELINE_NAMES.items():
+        groups = {g["prompt"]: g for g in (baselines.get(name) or {}).get("psnr_per_prompt") or []}
+        if not all(w["prompt"] in groups for w in worst):
+            continue
+        top = max(groups.values(), key=lambda g: g["mse_share"])
+        values = " / ".join(f"{groups[w['prompt']]['psnr']:.1f}" for w in worst)
+        parts.append(f"{label} {values} dB"
+                     + (f" (its own largest share: “{top['prompt']}”, {top['psnr']:.1f} dB, {100 * top['mse_share']:.0f}%)"
+                        if top["prompt"] not in {w["prompt"] for w in worst} else ""))
+    return ("On the same three captions: " + "; ".join(parts) + ". " if parts else "")
 
 
 def _wide_clause(wide: dict, final: dict) -> str:

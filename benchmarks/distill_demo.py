@@ -308,10 +308,6 @@ def verdict(result) -> str:
     return "\n\n".join(out)
 
 
-BASELINE_NAMES = {"untrained": "the untrained student", "no_attention": "the teacher without self-attention",
-                  "neighbourhood": "neighbourhood attention K = 13"}
-
-
 def _captions_clause(d: dict, n_seeds: int, baselines: dict | None = None, k: int = 3) -> str:
     """Which captions set the final student's pooled PSNR (from the evaluation's per-prompt PSNR), and how the
     baselines do on them."""
@@ -336,8 +332,11 @@ def _captions_clause(d: dict, n_seeds: int, baselines: dict | None = None, k: in
 
 
 def _baselines_on(worst: list, baselines: dict) -> str:
+    from deltadistill.evaluate import LABELS
+
     parts = []
-    for name, label in BASELINE_NAMES.items():
+    for name in ("untrained", "no_attention", "neighbourhood"):
+        label = LABELS[name].format(k=13)
         groups = {g["prompt"]: g for g in (baselines.get(name) or {}).get("psnr_per_prompt") or []}
         if not all(w["prompt"] in groups for w in worst):
             continue
@@ -346,7 +345,7 @@ def _baselines_on(worst: list, baselines: dict) -> str:
         parts.append(f"{label} {values} dB"
                      + (f" (its own largest share: “{top['prompt']}”, {top['psnr']:.1f} dB, {100 * top['mse_share']:.0f}%)"
                         if top["prompt"] not in {w["prompt"] for w in worst} else ""))
-    return ("On the same three captions: " + "; ".join(parts) + ". " if parts else "")
+    return (f"On the same {len(worst)} captions: " + "; ".join(parts) + ". " if parts else "")
 
 
 def _wide_clause(wide: dict, final: dict) -> str:

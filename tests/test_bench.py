@@ -256,3 +256,31 @@ def test_cpu_block_floor_script_on_a_small_shape():
     assert row["flops_ratio"] == pytest.approx(fl.self_attention_flops(64, 32, 4).total / fl.deltaconv_flops((8, 8), 32, 3).total)
     md = cpu_block_floor.table([row], markdown=True).splitlines()
     assert len(md) == 3 and md[2].count("|") == 11 and "8²" in md[2]
+
+
+def test_distill_demo_captions_paragraph_is_computed_from_the_per_prompt_psnr():
+    """benchmarks/distill_demo.py names the captions that carry the error, with numbers computed from the evaluation."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import distill_demo
+    finally:
+        sys.path.pop(0)
+    mse = {"cat": 0.04, "dog": 0.02, "sky": 0.001, "sea": 0.002, "sun": 0.01}  # per caption, 2 seeds each
+
+    def groups(scale=1.0):
+        total = sum(mse.values()) * scale
+        return [{"prompt": p, "n": 2, "psnr": -10 * math.log10(m * scale), "mse_share": m * scale / total} for p, m in mse.items()]
+
+    d = {"psnr_per_prompt": groups(), "psnr_per_image": [v for m in mse.values() for v in (-10 * math.log10(m),) * 2]}
+    text = distill_demo._captions_clause(d, 2, {"untrained": {"psnr_per_prompt": groups(10.0)}})
+    share = (0.04 + 0.02 + 0.01) / sum(mse.values())
+    assert f"carry {100 * share:.0f}% of it" in text
+    assert text.index("“cat”") < text.index("“dog”") < text.index("“sun”") and "“sky”" not in text.split("Without")[0]
+    rest = -10 * math.log10((0.001 + 0.002) / 2)  # the pooled PSNR of the two captions left
+    assert f"other 2 captions is {rest:.2f} dB" in text
+    assert "On the same 3 captions: untrained student (step 0) " + " / ".join(
+        f"{-10 * math.log10(10 * mse[p]):.1f}" for p in ("cat", "dog", "sun")) + " dB" in text
+    assert distill_demo._captions_clause({"psnr_per_prompt": groups()[:3]}, 2) == ""  # too few captions to single out

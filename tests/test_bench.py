@@ -284,3 +284,37 @@ def test_distill_demo_captions_paragraph_is_computed_from_the_per_prompt_psnr():
     assert "On the same 3 captions: untrained student (step 0) " + " / ".join(
         f"{-10 * math.log10(10 * mse[p]):.1f}" for p in ("cat", "dog", "sun")) + " dB" in text
     assert distill_demo._captions_clause({"psnr_per_prompt": groups()[:3]}, 2) == ""  # too few captions to single out
+
+
+def test_distill_demo_reuse_rows_skips_only_rows_with_the_same_changes(tmp_path, monkeypatch):
+    """--reuse-rows takes a variant's row from OUT/rows.json instead of training again, unless its changes differ."""
+    import copy
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import distill_demo
+    finally:
+        sys.path.pop(0)
+    committed = json.loads((root / "benchmarks" / "results" / "distill_demo.json").read_text())
+    row = copy.deepcopy(next(r for r in committed["ablation"] if r["variant"] == "final"))
+    calls = []
+
+    def fake_run(name, report, out, args, baselines):
+        calls.append(name)
+        return {**copy.deepcopy(row), "variant": name, "changes": distill_demo.VARIANTS[name]}
+
+    monkeypatch.setattr(distill_demo, "run_variant", fake_run)
+    argv = ["--out", str(tmp_path), "--erf-report", "unused.json", "--variants", "final"]
+    distill_demo.main(argv)
+    assert calls == ["final"] and json.loads((tmp_path / "rows.json").read_text())[0]["variant"] == "final"
+    distill_demo.main(argv + ["--reuse-rows"])
+    assert calls == ["final"]  # reused, not run again
+    distill_demo.main(argv)
+    assert calls == ["final", "final"]  # without the flag it runs
+    monkeypatch.setitem(distill_demo.VARIANTS, "final", {**distill_demo.FINAL, "steps": 7})
+    distill_demo.main(argv + ["--reuse-rows"])
+    assert calls == ["final", "final", "final"]  # the variant changed since: its old row is not reused

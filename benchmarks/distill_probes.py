@@ -20,7 +20,8 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   + ``cfg_w`` (0.25) × guided-output MSE; ``reg_w`` adds the regression loss; ``early`` = a draws
   a state with probability ∝ 1 + a · t / 1000 (t its timestep: noisy states more often); ``full``
   = m also trains the rest of the student (frozen in the recipe) at m × lr; ``hard`` = h draws a
-  state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``split`` runs the
+  state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``ema`` = d
+  ends with an exponential moving average (decay d per step) of the trained weights; ``split`` runs the
   schedule twice over half the steps (the control for ``onpolicy``); ``onpolicy`` = n runs half the
   steps, then samples the *student* on the training captions for n seeds, labels those states
   with the teacher's outputs and runs the other half on recorded + student states. Prints the
@@ -203,7 +204,7 @@ class Probe:
                 + ", ".join(f"'{self.prompts[g['group']]}' {g['psnr']:.1f} dB {100 * g['mse_share']:.0f}%" for g in groups) + ")")
 
     def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
-                 early=0.0, full=0.0, hard=0.0):
+                 early=0.0, full=0.0, hard=0.0, ema=0.0):
         from deltadistill.trajectory import guided, regression_loss, replay
 
         data = data or self.tr
@@ -225,6 +226,7 @@ class Probe:
                 err = torch.cat([((replay(student, data, i).float() - data.out[i]) ** 2).flatten(1).mean(1)
                                  for i in torch.arange(len(data)).split(56)])
             weights = weights * (err / err.mean()) ** hard
+        avg = [p.detach().clone() for p in params] if ema else None  # an exponential moving average of the weights
         for _ in range(steps):
             idx = torch.multinomial(weights, bs, replacement=True, generator=g) if (early or hard) else \
                 torch.randint(len(data), (bs,), generator=g)
@@ -243,6 +245,13 @@ class Probe:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
+            if avg is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - ema)
+        if avg is not None:  # the student keeps the averaged weights
+            with torch.no_grad():
+                for p, a in zip(params, avg):
+                    p.copy_(a)
 
     def relabel(self, student, seeds):
         """Student rollouts on the training captions, labelled with the teacher's outputs."""

@@ -318,3 +318,30 @@ def test_distill_demo_reuse_rows_skips_only_rows_with_the_same_changes(tmp_path,
     monkeypatch.setitem(distill_demo.VARIANTS, "final", {**distill_demo.FINAL, "steps": 7})
     distill_demo.main(argv + ["--reuse-rows"])
     assert calls == ["final", "final", "final"]  # the variant changed since: its old row is not reused
+
+
+def test_distill_demo_three_block_hybrid_paragraph_states_the_target_from_its_row():
+    """The hybrid paragraph (blocks 0-2 keep attention) reads its numbers and its verdict off the row."""
+    import copy
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import distill_demo
+    finally:
+        sys.path.pop(0)
+    result = json.loads((root / "benchmarks" / "results" / "distill_demo.json").read_text())
+    result["ablation"] = [r for r in result["ablation"] if r["variant"] != "keep_blocks0_2"]
+    assert "Keeping the first three blocks" not in distill_demo.verdict(result)  # no row, no paragraph
+    final = next(r for r in result["ablation"] if r["variant"] == "final")
+    for psnr, words in ((23.456, "reaches the 22 dB"), (21.5, "stays below 22 dB")):
+        row = copy.deepcopy(final)
+        row.update(variant="keep_blocks0_2", date="2026-01-02")
+        row["distilled"].update(psnr_db=psnr, psnr_mean_db=25.0, eps_error=0.0051)
+        text = distill_demo.verdict({**result, "ablation": result["ablation"] + [row]})
+        para = text[text.index("**Keeping the first three blocks**"):]
+        assert f"{psnr:.2f} dB from the teacher's ({psnr - final['distilled']['psnr_db']:+.2f} dB" in para
+        assert "measured 2026-01-02" in para and "ε error 0.0051" in para and words in para

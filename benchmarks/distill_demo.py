@@ -304,7 +304,9 @@ def verdict(result) -> str:
         out.append(
             f"**Where the gap is.** Training-free neighbourhood attention at K = 13 is {base['neighbourhood']['psnr_db']:.1f} dB "
             "from the teacher: on this 16×16 token grid a 13×13 window holds most keys, and with the teacher's own "
-            "content-dependent weights inside it the samples barely change — locality is not what limits the student. "
+            "content-dependent weights inside it the samples barely change — locality is not what limits the student "
+            "(inside the report's own, smaller kernel sizes it does limit attention: the neighbourhood probe in the next "
+            "section). "
             "A ΔConvBlock's taps are the same for every input (only its gate depends on content)"
             + (f"; teacher-forced, the blocks' summed regression loss ends at {c['end']:.3g}, {100 * c['end'] / c['start']:.0f}% "
                "of its value at the mean-field initialisation" if c and c["kind"] == "regression" else "")

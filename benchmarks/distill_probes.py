@@ -6,6 +6,7 @@ Usage:
     python benchmarks/distill_probes.py layers '{"blocks0-4": [0, 1, 2, 3, 4], "blocks5-7": [5, 6, 7]}'
     python benchmarks/distill_probes.py speed '{"all": null, "blocks3-7": [3, 4, 5, 6, 7]}' --resolution 1024
     python benchmarks/distill_probes.py mixing '{"student 0-4": [0, 5], "student 5-19": [5, 20]}'
+    python benchmarks/distill_probes.py neighbourhood '{"report": "report", "k3": 3, "early3": [3, 3, 3, null, null, null, null, null]}'
 
 Faster than ``distill_demo.py`` (which runs the product end to end for every row): the teacher's
 trajectories (14 demo captions × seeds 1000, 1001 for training, seed 1002 held out; 20 steps) are
@@ -36,6 +37,11 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   student (regression + the 300-step fine-tune, cached in ``--work``) denoises the sampling steps
   [a, b) of each variant and the teacher the others (20 steps, step 0 the noisiest); prints the
   PSNR against the teacher's samples as in ``finetune``.
+* ``neighbourhood``: does content-dependent attention inside the report's windows keep the
+  teacher? The teacher itself, each self-attention restricted to its K×K neighbourhood (no
+  training; :func:`deltadistill.baselines.neighbourhood_attention`): a variant is one K for every
+  layer, ``"report"`` (the demo report's sizes) or a list of one K per layer (``null``: that layer
+  keeps full attention); prints the held-out ε error and the PSNR as in ``finetune``.
 * Every PSNR printed also names the three captions with the largest share of the squared error
   (they set the pooled PSNR); ``--worst-figure PREFIX`` saves, per variant, the 8 lowest-PSNR
   samples beside the teacher's as PREFIX-variant.png.
@@ -64,7 +70,7 @@ EVAL_SEEDS = [0]  # --eval-seeds
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed", "mixing"])
+    ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed", "mixing", "neighbourhood"])
     ap.add_argument("variants", help="JSON object: variant name → settings (see the module docstring)")
     ap.add_argument("--steps", type=int, default=600, help="regression steps")
     ap.add_argument("--work", default="/tmp/distill_probes", help="cache of trajectories, teacher images, regressed blocks")
@@ -395,6 +401,23 @@ def layers(probe: Probe, variants: dict, steps: int) -> None:
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 
+def neighbourhood(probe: Probe, variants: dict, steps: int) -> None:
+    """The teacher with its self-attention restricted to K×K windows (no training), K per variant."""
+    from deltadistill.baselines import neighbourhood_attention
+
+    probe.teacher_images()
+    probe.pipe.transformer = probe.base.eval()
+    for name, k in variants.items():
+        ks = KERNELS if k == "report" else [k] * len(probe.sites) if isinstance(k, int) else list(k)
+        if len(ks) != len(probe.sites):
+            raise SystemExit(f"{name}: give one K per self-attention layer ({len(probe.sites)}), got {ks}")
+        kernel = {s.name: v for s, v in zip(probe.sites, ks) if v is not None}  # None: that layer keeps full attention
+        with neighbourhood_attention(probe.pipe, kernel):
+            print(f"{name}: K {ks}, eps {probe.held_eps(probe.base):.4f} "
+                  f"(steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(probe.base)}) psnr {probe.quick_psnr(name)}",
+                  flush=True)
+
+
 def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
     import statistics
 
@@ -427,7 +450,8 @@ def main(argv=None):
     if args.probe == "speed":
         speed(probe, json.loads(args.variants), args.resolution, args.repeats)
         return
-    {"capacity": capacity, "finetune": finetune, "layers": layers, "mixing": mixing}[args.probe](probe, json.loads(args.variants), args.steps)
+    {"capacity": capacity, "finetune": finetune, "layers": layers, "mixing": mixing,
+     "neighbourhood": neighbourhood}[args.probe](probe, json.loads(args.variants), args.steps)
 
 
 if __name__ == "__main__":

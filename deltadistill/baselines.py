@@ -5,13 +5,15 @@
 * :func:`neighbourhood_attention` — training-free neighbourhood attention: every self-attention
   query attends only to the K×K keys around it (NATTEN's rule: the window is shifted inward at the
   borders so every query sees min(K, H)·min(K, W) keys), implemented as an additive mask passed to
-  the module's own processor (the paper's Fig. 6 ablation with K = 13);
+  the module's own processor (the paper's Fig. 6 ablation with K = 13); one K for every layer, or
+  one per layer (e.g. a report's recommended sizes), the layers not named keeping full attention;
 * :func:`untrained_student` — the conversion of a distilled run before training (same kernel
   sizes, block settings, init and seed: :class:`deltadistill.trainer.Trainer` seeds torch with the
   run seed right before ``convert``, so this is exactly the student at step 0).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -60,33 +62,50 @@ def neighbourhood_mask(grid: tuple[int, int], kernel: int, dtype=torch.float32) 
 
 
 @contextmanager
-def neighbourhood_attention(pipe, kernel: int = 13):
-    """Restrict every self-attention of ``pipe`` to K×K neighbourhoods (hooks removed on exit)."""
+def neighbourhood_attention(pipe, kernel: int | Mapping[str, int] = 13):
+    """Restrict self-attention of ``pipe`` to K×K neighbourhoods (hooks removed on exit).
+
+    ``kernel`` is one K for every self-attention layer, or a mapping {layer name: K} (e.g. a
+    report's recommended sizes): the layers it names get their own K, the others keep full
+    attention. Every K must be a positive odd integer, and every name a self-attention layer.
+    """
     den = denoiser_of(pipe)
     family = family_of(den)
     if not family.convertible:
         raise ValueError(f"{family.name}: neighbourhood attention is offered for self-attention-only families")
+    sites = find_self_attention(den)
+    if isinstance(kernel, Mapping):
+        unknown = sorted(set(kernel) - {s.name for s in sites})
+        if unknown:
+            raise ValueError(f"neighbourhood attention: {unknown} are not self-attention layers of this model")
+        kernels = dict(kernel)
+    else:
+        kernels = {s.name: kernel for s in sites}
+    bad = {n: k for n, k in kernels.items() if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0}
+    if bad:
+        raise ValueError(f"neighbourhood attention: kernel sizes must be positive odd integers, got {bad}")
     state = {"base": None}
     cache: dict = {}
 
     def grid_hook(module, args, kwargs):
         state["base"] = family.grid_from_call(module, args, kwargs)
 
-    def make(site):
+    def make(site, k):
         def pre(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]  # [B, N, C]
             grid = halve_grid(state["base"], site.level)
-            key = (grid, x.dtype, x.device)
+            key = (grid, k, x.dtype, x.device)
             if key not in cache:
-                cache[key] = neighbourhood_mask(grid, kernel, x.dtype).to(x.device)
+                cache[key] = neighbourhood_mask(grid, k, x.dtype).to(x.device)
             kwargs = dict(kwargs, attention_mask=cache[key].expand(x.shape[0], -1, -1))  # [B, N, N]
             return args, kwargs
         return pre
 
     handles = [den.register_forward_pre_hook(grid_hook, with_kwargs=True)]
     try:
-        for site in find_self_attention(den):
-            handles.append(site.module.register_forward_pre_hook(make(site), with_kwargs=True))
+        for site in sites:
+            if site.name in kernels:
+                handles.append(site.module.register_forward_pre_hook(make(site, kernels[site.name]), with_kwargs=True))
         yield pipe
     finally:
         for h in handles:

@@ -38,6 +38,36 @@ def test_neighbourhood_attention_is_full_attention_for_a_large_window(tiny_pipes
     assert (local - full).abs().max() > 1e-4
 
 
+def test_neighbourhood_attention_per_layer_kernels(tiny_pipes):
+    """A {layer: K} mapping masks only the layers it names, each with its own K; an int is every layer's K."""
+    from attnprobe.core.family import denoiser_of, find_self_attention
+    from attnprobe.core.pipeline import sample
+
+    pipe = tiny_pipes("tiny-pixart")
+    names = [s.name for s in find_self_attention(denoiser_of(pipe))]
+    assert len(names) >= 2
+
+    def run(kernel=None):
+        if kernel is None:
+            return sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+        with neighbourhood_attention(pipe, kernel):
+            return sample(pipe, ["a cat"], [0], steps=2, output_type="latent")
+
+    full, all3 = run(), run(3)
+    torch.testing.assert_close(run({n: 3 for n in names}), all3, atol=0, rtol=0)  # the same masks as the int
+    torch.testing.assert_close(run({n: 31 for n in names}), full, atol=1e-5, rtol=1e-5)
+    first = run({names[0]: 3})  # only the first layer local: neither the full nor the all-local model
+    assert (first - full).abs().max() > 1e-4 and (first - all3).abs().max() > 1e-4
+    torch.testing.assert_close(run({names[0]: 3, **{n: 31 for n in names[1:]}}), first, atol=1e-5, rtol=1e-5)
+    assert not any(len(m._forward_pre_hooks) for m in denoiser_of(pipe).modules())  # hooks removed on exit
+    with pytest.raises(ValueError, match="not self-attention layers"):
+        with neighbourhood_attention(pipe, {"no.such.layer": 3}):
+            pass
+    with pytest.raises(ValueError, match="positive odd"):
+        with neighbourhood_attention(pipe, {names[0]: 4}):
+            pass
+
+
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """Tiny random-config DINOv2 (with an ImageNet-style head) and CLIP, saved locally like Hub folders."""

@@ -247,7 +247,7 @@ def evaluate(
     seeds: str = typer.Option("0-3", "--seeds", help="Seeds, e.g. 0-3 or 0,1,5."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps."),
     baselines: bool = typer.Option(False, "--baselines", help="Also the untrained student, the teacher with self-attention zeroed, and training-free neighbourhood attention, from the same noise."),
-    neighbourhood_kernel: int = typer.Option(13, "--neighbourhood-kernel", help="K of the neighbourhood-attention baseline."),
+    neighbourhood_kernel: str = typer.Option("13", "--neighbourhood-kernel", help="Window of the neighbourhood-attention baseline: an odd K for every layer, or 'student' for each converted layer's own kernel size (would the teacher's attention, cut to the student's windows, keep its images?)."),
     dino: Optional[str] = typer.Option(None, "--dino", help="DINOv2 weights (local folder or cached Hub id): FD-DINOv2 and the DINOv2 score."),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP weights (local folder or cached Hub id): CLIP score."),
     reference_images: Optional[Path] = typer.Option(None, "--reference-images", help="Folder of real images for FD-DINOv2."),
@@ -270,12 +270,20 @@ def evaluate(
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if reference_images is not None and not reference_images.is_dir():
         raise UsageError(f"--reference-images {reference_images} is not a folder")
+    window: int | str = neighbourhood_kernel.strip().lower()
+    if window != "student":
+        try:
+            window = int(window)
+        except ValueError:
+            raise UsageError(f"--neighbourhood-kernel must be an odd integer or 'student', got {neighbourhood_kernel!r}") from None
+        if window < 1 or window % 2 == 0:
+            raise UsageError(f"--neighbourhood-kernel must be a positive odd integer, got {window}")
     check_output_dir(out, overwrite)
     variants = ("distilled", "untrained", "no_attention", "neighbourhood") if baselines else ("distilled",)
     err = Console(stderr=True)
     with err.status("evaluating") as status:
         result = run_evaluate(distilled, prompt_list, seed_list, steps=steps, resolution=resolution, guidance=guidance,
-                              out=out, device=_device(device), variants=variants, neighbourhood_kernel=neighbourhood_kernel,
+                              out=out, device=_device(device), variants=variants, neighbourhood_kernel=window,
                               dino=dino, clip=clip, reference_images=reference_images, trajectory_pairs=trajectory_pairs,
                               log=lambda msg: status.update(f"evaluating: {msg}"))
     rows = result["table"]

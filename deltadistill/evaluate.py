@@ -41,6 +41,23 @@ __all__ = ["evaluate", "evaluate_distillation", "VARIANTS", "format_table", "zer
 VARIANTS = ("distilled", "untrained", "no_attention", "neighbourhood")
 LABELS = {"teacher": "teacher", "distilled": "distilled student", "untrained": "untrained student (step 0)",
           "no_attention": "teacher, self-attention zeroed", "neighbourhood": "neighbourhood attention K={k} (no training)"}
+NEIGHBOURHOOD_STUDENT = "student"  # --neighbourhood-kernel student: each layer's window = the student's kernel size
+
+
+def _labels(names, k) -> dict:
+    """Display label of each model; the neighbourhood baseline names its window (one K, or the student's sizes)."""
+    nb = ("neighbourhood attention at the student's kernel sizes (no training)" if k == NEIGHBOURHOOD_STUDENT
+          else LABELS["neighbourhood"].format(k=k))
+    return {n: nb if n == "neighbourhood" else LABELS[n] for n in names}
+
+
+def student_kernels(config: dict) -> dict[str, int]:
+    """{layer name: kernel size} of a distilled run's converted layers (its ``config.json``)."""
+    ks = {layer["name"]: int(layer["kernel_size"]) for layer in config.get("layers", []) if layer.get("kernel_size")}
+    if not ks:
+        raise ValueError("--neighbourhood-kernel student: this run's layers have no kernel sizes "
+                         "(a linear-attention student?); give one K instead")
+    return ks
 
 
 class _Recorder:
@@ -97,9 +114,13 @@ def _demo_accuracy(images, prompts) -> float | None:
 
 def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: int = 20, resolution=None,
              guidance: float | None = None, out=None, device: str = "cpu", variants=("distilled",),
-             neighbourhood_kernel: int = 13, dino: str | None = None, clip: str | None = None,
+             neighbourhood_kernel: int | str = 13, dino: str | None = None, clip: str | None = None,
              reference_images=None, trajectory_pairs: int = 4, log=None) -> dict:
     """Sample teacher and ``variants`` from the same noise and measure them (see the module docstring).
+
+    ``neighbourhood_kernel`` is the window of the neighbourhood-attention baseline: one odd K for
+    every self-attention layer, or ``"student"``: each converted layer at the distilled student's
+    own kernel size (layers the run did not convert keep full attention).
 
     With ``out`` the images go to ``out/<model>/``, the labelled grid to ``out/grid.png``, the
     figure to ``out/evaluation.png``, the numbers to ``out/metrics.json`` and ``out/metrics.csv``.
@@ -116,6 +137,7 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
     base = base_model_name(config)
     train_cfg = json.loads((folder / "train_config.json").read_text()) if (folder / "train_config.json").is_file() else {}
     res = resolution or (config.get("extra") or {}).get("resolution") or train_cfg.get("resolution")
+    windows = student_kernels(config) if neighbourhood_kernel == NEIGHBOURHOOD_STUDENT else neighbourhood_kernel
     pairs = [(p, s) for p in prompts for s in seeds]
     all_p, all_s = [p for p, _ in pairs], [s for _, s in pairs]
     n_traj = min(trajectory_pairs, len(pairs))
@@ -142,9 +164,9 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
     for name in variants:
         say(f"sampling: {name}")
         if name in ("no_attention", "neighbourhood"):
-            ctx = zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, neighbourhood_kernel)
+            ctx = zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, windows)
             images[name] = run(teacher, ctx)
-            with (zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, neighbourhood_kernel)):
+            with (zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, windows)):
                 traj[name] = trajectory_error(denoiser_of(teacher), calls, channels)
             continue
         if name == "distilled":
@@ -157,7 +179,7 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
         del pipe
     result = {"distilled_folder": str(folder), "base_model": base, "prompts": list(prompts), "seeds": list(seeds),
               "steps": steps, "resolution": res, "variants": list(variants), "trajectory_pairs": n_traj,
-              "neighbourhood_kernel": neighbourhood_kernel, "distances": {}, "notes": []}
+              "neighbourhood_kernel": neighbourhood_kernel, "neighbourhood_windows": windows, "distances": {}, "notes": []}
     ref = to_array(images["teacher"])
     for name in variants:
         arr = to_array(images[name])
@@ -220,7 +242,7 @@ def _distributional(result, images, prompts, dino, clip, reference_images, devic
     result["scores"] = scores
 
 
-def _write(result: dict, images: dict, pairs, out: Path, k: int) -> None:
+def _write(result: dict, images: dict, pairs, out: Path, k: int | str) -> None:
     import pandas as pd
 
     from deltadistill.grids import labelled_grid
@@ -230,7 +252,7 @@ def _write(result: dict, images: dict, pairs, out: Path, k: int) -> None:
         (out / name).mkdir(exist_ok=True)
         for i, img in enumerate(imgs):
             img.save(out / name / f"{i:03d}.png")
-    labels = {n: LABELS[n].format(k=k) for n in images}
+    labels = _labels(images, k)
     labelled_grid({labels[n]: images[n] for n in images}, [f"{p} · seed {s}" for p, s in pairs], out / "grid.png",
                   title=f"{result['base_model']}: every row from the same noise, {result['steps']} steps")
     _figure(result, labels, out / "evaluation.png")
@@ -257,7 +279,7 @@ def worst_prompts(result: dict, name: str = "distilled", k: int = 3) -> list[dic
 
 
 def table_rows(result: dict, labels: dict | None = None) -> list[dict]:
-    labels = labels or {n: LABELS[n].format(k=result.get("neighbourhood_kernel", 13)) for n in ["teacher", *result["variants"]]}
+    labels = labels or _labels(["teacher", *result["variants"]], result.get("neighbourhood_kernel", 13))
     rows = []
     for name in ["teacher", *result["variants"]]:
         d = result["distances"].get(name, {})

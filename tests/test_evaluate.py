@@ -135,6 +135,37 @@ def test_evaluate_cli_with_baselines_and_encoders(tmp_path, encoders):
     assert "neighbourhood attention K=13" in result.stdout
 
 
+def test_evaluate_neighbourhood_at_the_students_kernel_sizes(tmp_path):
+    """--neighbourhood-kernel student: each converted layer's window is the run's own kernel size."""
+    from deltadistill import io as dio
+    from deltadistill.cli import app
+    from deltadistill.evaluate import evaluate, student_kernels, table_rows
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n")
+    train_kw = dict(data=str(prompts), model="tiny-pixart", kernel_size=3, steps=1, batch_size=2, checkpoint_every=0,
+                    progress=False)
+    from deltadistill.train import TrainConfig, train
+
+    train(TrainConfig(out=str(tmp_path / "run"), **train_kw), log=lambda m: None)
+    ks = student_kernels(dio.read_config(tmp_path / "run"))
+    assert len(ks) >= 2 and set(ks.values()) == {3}
+    kw = dict(steps=2, variants=("neighbourhood",), trajectory_pairs=1)
+    by_student = evaluate(tmp_path / "run", ["a photo of a cat"], [0], neighbourhood_kernel="student", **kw)
+    by_int = evaluate(tmp_path / "run", ["a photo of a cat"], [0], neighbourhood_kernel=3, **kw)
+    a, b = by_student["distances"]["neighbourhood"], by_int["distances"]["neighbourhood"]
+    assert by_student["neighbourhood_windows"] == ks and np.isfinite(a["psnr"])  # 3×3 on 8×8 tokens: not the teacher
+    assert a["mse_per_image"] == b["mse_per_image"] and a["eps_error_per_step"] == b["eps_error_per_step"]
+    assert table_rows(by_student)[1]["model"] == "neighbourhood attention at the student's kernel sizes (no training)"
+    for bad in ("4", "seven"):
+        res = CliRunner().invoke(app, ["evaluate", "--distilled", str(tmp_path / "run"), "--prompts", str(prompts), "--out",
+                                       str(tmp_path / f"e{bad}"), "--baselines", "--neighbourhood-kernel", bad])
+        assert res.exit_code != 0 and "--neighbourhood-kernel" in res.stderr and not (tmp_path / f"e{bad}").exists()
+    train(TrainConfig(out=str(tmp_path / "lin"), student="linear", **{**train_kw, "kernel_size": None}), log=lambda m: None)
+    with pytest.raises(ValueError, match="no kernel sizes"):
+        evaluate(tmp_path / "lin", ["a photo of a cat"], [0], neighbourhood_kernel="student", **kw)
+
+
 def test_evaluate_without_encoders_says_how_to_get_them(tmp_path):
     from deltadistill.evaluate import evaluate
     from deltadistill.train import TrainConfig, train

@@ -320,8 +320,8 @@ def test_distill_demo_reuse_rows_skips_only_rows_with_the_same_changes(tmp_path,
     assert calls == ["final", "final", "final"]  # the variant changed since: its old row is not reused
 
 
-def test_distill_demo_three_block_hybrid_paragraph_states_the_target_from_its_row():
-    """The hybrid paragraph (blocks 0-2 keep attention) reads its numbers and its verdict off the row."""
+def test_distill_demo_hybrid_paragraph_states_the_targets_from_its_rows():
+    """The hybrids paragraph (blocks 0-1 / 0-2 keep attention) reads its numbers and its verdicts off the rows."""
     import copy
     import json
     import sys
@@ -334,14 +334,25 @@ def test_distill_demo_three_block_hybrid_paragraph_states_the_target_from_its_ro
     finally:
         sys.path.pop(0)
     result = json.loads((root / "benchmarks" / "results" / "distill_demo.json").read_text())
-    result["ablation"] = [r for r in result["ablation"] if r["variant"] != "keep_blocks0_2"]
-    assert "Keeping the first three blocks" not in distill_demo.verdict(result)  # no row, no paragraph
+    result["ablation"] = [r for r in result["ablation"] if r["variant"] not in ("keep_blocks0_1", "keep_blocks0_2")]
+    assert "Hybrids that keep" not in distill_demo.verdict(result)  # no rows, no paragraph
     final = next(r for r in result["ablation"] if r["variant"] == "final")
-    for psnr, words in ((23.456, "reaches the 22 dB"), (21.5, "stays below 22 dB")):
+    t_acc = final["teacher_accuracy"]
+
+    def hybrid(name, psnr, eps, acc):
         row = copy.deepcopy(final)
-        row.update(variant="keep_blocks0_2", date="2026-01-02")
-        row["distilled"].update(psnr_db=psnr, psnr_mean_db=25.0, eps_error=0.0051)
-        text = distill_demo.verdict({**result, "ablation": result["ablation"] + [row]})
-        para = text[text.index("**Keeping the first three blocks**"):]
-        assert f"{psnr:.2f} dB from the teacher's ({psnr - final['distilled']['psnr_db']:+.2f} dB" in para
-        assert "measured 2026-01-02" in para and "ε error 0.0051" in para and words in para
+        row.update(variant=name, date="2026-01-02")
+        row["distilled"].update(psnr_db=psnr, psnr_mean_db=25.0, eps_error=eps, accuracy=acc)
+        return row
+
+    rows = [hybrid("keep_blocks0_2", 23.456, 0.0051, t_acc - 0.10), hybrid("keep_blocks0_1", 21.5, 0.0123, t_acc)]
+    text = distill_demo.verdict({**result, "ablation": result["ablation"] + rows})
+    para = text[text.index("**Hybrids that keep"):]
+    assert "measured 2026-01-02" in para
+    two, three = para.index("keeping blocks 0–1"), para.index("keeping blocks 0–2")
+    assert two < three  # fewer kept blocks first
+    assert f"21.50 dB ({21.5 - final['distilled']['psnr_db']:+.2f} dB" in para[two:three] and "below 22 dB" in para[two:three]
+    assert "23.46 dB" in para[three:] and "ε error 0.0051" in para[three:] and "22 dB met, accuracy not" in para[three:]
+    rows[0]["distilled"]["accuracy"] = t_acc - 0.04
+    text = distill_demo.verdict({**result, "ablation": result["ablation"] + rows})
+    assert "both targets met" in text[text.index("keeping blocks 0–2"):]

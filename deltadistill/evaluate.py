@@ -137,7 +137,8 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
     base = base_model_name(config)
     train_cfg = json.loads((folder / "train_config.json").read_text()) if (folder / "train_config.json").is_file() else {}
     res = resolution or (config.get("extra") or {}).get("resolution") or train_cfg.get("resolution")
-    windows = student_kernels(config) if neighbourhood_kernel == NEIGHBOURHOOD_STUDENT else neighbourhood_kernel
+    windows = (student_kernels(config) if neighbourhood_kernel == NEIGHBOURHOOD_STUDENT and "neighbourhood" in variants
+               else neighbourhood_kernel)
     pairs = [(p, s) for p in prompts for s in seeds]
     all_p, all_s = [p for p, _ in pairs], [s for _, s in pairs]
     n_traj = min(trajectory_pairs, len(pairs))

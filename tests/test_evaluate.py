@@ -164,6 +164,8 @@ def test_evaluate_neighbourhood_at_the_students_kernel_sizes(tmp_path):
     train(TrainConfig(out=str(tmp_path / "lin"), student="linear", **{**train_kw, "kernel_size": None}), log=lambda m: None)
     with pytest.raises(ValueError, match="no kernel sizes"):
         evaluate(tmp_path / "lin", ["a photo of a cat"], [0], neighbourhood_kernel="student", **kw)
+    lin = evaluate(tmp_path / "lin", ["a photo of a cat"], [0], neighbourhood_kernel="student", steps=2, trajectory_pairs=0)
+    assert list(lin["distances"]) == ["distilled"]  # without the baseline the setting is not used, so no error
 
 
 def test_evaluate_without_encoders_says_how_to_get_them(tmp_path):

@@ -253,7 +253,8 @@ class Probe:
             sched.step()
             if avg is not None:
                 with torch.no_grad():
-                    torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - ema)
+                    for a, p in zip(avg, params):
+                        a.lerp_(p, 1 - ema)
         if avg is not None:  # the student keeps the averaged weights
             with torch.no_grad():
                 for p, a in zip(params, avg):

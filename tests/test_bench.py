@@ -258,8 +258,8 @@ def test_cpu_block_floor_script_on_a_small_shape():
     assert len(md) == 3 and md[2].count("|") == 11 and "8²" in md[2]
 
 
-def test_distill_demo_captions_paragraph_is_computed_from_the_per_prompt_psnr():
-    """benchmarks/distill_demo.py names the captions that carry the error, with numbers computed from the evaluation."""
+def _distill_demo():
+    """benchmarks/distill_demo.py as a module (benchmarks/ is not a package)."""
     import sys
     from pathlib import Path
 
@@ -268,6 +268,12 @@ def test_distill_demo_captions_paragraph_is_computed_from_the_per_prompt_psnr():
         import distill_demo
     finally:
         sys.path.pop(0)
+    return distill_demo
+
+
+def test_distill_demo_captions_paragraph_is_computed_from_the_per_prompt_psnr():
+    """benchmarks/distill_demo.py names the captions that carry the error, with numbers computed from the evaluation."""
+    distill_demo = _distill_demo()
     mse = {"cat": 0.04, "dog": 0.02, "sky": 0.001, "sea": 0.002, "sun": 0.01}  # per caption, 2 seeds each
 
     def groups(scale=1.0):
@@ -290,15 +296,10 @@ def test_distill_demo_reuse_rows_skips_only_rows_with_the_same_changes(tmp_path,
     """--reuse-rows takes a variant's row from OUT/rows.json instead of training again, unless its changes differ."""
     import copy
     import json
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import distill_demo
-    finally:
-        sys.path.pop(0)
+    distill_demo = _distill_demo()
     committed = json.loads((root / "benchmarks" / "results" / "distill_demo.json").read_text())
     row = copy.deepcopy(next(r for r in committed["ablation"] if r["variant"] == "final"))
     calls = []
@@ -324,15 +325,10 @@ def test_distill_demo_hybrid_paragraph_states_the_targets_from_its_rows():
     """The hybrids paragraph (blocks 0-1 / 0-2 keep attention) reads its numbers and its verdicts off the rows."""
     import copy
     import json
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import distill_demo
-    finally:
-        sys.path.pop(0)
+    distill_demo = _distill_demo()
     result = json.loads((root / "benchmarks" / "results" / "distill_demo.json").read_text())
     result["ablation"] = [r for r in result["ablation"] if r["variant"] not in ("keep_blocks0_1", "keep_blocks0_2")]
     assert "Hybrids that keep" not in distill_demo.verdict(result)  # no rows, no paragraph

@@ -66,16 +66,23 @@ import torch.nn.functional as F
 
 KERNELS = [3, 3, 5, 9, 11, 13, 13, 13]  # the demo report's recommendation per block
 EVAL_SEEDS = [0]  # --eval-seeds
+AUGMENT = 1  # --augment
+BLOCK: dict = {}  # --block: ΔConvBlock settings of every student (a variant's own settings override them)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed", "mixing", "neighbourhood"])
+    ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed", "mixing", "neighbourhood", "tbins",
+                                      "experts"])
     ap.add_argument("variants", help="JSON object: variant name → settings (see the module docstring)")
     ap.add_argument("--steps", type=int, default=600, help="regression steps")
     ap.add_argument("--work", default="/tmp/distill_probes", help="cache of trajectories, teacher images, regressed blocks")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worst-figure", default=None, help="path prefix: save each variant's 8 lowest-PSNR samples beside the teacher's")
+    ap.add_argument("--augment", type=int, default=1, choices=range(1, 9), metavar="N",
+                    help="the cached regression draws each batch moved by one of the first N symmetries of the square "
+                         "(1: none, 8: all turns and flips; finetune, mixing)")
+    ap.add_argument("--block", default="{}", help='JSON: ΔConvBlock settings of every student, e.g. \'{"gate": "sigmoid"}\'')
     ap.add_argument("--eval-seeds", default="0", help="comma-separated sampling seeds of the PSNR (14 captions each)")
     ap.add_argument("--resolution", type=int, default=1024, help="speed: image side in pixels")
     ap.add_argument("--repeats", type=int, default=5, help="speed: timed rounds (median reported)")
@@ -112,16 +119,18 @@ class Probe:
         self.teacher = copy.deepcopy(den).eval().requires_grad_(False)
         self.base = copy.deepcopy(den)
         self.ks = {s.name: k for s, k in zip(self.sites, KERNELS)}
+        self.switch = None  # {"n": experts, "g": the expert in use} while timestep experts are installed
 
     def make_student(self, block_kw: dict, only=None):
         """Student with every (or only the ``only``-indexed) self-attention layer converted."""
         from deltadistill.conversion import convert, delta_modules
 
         self.pipe.transformer = copy.deepcopy(self.base)
-        kw = dict(block_kw)
-        k = kw.pop("k", None)
+        kw = {**BLOCK, **block_kw}
+        k, ks = kw.pop("k", None), kw.pop("ks", None)  # one K for all layers / one per block (list of 8)
         sites = self.sites if only is None else [self.sites[i] for i in only]
-        spec = k if k else {s.name: self.ks[s.name] for s in sites}
+        ks = dict(zip((s.name for s in self.sites), ks)) if ks else self.ks
+        spec = k if k else {s.name: ks[s.name] for s in sites}
         convert(self.pipe, spec, layers=None if only is None else [s.name for s in sites], **kw)
         mods = delta_modules(self.pipe.transformer)
         return self.pipe.transformer, [mods[s.name].block for s in sites]
@@ -131,7 +140,9 @@ class Probe:
         self.tr = dataclasses.replace(self.tr, x=[self.tr.x[i] for i in only], y=[self.tr.y[i] for i in only],
                                       grids=[self.tr.grids[i] for i in only])
 
-    def regress(self, blocks, steps: int) -> None:
+    def regress(self, blocks, steps: int, pool: torch.Tensor | None = None, augment: int = 0) -> None:
+        """Teacher-forced regression of ``blocks``; ``pool``: draw the states only from these indices;
+        ``augment`` n: each step's batch moved by one of the first n symmetries of the square (1: none)."""
         from deltadistill.trajectory import regression_loss
 
         params = [p for b in blocks for p in b.parameters()]
@@ -139,8 +150,11 @@ class Probe:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(min(50, steps // 4), steps))
         g = torch.Generator().manual_seed(0)
         for _ in range(steps):
-            idx = torch.randint(len(self.tr), (32,), generator=g)
-            loss, _ = regression_loss(blocks, self.tr, idx)
+            idx = torch.randint(len(self.tr) if pool is None else len(pool), (32,), generator=g)
+            if pool is not None:
+                idx = pool[idx]
+            k = int(torch.randint(augment, (1,), generator=g)) if augment > 1 else 0
+            loss, _ = regression_loss(blocks, self.tr, idx, symmetry=k)
             opt.zero_grad()
             loss.backward()
             for b in blocks:
@@ -148,30 +162,40 @@ class Probe:
             opt.step()
             sched.step()
 
-    def held_regression(self, blocks):
+    def held_regression(self, blocks, idx: torch.Tensor | None = None):
         from deltadistill.trajectory import regression_loss
 
         with torch.no_grad():
-            tot, parts = regression_loss(blocks, self.te, torch.arange(0, len(self.te), 7))
+            tot, parts = regression_loss(blocks, self.te, torch.arange(0, len(self.te), 7) if idx is None else idx)
         return float(tot), parts
 
-    def held_eps(self, student) -> float:
+    def replay(self, student, data, idx: torch.Tensor) -> torch.Tensor:
+        """The student's output on recorded states; with timestep experts installed, each state by its own expert."""
         from deltadistill.trajectory import replay
 
+        if self.switch is None:
+            return replay(student, data, idx)
+        group = sampling_step(data) * self.switch["n"] // 20
+        out = None
+        for gi in torch.unique(group[idx]).tolist():
+            sel = (group[idx] == gi).nonzero().flatten()
+            self.switch["g"] = gi
+            o = replay(student, data, idx[sel])
+            out = o.new_zeros((len(idx),) + o.shape[1:]) if out is None else out
+            out[sel] = o
+        return out
+
+    def held_eps(self, student) -> float:
         with torch.no_grad():
             idx = torch.arange(0, len(self.te), 5)
-            return float(F.mse_loss(replay(student, self.te, idx).float(), self.te.out[idx]))
+            return float(F.mse_loss(self.replay(student, self.te, idx).float(), self.te.out[idx]))
 
     def held_eps_by_steps(self, student) -> str:
         """Held-out ε error over the sampling steps 0-4, 5-9, 10-14, 15-19 (step 0 the noisiest)."""
-        from deltadistill.trajectory import replay
-
-        t = self.te.batched["timestep"].float()
-        order = torch.unique(t).flip(0)  # descending: step 0 first
-        step = torch.searchsorted(-order, -t)
+        step = sampling_step(self.te)
         idx = torch.arange(0, len(self.te), 5)
         with torch.no_grad():
-            err = ((replay(student, self.te, idx).float() - self.te.out[idx]) ** 2).flatten(1).mean(1)
+            err = ((self.replay(student, self.te, idx).float() - self.te.out[idx]) ** 2).flatten(1).mean(1)
         parts = [float(err[(step[idx] >= a) & (step[idx] < a + 5)].mean()) for a in range(0, 20, 5)]
         return "/".join(f"{v:.4f}" for v in parts)
 
@@ -233,12 +257,16 @@ class Probe:
                                  for i in torch.arange(len(data)).split(56)])
             weights = weights * (err / err.mean()) ** hard
         avg = [p.detach().clone() for p in params] if ema else None  # an exponential moving average of the weights
+        group = None if self.switch is None else sampling_step(data) * self.switch["n"] // 20
         for _ in range(steps):
             idx = torch.multinomial(weights, bs, replacement=True, generator=g) if (early or hard) else \
                 torch.randint(len(data), (bs,), generator=g)
+            if group is not None:  # timestep experts: the whole batch from the expert of its first state
+                pool = (group == group[idx[0]]).nonzero().flatten()
+                idx = pool[torch.randint(len(pool), (bs,), generator=g)]
             idx = torch.cat([idx, data.pair[idx]])
             target = data.out[idx]
-            out = replay(student, data, idx).float()
+            out = self.replay(student, data, idx).float()
             loss = F.mse_loss(out, target)
             b = len(idx) // 2
             loss = loss + cfg_w * F.mse_loss(guided(out[:b], out[b:], data.guidance),
@@ -275,6 +303,116 @@ class Probe:
                                    out=torch.cat([self.tr.out, d.out]), pair=torch.cat([self.tr.pair, d.pair + n]), x=[], y=[])
 
 
+def sampling_step(data) -> torch.Tensor:
+    """The sampling step (0 = the noisiest of the 20) of each recorded state."""
+    t = data.batched["timestep"].float()
+    order = torch.unique(t).flip(0)  # descending: step 0 first
+    return torch.searchsorted(-order, -t)
+
+
+class Switch(torch.nn.Module):
+    """One ΔConvBlock per range of sampling steps in place of one block: ``state["g"]`` picks the block."""
+
+    def __init__(self, blocks, state: dict):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.state = state
+
+    def forward(self, z):
+        return self.blocks[self.state["g"]](z)
+
+
+def install_experts(probe: Probe, student, experts: list[list]) -> list:
+    """Put ``experts[g][l]`` (expert g of layer l) into the student's converted layers; a pre-hook on the
+    student picks the expert from the call's timestep while it samples. Returns the layers' Switch modules."""
+    from deltadistill.conversion import delta_modules
+
+    n = len(experts)
+    probe.switch = {"n": n, "g": 0, "sampled": set()}
+    order = torch.unique(probe.tr.batched["timestep"].float()).flip(0)
+    mods = delta_modules(student)
+    switches = []
+    for li, site in enumerate(probe.sites):
+        sw = Switch([experts[g][li] for g in range(n)], probe.switch)
+        mods[site.name].block = sw
+        switches.append(sw)
+
+    def pick(module, args, kwargs):
+        t = kwargs.get("timestep")
+        if t is not None and probe.switch is not None:
+            t = torch.as_tensor(t).float().flatten()
+            if bool((t == t[0]).all()):  # a sampling call (one timestep for the batch)
+                step = int((order - t[0]).abs().argmin())
+                probe.switch["g"] = step * n // 20
+                probe.switch["sampled"].add(probe.switch["g"])
+
+    student.register_forward_pre_hook(pick, with_kwargs=True)
+    return switches
+
+
+def tbins(probe: Probe, variants: dict, steps: int) -> None:
+    """Held-out regression loss, per quarter of the sampling steps, of one block set regressed per range of
+    steps (n ranges, ``steps`` regression steps each) against one block set for all of them (n = 1)."""
+    tr_group, te_step = sampling_step(probe.tr), sampling_step(probe.te)
+    held = torch.arange(0, len(probe.te), 7)
+    for name, n in variants.items():
+        t0 = time.perf_counter()
+        quarters = [0.0] * 4
+        saved = []
+        for gi in range(n):
+            _, blocks = probe.make_student({})
+            pool = (tr_group * n // 20 == gi).nonzero().flatten()
+            probe.regress(blocks, steps, pool=pool)
+            saved.append([b.state_dict() for b in blocks])
+            for q in range(4):  # the quarters of the steps this expert covers
+                sel = held[(te_step[held] // 5 == q) & (te_step[held] * n // 20 == gi)]
+                if len(sel):
+                    quarters[q] += probe.held_regression(blocks, sel)[0] * len(sel) / int((te_step[held] // 5 == q).sum())
+        torch.save(saved, os.path.join(probe.work, f"tbins_{n}.pt"))
+        counts = [int((te_step[held] // 5 == q).sum()) for q in range(4)]
+        total = sum(v * c for v, c in zip(quarters, counts)) / sum(counts)
+        print(f"{name}: {n} range(s) of steps, held-out regression loss {total:.4f}; steps 0-4/5-9/10-14/15-19: "
+              + "/".join(f"{v:.4f}" for v in quarters) + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def experts(probe: Probe, variants: dict, steps: int) -> None:
+    """End to end: the all-ΔConv student with one block set per range of sampling steps (regressed by ``tbins``,
+    cached in --work, or regressed here), fine-tuned as the recipe; each step's batch comes from one range.
+    A variant: {"n": ranges, "steps": fine-tune steps (300)}."""
+    probe.teacher_images()
+    for name, kw in variants.items():
+        kw = dict(kw)
+        n = kw.pop("n")
+        path = os.path.join(probe.work, f"tbins_{n}.pt")
+        if not os.path.exists(path):
+            tbins(probe, {f"regress {n}": n}, steps)
+        student, _ = probe.make_student({})
+        sets = []
+        for states in torch.load(path, weights_only=True):
+            _, blocks = probe.make_student({})
+            for b, sd in zip(blocks, states):
+                b.load_state_dict(sd)
+            sets.append(blocks)
+        probe.pipe.transformer = student
+        install_experts(probe, student, sets)
+        blocks = [b for s in sets for b in s]
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for b in blocks:
+            b.requires_grad_(True)
+        print(f"{name} regressed: eps {probe.held_eps(student):.4f} "
+              f"(steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)})", flush=True)
+        student.train()
+        t0 = time.perf_counter()
+        probe.finetune(student, blocks, **kw)
+        t = time.perf_counter() - t0
+        print(f"{name}: eps {probe.held_eps(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+              f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
+        if probe.switch["sampled"] != set(range(n)):
+            raise SystemExit(f"{name}: sampling used the experts {sorted(probe.switch['sampled'])}, not all {n}")
+        probe.switch = None
+
+
 def worst_figure(images, teacher, per_image, prompts, path: str, k: int = 8) -> None:
     """Teacher (top) and student (bottom) for the ``k`` images with the lowest PSNR."""
     import matplotlib
@@ -302,10 +440,12 @@ def worst_figure(images, teacher, per_image, prompts, path: str, k: int = 8) -> 
 
 def capacity(probe: Probe, variants: dict, steps: int) -> None:
     for name, kw in variants.items():
+        kw = dict(kw)
+        augment = kw.pop("augment", 0)
         _, blocks = probe.make_student(kw)
         t0 = time.perf_counter()
         h0, parts0 = probe.held_regression(blocks)
-        probe.regress(blocks, steps)
+        probe.regress(blocks, steps, augment=augment)
         h1, parts = probe.held_regression(blocks)
         n = sum(p.numel() for b in blocks for p in b.parameters())
         print(f"{name}: held-out {h0:.4f} -> {h1:.4f} ({h1 / h0:.3f}), params {n}, {time.perf_counter() - t0:.0f}s, "
@@ -340,16 +480,23 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 
+def cache_suffix(steps: int = 600) -> str:
+    """Names the cached regression / recipe blocks after --steps, --augment and --block (empty for the defaults)."""
+    parts = ([f"steps{steps}"] if steps != 600 else []) + ([f"aug{AUGMENT}"] if AUGMENT > 1 else []) + \
+        [f"{k}-{v}" for k, v in sorted(BLOCK.items())]
+    return "".join("_" + "".join(c if c.isalnum() or c in ".-" else "-" for c in p) for p in parts)
+
+
 def regressed_student(probe: Probe, steps: int):
     """The all-ΔConv student after the recipe's regression (cached in ``--work``)."""
     student, blocks = probe.make_student({})
-    path = os.path.join(probe.work, "regressed.pt")
+    path = os.path.join(probe.work, f"regressed{cache_suffix(steps)}.pt")
     if os.path.exists(path):
         for b, s in zip(blocks, torch.load(path, weights_only=True)):
             b.load_state_dict(s)
     else:
         t0 = time.perf_counter()
-        probe.regress(blocks, steps)
+        probe.regress(blocks, steps, augment=AUGMENT)
         print(f"regression {time.perf_counter() - t0:.0f}s", flush=True)
         torch.save([b.state_dict() for b in blocks], path)
     return student, blocks
@@ -358,7 +505,7 @@ def regressed_student(probe: Probe, steps: int):
 def mixing(probe: Probe, variants: dict, steps: int) -> None:
     probe.teacher_images()
     student, blocks = regressed_student(probe, steps)
-    path = os.path.join(probe.work, "recipe.pt")
+    path = os.path.join(probe.work, f"recipe{cache_suffix(steps)}.pt")
     if os.path.exists(path):
         for b, s in zip(blocks, torch.load(path, weights_only=True)):
             b.load_state_dict(s)
@@ -445,6 +592,9 @@ def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
 def main(argv=None):
     args = parse_args(argv)
     EVAL_SEEDS[:] = [int(v) for v in args.eval_seeds.split(",")]
+    global AUGMENT
+    AUGMENT = args.augment
+    BLOCK.update(json.loads(args.block))
     torch.set_num_threads(args.threads)
     probe = Probe(args.work)
     probe.worst_figure = args.worst_figure
@@ -452,7 +602,7 @@ def main(argv=None):
         speed(probe, json.loads(args.variants), args.resolution, args.repeats)
         return
     {"capacity": capacity, "finetune": finetune, "layers": layers, "mixing": mixing,
-     "neighbourhood": neighbourhood}[args.probe](probe, json.loads(args.variants), args.steps)
+     "neighbourhood": neighbourhood, "tbins": tbins, "experts": experts}[args.probe](probe, json.loads(args.variants), args.steps)
 
 
 if __name__ == "__main__":

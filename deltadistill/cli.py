@@ -111,8 +111,8 @@ def train(
     layers: Optional[str] = typer.Option(None, "--layers", help="Convert only these self-attention layers: comma-separated regexes on names or labels (as in attnprobe analyze --layers, e.g. 'blocks\\.[3-7]\\.'); the others keep the teacher's attention [all]."),
     keep_attention: Optional[str] = typer.Option(None, "--keep-attention", help="Leave these self-attention layers out of the conversion (regexes as --layers, e.g. 'blocks\\.0\\.': keep the first block's attention) [none]."),
     student: str = typer.Option("deltaconv", "--student", help="What replaces self-attention: deltaconv (the ΔConvBlock) or linear (a linear attention of LinFusion's form, projections copied from the teacher: the baseline, needs no kernel sizes)."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="Block gate: scaled (x1·x2·s) or sigmoid (x1·σ(x2)) [toolkit scaled; paper: sigmoid for PixArt, scaled for SD]."),
-    gate_scale: Optional[str] = typer.Option(None, "--gate-scale", help="Scaled gate's factor s: a number, or 'official' for √(C'/2) [toolkit 1/√C' (the paper's text); paper SD: official]."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="Block gate: scaled (x1·x2·s, the paper's text) or sigmoid (x1·σ(x2)) [toolkit sigmoid; paper: sigmoid for PixArt, scaled for SD]."),
+    gate_scale: Optional[str] = typer.Option(None, "--gate-scale", help="Scaled gate's factor s: a number, or 'official' for √(C'/2) [1/√C' (the paper's text); paper SD: official]."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Half-scale pooling: ceil (2×2, ⌈n/2⌉) or adaptive (⌊n/2⌋, overlapping windows, the official code) [toolkit ceil, paper adaptive]."),
     dw_bias: Optional[bool] = typer.Option(None, "--dw-bias/--no-dw-bias", help="Bias in the depth-wise convolutions [toolkit yes, paper no]."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="trajectory: record the teacher's own sampling "
@@ -120,7 +120,12 @@ def train(
                                          "on the recorded states; noised: noised data latents with output + feature "
                                          "loss (the paper's) [preset's]."),
     regress_steps: Optional[int] = typer.Option(None, "--regress-steps", help="trajectory: teacher-forced regression "
-                                                "steps before the --steps fine-tune steps [toolkit 600]."),
+                                                "steps before the --steps fine-tune steps [toolkit 1200]."),
+    regress_symmetries: Optional[int] = typer.Option(None, "--regress-symmetries", help="trajectory: turn or flip each "
+                                                     "regression batch's token grids by one of the first N of the "
+                                                     "square's 8 symmetries (1: none). Self-attention commutes with "
+                                                     "them, so every moved state is an exact training pair; models "
+                                                     "with rotary position embeddings use 1 [toolkit 8]."),
     regress_batch: int = typer.Option(32, "--regress-batch", help="trajectory: recorded states per regression step."),
     regress_lr: float = typer.Option(2e-3, "--regress-lr", help="trajectory: regression learning rate (cosine to 0)."),
     traj_seeds: int = typer.Option(4, "--traj-seeds", help="trajectory: teacher samples per prompt."),
@@ -148,7 +153,7 @@ def train(
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
         max_bad_steps=max_bad_steps, init=init, inter_ratio=inter_ratio, scales=_scales(scales), student=student, layers=layers, keep_attention=keep_attention, progress=progress, recipe=recipe, regress_steps=regress_steps,
-        regress_batch=regress_batch, regress_lr=regress_lr, traj_seeds=traj_seeds, traj_steps=traj_steps,
+        regress_batch=regress_batch, regress_lr=regress_lr, regress_symmetries=regress_symmetries, traj_seeds=traj_seeds, traj_steps=traj_steps,
         traj_keep_every=traj_keep_every, cfg_loss=cfg_loss,
     )
     if estimate:

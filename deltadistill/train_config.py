@@ -47,6 +47,7 @@ class TrainConfig:
     regress_steps: int | None = None  # trajectory: teacher-forced per-layer regression steps before --steps
     regress_batch: int = 32
     regress_lr: float = 2e-3
+    regress_symmetries: int | None = None  # trajectory: each regression batch turned/flipped by one of the first n of 8
     traj_seeds: int = 4  # trajectory: teacher samples per prompt
     traj_steps: int = 20  # trajectory: sampling steps (the scheduler and guidance of the pipeline)
     traj_keep_every: int = 1  # keep every k-th denoiser call
@@ -132,6 +133,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.recipe in ("trajectory", "noised"), f"--recipe must be trajectory or noised, got {cfg.recipe!r}")
     need(cfg.regress_steps >= 0, f"--regress-steps must be >= 0, got {cfg.regress_steps}")
     need(cfg.regress_batch >= 1, f"--regress-batch must be >= 1, got {cfg.regress_batch}")
+    need(1 <= cfg.regress_symmetries <= 8,
+         f"--regress-symmetries must be 1 (none) to 8 (every turn and flip of the grid), got {cfg.regress_symmetries}")
     need(cfg.regress_lr > 0 and math.isfinite(cfg.regress_lr), f"--regress-lr must be a positive number, got {cfg.regress_lr}")
     need(cfg.traj_seeds >= 1 and cfg.traj_steps >= 1 and cfg.traj_keep_every >= 1,
          "--traj-seeds, --traj-steps and --traj-keep-every must be >= 1")

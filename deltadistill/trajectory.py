@@ -204,15 +204,34 @@ def _default_guidance(pipe) -> float:
     return float(value)
 
 
-def regression_loss(blocks: list, traj: Trajectories, idx: torch.Tensor, device=None) -> tuple[torch.Tensor, list[float]]:
-    """Σ_l mean (block_l(x_l) − y_l)² on samples ``idx`` (teacher forcing); returns (total, per-layer values)."""
+def dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Symmetry ``k`` (0 … 7) of the square applied to the grid dims of channels-last ``t`` [B, H, W, C]:
+    ``k % 4`` quarter turns, then a left-right flip when ``k ≥ 4``. On a non-square grid only the
+    even ``k`` (identity, half turn, the two flips) keep the shape; an odd ``k`` raises."""
+    if k % 2 and t.shape[1] != t.shape[2]:
+        raise ValueError(f"symmetry {k} turns a {t.shape[1]}×{t.shape[2]} grid by a quarter; use an even one")
+    t = torch.rot90(t, k % 4, dims=(1, 2))
+    return t.flip(2) if k >= 4 else t
+
+
+def regression_loss(blocks: list, traj: Trajectories, idx: torch.Tensor, device=None,
+                    symmetry: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """Σ_l mean (block_l(x_l) − y_l)² on samples ``idx`` (teacher forcing); returns (total, per-layer values).
+
+    ``symmetry`` k moves every input and target grid by :func:`dihedral` first. Self-attention is
+    equivariant to any permutation of its tokens, so (g·x, g·y) is exactly what the teacher's layer
+    computes on g·x: a flipped or turned state is a new, exact training pair for the block.
+    """
     total, parts = 0.0, []
     for block, x, y, grid in zip(blocks, traj.x, traj.y, traj.grids):
         xb = x[idx].to(device=device, dtype=torch.float32)
         yb = y[idx].to(device=device, dtype=torch.float32)
         b, n, c = xb.shape
-        pred = block(xb.reshape(b, grid[0], grid[1], c)).reshape(b, n, c)
-        loss = F.mse_loss(pred, yb)
+        xg, yg = xb.reshape(b, grid[0], grid[1], c), yb.reshape(b, grid[0], grid[1], c)
+        if symmetry:
+            xg, yg = dihedral(xg, symmetry), dihedral(yg, symmetry)
+        pred = block(xg.contiguous())
+        loss = F.mse_loss(pred, yg)
         parts.append(float(loss.detach()))
         total = total + loss
     return total, parts

@@ -3,7 +3,9 @@
 Steps are counted over both stages, so checkpoints, ``--resume`` and the metrics file work as in
 the noised recipe: steps 1 … ``regress_steps`` are the teacher-forced regression
 (:func:`deltadistill.trajectory.regression_loss`, AdamW at ``regress_lr``, warm-up min(50, a quarter) then cosine
-to 0, gradients clipped per block), the next ``steps`` the end-to-end fine-tune on recorded states
+to 0, gradients clipped per block; each step's states turned or flipped by one of the first
+``regress_symmetries`` symmetries of the square, :func:`~deltadistill.trajectory.dihedral` — exact
+training pairs, since self-attention commutes with any reordering of its tokens), the next ``steps`` the end-to-end fine-tune on recorded states
 (output MSE + ``cfg_loss`` · guided-output MSE, AdamW at ``lr``, warm-up then cosine, clip
 ``clip``). A fresh optimizer starts at the stage boundary. Every draw of a step comes from
 :func:`~deltadistill.train_config.step_generator` (seed, step) for the global batch; the
@@ -15,6 +17,7 @@ runs through the DDP-wrapped student as the noised recipe does.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -86,6 +89,12 @@ class TrajectoryTrainer(Trainer):
             raise TrainError(str(e)) from None
         self.traj.site_names = [s.name for s in sites]
         self.data = _TrajectoryData(self.traj)
+        if cfg.regress_symmetries > 1 and not self.family.attention_equivariant:
+            self.say(f"regression: {self.family.name} self-attention uses rotary position embeddings, so a turned or "
+                     "flipped state is not one of its own; regressing without symmetries (--regress-symmetries 1)")
+            self.cfg = cfg = dataclasses.replace(cfg, regress_symmetries=1)
+        square = all(h == w for h, w in self.traj.grids)
+        self.symmetries = [k for k in range(cfg.regress_symmetries) if square or k % 2 == 0]  # odd k: quarter turns
         self.say(f"data: {len(self.traj)} states, {self.traj.info['layer_bytes'] / 2**30:.2f} GiB of layer inputs/outputs")
 
     def make_optimizer(self, lr: float, schedule) -> None:
@@ -115,6 +124,13 @@ class TrajectoryTrainer(Trainer):
         if missing:
             raise TrainError(f"recorded layers {missing[:3]} were not converted; the trajectory recipe converts every recorded one")
         return [mods[n].block for n in self.traj.site_names]
+
+    def _symmetry(self, step: int) -> int:
+        """The symmetry of the square that regression step ``step`` moves its states by (0: none)."""
+        if len(self.symmetries) == 1:
+            return self.symmetries[0]
+        g = step_generator(self.cfg.seed, step, stream=2)
+        return self.symmetries[int(torch.randint(len(self.symmetries), (1,), generator=g))]
 
     def _indices(self, step: int, batch: int, stream: int = 0) -> torch.Tensor:
         g = step_generator(self.cfg.seed, step, stream)
@@ -150,7 +166,7 @@ class TrajectoryTrainer(Trainer):
         if regress:
             idx = self._indices(step, cfg.regress_batch)
             blocks = self._blocks()
-            loss, parts = regression_loss(blocks, self.traj, idx, device=self.device)
+            loss, parts = regression_loss(blocks, self.traj, idx, device=self.device, symmetry=self._symmetry(step))
             loss.backward()
             if self.world > 1:  # blocks were called outside DDP: average their gradients by hand
                 for p in self.params:

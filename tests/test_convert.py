@@ -234,7 +234,7 @@ def test_deepcopied_student_keeps_its_own_grid():
 
 def test_save_load_roundtrip_and_mismatches(tmp_path):
     pipe, spec = load_pipeline("tiny-pixart")
-    convert(pipe, {f"block {i}": k for i, k in enumerate([3, 5, 3, 7])})
+    convert(pipe, {f"block {i}": k for i, k in enumerate([3, 5, 3, 7])}, gate="scaled")  # the gate with a scale to save
     _perturb(pipe)
     folder = save(pipe, tmp_path / "distilled", base_model=spec, extra={"step": 12})
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "delta_blocks.safetensors"]

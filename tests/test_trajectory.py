@@ -52,6 +52,50 @@ def test_regression_loss_is_the_layerwise_mse():
     assert parts == pytest.approx(by_hand, rel=1e-6) and float(total) == pytest.approx(sum(by_hand), rel=1e-6)
 
 
+def test_symmetries_of_the_grid_are_exact_training_pairs():
+    """Self-attention commutes with every turn and flip of its token grid, so a moved (x, y) pair is the
+    teacher's own; regression_loss(symmetry=k) is the MSE of the block on the moved pair."""
+    from deltadistill.block import DeltaConvBlock
+    from deltadistill.trajectory import dihedral
+
+    pipe, _ = load_pipeline("tiny-pixart")
+    sites = find_self_attention(denoiser_of(pipe))
+    traj = record_trajectories(pipe, ["a cat"], [0], steps=2, resolution=32, sites=sites)
+    h, w = traj.grids[0]
+    x = traj.x[0][:2].double().reshape(2, h, w, -1)  # [2, H, W, C]
+    attn = sites[0].module.double()
+    seen = set()
+    with torch.no_grad():
+        for k in range(8):
+            moved = dihedral(x, k)
+            seen.add(moved.flatten().numpy().tobytes()[:4096])
+            y_moved = attn(moved.reshape(2, h * w, -1)).reshape(2, h, w, -1)
+            torch.testing.assert_close(y_moved, dihedral(attn(x.reshape(2, h * w, -1)).reshape(2, h, w, -1), k))
+    attn.float()
+    assert len(seen) == 8  # eight different symmetries
+    # k ≥ 4 is the flip of k - 4; four quarter turns are the identity
+    torch.testing.assert_close(dihedral(x, 5), dihedral(x, 1).flip(2))
+    torch.testing.assert_close(dihedral(dihedral(x, 1), 3), x)
+    with pytest.raises(ValueError, match="quarter"):
+        dihedral(torch.zeros(1, 2, 3, 4), 1)
+    assert dihedral(torch.zeros(1, 2, 3, 4), 6).shape == (1, 2, 3, 4)
+
+    torch.manual_seed(0)
+    blocks = [DeltaConvBlock(t.shape[-1], 3) for t in traj.x]
+    for b in blocks:
+        torch.nn.init.normal_(b.proj_out.weight, std=0.1)
+    idx = torch.tensor([1, 2])
+    _, parts = regression_loss(blocks, traj, idx, symmetry=3)
+    _, plain = regression_loss(blocks, traj, idx)
+    by_hand = []
+    for b, xs, ys, (gh, gw) in zip(blocks, traj.x, traj.y, traj.grids):
+        xm = dihedral(xs[idx].float().reshape(2, gh, gw, -1), 3)
+        ym = dihedral(ys[idx].float().reshape(2, gh, gw, -1), 3)
+        by_hand.append(((b(xm.contiguous()) - ym) ** 2).mean().item())
+    assert parts == pytest.approx(by_hand, rel=1e-6)
+    assert parts != pytest.approx(plain, rel=1e-3)  # the move changed what the block was asked
+
+
 def _cfg(prompts, out, **kw):
     base = dict(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, recipe="trajectory",
                 regress_steps=6, steps=6, regress_batch=8, batch_size=2, traj_seeds=2, traj_steps=3, warmup=2, lr=1e-2,
@@ -151,3 +195,54 @@ def test_toolkit_preset_gives_the_trajectory_fine_tune_its_own_lr(tmp_path):
     assert TrainConfig(recipe="noised", **base).resolved().lr == 3e-4  # the noised recipe keeps the preset's
     assert TrainConfig(recipe="trajectory", lr=1e-3, warmup=5, **base).resolved().lr == 1e-3  # a flag wins
     assert TrainConfig(recipe="trajectory", preset="paper", **base).resolved().lr == 3e-4
+
+
+def _symmetries_used(tmp_path, monkeypatch, name, **kw):
+    import deltadistill.trajectory_train as tt
+
+    used, logs = [], []
+    real = regression_loss  # deltadistill.trajectory's, not an earlier spy
+
+    def spy(blocks, traj, idx, device=None, symmetry=0):
+        used.append(symmetry)
+        return real(blocks, traj, idx, device=device, symmetry=symmetry)
+
+    monkeypatch.setattr(tt, "regression_loss", spy)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\na red dog\n")
+    s = train(_cfg(prompts, tmp_path / name, regress_steps=16, steps=1, checkpoint_every=0, **kw), log=logs.append)
+    return used, logs, s
+
+
+def test_regression_draws_the_symmetries_of_the_grid(tmp_path, monkeypatch):
+    used, _, _ = _symmetries_used(tmp_path, monkeypatch, "eight")  # the toolkit preset: 8
+    assert len(used) == 16 and set(used) <= set(range(8)) and len(set(used)) >= 4
+    again, _, _ = _symmetries_used(tmp_path, monkeypatch, "again")
+    assert again == used  # drawn from (seed, step): a resumed run draws the same
+    four, _, _ = _symmetries_used(tmp_path, monkeypatch, "four", regress_symmetries=4)
+    assert set(four) <= {0, 1, 2, 3} and len(set(four)) > 1
+    none, _, _ = _symmetries_used(tmp_path, monkeypatch, "none", regress_symmetries=1)
+    assert set(none) == {0}
+
+
+def test_rotary_models_regress_without_symmetries(tmp_path, monkeypatch):
+    from attnprobe.core.families.pixart import PixArt
+    from attnprobe.core.family import family_named
+
+    assert not family_named("hunyuan").attention_equivariant and family_named("pixart").attention_equivariant
+    monkeypatch.setattr(PixArt, "attention_equivariant", False)  # as if its attention had rotary embeddings
+    used, logs, _ = _symmetries_used(tmp_path, monkeypatch, "rotary")
+    assert set(used) == {0}
+    assert any("rotary position embeddings" in m and "--regress-symmetries 1" in m for m in logs)
+    import json
+    assert json.loads((tmp_path / "rotary" / "train_config.json").read_text())["regress_symmetries"] == 1
+
+
+def test_regress_symmetries_out_of_range_is_a_usage_error(tmp_path):
+    from deltadistill.train_config import TrainError, validate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    for bad in (0, 9):
+        with pytest.raises(TrainError, match="--regress-symmetries must be 1"):
+            validate(_cfg(prompts, tmp_path / "r", regress_symmetries=bad))

@@ -81,6 +81,9 @@ class Family:
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     priority: ClassVar[int] = 0  # higher is tried first when several families match a class
     convertible: ClassVar[bool] = True
+    # self-attention without position terms commutes with any reordering of its tokens (turns and flips of the
+    # grid included); rotary embeddings break that. The trajectory recipe's symmetries need it.
+    attention_equivariant: ClassVar[bool] = True
     returns_latents: ClassVar[bool] = True  # the pipeline supports output_type="latent"
     class_conditional: ClassVar[bool] = False  # "prompts" are class labels
     not_convertible_reason: ClassVar[str] = ""

@@ -18,6 +18,7 @@ from attnprobe.core.sites import AttnSite
 
 class Flux(Family):
     name = "flux"
+    attention_equivariant = False  # rotary embeddings on q and k
     denoiser_classes = ("FluxTransformer2DModel",)
     pipeline_classes = ("FluxPipeline",)
     convertible = False

@@ -18,6 +18,7 @@ from attnprobe.core.sites import AttnSite
 
 class HunyuanDiT(Family):
     name = "hunyuan"
+    attention_equivariant = False  # 2-D rotary embeddings on q and k
     denoiser_classes = ("HunyuanDiT2DModel",)
     pipeline_classes = ("HunyuanDiTPipeline",)
     text_tokens = 77

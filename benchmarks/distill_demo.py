@@ -33,13 +33,22 @@ SECTION = "## Distillation on the demo model"
 
 # variant → TrainConfig changes from the toolkit preset (see deltadistill/presets.py)
 FINAL = {"recipe": "trajectory", "steps": 300}  # the toolkit preset gives its fine-tune lr 5e-4, warm-up 20
+# The toolkit preset changed on this date (sigmoid gate, 8 symmetries, 1200 regression steps); rows store it as
+# "recipe_of". Trajectory rows without it were measured on the recipe before, "recipe_2026_12_04", and are read
+# against that row.
+RECIPE_OF = "2026-12-06"
+BEFORE = {**FINAL, "gate": "scaled", "regress_symmetries": 1, "regress_steps": 600}  # the preset before that date
 VARIANTS = {
     "final": FINAL,
+    "recipe_2026_12_04": BEFORE,
     "previous": {"recipe": "noised", "steps": 300, "lr": 2e-3, "warmup": 10, "lr_schedule": "cosine",
-                 "samples_per_prompt": 2, "sample_steps": 10},  # the recipe shipped before (15.7 dB)
+                 "samples_per_prompt": 2, "sample_steps": 10, "gate": "scaled"},  # the recipe shipped before (15.7 dB)
     "noised_beta1": {"recipe": "noised", "steps": 300, "lr": 2e-3, "warmup": 10, "lr_schedule": "cosine",
-                     "samples_per_prompt": 2, "sample_steps": 10, "beta": 1.0},  # previous, feature loss weight 1
-    "noised_preset": {"recipe": "noised", "steps": 300},  # the toolkit preset's noised recipe as it is (lr 3e-4)
+                     "samples_per_prompt": 2, "sample_steps": 10, "beta": 1.0, "gate": "scaled"},  # β = 1
+    "noised_preset": {"recipe": "noised", "steps": 300, "gate": "scaled"},  # the toolkit preset's noised recipe (lr 3e-4)
+    "scaled_gate": {**FINAL, "gate": "scaled"},  # the paper's printed gate
+    "no_symmetries": {**FINAL, "regress_symmetries": 1},
+    "regress_600": {**FINAL, "regress_steps": 600},
     "no_regression": {**FINAL, "regress_steps": 0},
     "no_finetune": {**FINAL, "steps": 0},
     "no_cfg_loss": {**FINAL, "cfg_loss": 0.0},
@@ -54,7 +63,11 @@ VARIANTS = {
     "keep_blocks0_2": {**FINAL, "keep_attention": r"blocks\.[0-2]\."},  # blocks 0-2 keep it, 3-7 converted
 }
 DESCRIPTIONS = {
-    "final": "toolkit recipe: trajectories, regression, fine-tune",
+    "final": "toolkit recipe: trajectories, regression (1200 steps, 8 symmetries), fine-tune; gate x1·σ(x2)",
+    "recipe_2026_12_04": "the toolkit recipe until 2026-12-04: gate x1·x2/√C', no symmetries, 600 regression steps",
+    "scaled_gate": "the paper's printed gate x1·x2/√C' instead of x1·σ(x2)",
+    "no_symmetries": "regression without the grid's turns and flips",
+    "regress_600": "600 regression steps instead of 1200",
     "previous": "previous recipe: noised latents, L_z + 1e-3 L_f, 300 steps",
     "noised_beta1": "previous recipe with feature-loss weight β = 1 (not 1e-3)",
     "noised_preset": "noised recipe with the toolkit preset as it is (lr 3e-4, warm-up 75, β = 1e-3)",
@@ -147,6 +160,7 @@ def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dic
     ev = evaluate(run, prompts, args.eval_seeds, steps=args.eval_steps, out=out / f"eval-{name}",
                   variants=variants, log=lambda m: print(f"[{name}] {m}", flush=True))
     row = {"variant": name, "description": DESCRIPTIONS[name], "changes": VARIANTS[name], "date": time.strftime("%Y-%m-%d"),
+           "recipe_of": RECIPE_OF,
            "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
            "steps": summary["steps"], "probe_start": summary["probe_loss_start"], "probe_end": summary["probe_loss_end"],
            "kernel_sizes": summary["kernel_sizes"], "data": summary["data"], "feature_loss": loss_curve(run)}
@@ -241,6 +255,19 @@ def summarise(rows, args, analyze_s, argv, earlier=None) -> dict:
     }
 
 
+def base_of(row: dict, rows: dict) -> dict:
+    """The row that ``row`` is read against: the final recipe's, or, for a trajectory row measured before the preset
+    changed (no ``recipe_of``), the row of the recipe it was measured on, when that row is there."""
+    old = rows.get("recipe_2026_12_04")
+    if old is not None and row is not old and "recipe_of" not in row and (row.get("changes") or {}).get("recipe") == "trajectory":
+        return old
+    return rows.get("final", row)
+
+
+def on_old_recipe(row: dict, rows: dict) -> bool:
+    return base_of(row, rows) is rows.get("recipe_2026_12_04") and row is not rows.get("recipe_2026_12_04")
+
+
 def table(result) -> str:
     lines = ["| model | PSNR (dB) | mean per-image PSNR (dB) | SSIM | ε error | nearest-photo accuracy | "
              "feature loss, start → end | train (s) |",
@@ -255,9 +282,11 @@ def table(result) -> str:
     def lf(c):
         return "–" if not c else f"{c['kind']} {c['start']:.3g} → {c['end']:.3g}"
 
+    rows = {r["variant"]: r for r in result["ablation"]}
     for r in result["ablation"]:
         d = r["distilled"]
-        lines.append(f"| {r['description']} | {d['psnr_db']:.2f} | {pm(d)} | {d['ssim']:.3f} | {d['eps_error']:.4f} | "
+        desc = r["description"] + (f" *(on the 2026-12-04 recipe, measured {r.get('date', '?')})*" if on_old_recipe(r, rows) else "")
+        lines.append(f"| {desc} | {d['psnr_db']:.2f} | {pm(d)} | {d['ssim']:.3f} | {d['eps_error']:.4f} | "
                      f"{acc(d['accuracy'])} | {lf(r.get('feature_loss'))} | {r['train_seconds']:.0f} |")
     labels = {"untrained": "untrained student (converted, step 0)", "no_attention": "teacher, self-attention zeroed",
               "neighbourhood": "teacher, neighbourhood attention K = 13 (training-free)"}
@@ -285,10 +314,15 @@ def verdict(result) -> str:
     captions = _captions_clause(final["distilled"], len(result["evaluation"]["seeds"]), result.get("baselines"))
     if captions:
         out.append(captions)
-    toggles = [f"{rows[k]['description']}: {rows[k]['distilled']['psnr_db'] - f_db:+.2f} dB"
+    toggles = [f"{rows[k]['description']}: {rows[k]['distilled']['psnr_db'] - base_of(rows[k], rows)['distilled']['psnr_db']:+.2f} dB"
+               + (" against the 2026-12-04 recipe it was measured on" if on_old_recipe(rows[k], rows) else "")
                for k in VARIANTS if k not in ("final", "keep_block0", "keep_blocks0_1", "keep_blocks0_2") and k in rows]
     if toggles:
-        out.append("**Each row against the final recipe**: " + "; ".join(toggles) + ".")
+        out.append("**Each row against the final recipe** (rows measured before the recipe changed: against the "
+                   "recipe they were measured on): " + "; ".join(toggles) + ".")
+    change = _change_clause(rows)
+    if change:
+        out.append(change)
     prev, beta1 = rows.get("previous"), rows.get("noised_beta1")
     if prev and beta1 and prev.get("feature_loss") and beta1.get("feature_loss"):
         a, b = prev["feature_loss"], beta1["feature_loss"]
@@ -313,16 +347,14 @@ def verdict(result) -> str:
             + (f"; teacher-forced, the blocks' summed regression loss ends at {c['end']:.3g}, {100 * c['end'] / c['start']:.0f}% "
                "of its value at the mean-field initialisation" if c and c["kind"] == "regression" else "")
             + (f"; the linear attention of LinFusion's form, content-dependent but global, reaches "
-               f"{lin['distilled']['psnr_db']:.2f} dB with the same recipe and budget" if lin else "")
-            + (_wide_clause(wide, final) if wide and wide.get("feature_loss") and c else "")
-            + (f"; more of the teacher's trajectories stop helping: 1 → 4 per caption "
-               f"{final['distilled']['psnr_db'] - one['distilled']['psnr_db']:+.2f} dB, 4 → 8 "
-               f"{eight['distilled']['psnr_db'] - final['distilled']['psnr_db']:+.2f} dB (ε error "
-               f"{final['distilled']['eps_error']:.4f} → {eight['distilled']['eps_error']:.4f})" if one and eight else "")
+               f"{lin['distilled']['psnr_db']:.2f} dB with the same recipe and budget"
+               + (" (the 2026-12-04 recipe's)" if on_old_recipe(lin, rows) else "") if lin else "")
+            + (_wide_clause(wide, base_of(wide, rows)) if wide and wide.get("feature_loss") and base_of(wide, rows).get("feature_loss") else "")
+            + (_seeds_clause(one, eight, rows) if one and eight and base_of(one, rows) is base_of(eight, rows) else "")
             + ". The recipe's own choices are in the rows above; the capacity and fine-tune probes in the next section.")
     hyb = rows.get("keep_block0")
     if hyb:
-        h, f = hyb["distilled"], final["distilled"]
+        h, f = hyb["distilled"], base_of(hyb, rows)["distilled"]
         text = (f"**A hybrid student** (measured {hyb.get('date', '')}): with block 0's self-attention kept and blocks 1–7 "
                 f"converted (`--keep-attention 'blocks\\.0\\.'`), the samples are {h['psnr_db']:.2f} dB from the "
                 f"teacher's ({h['psnr_db'] - f['psnr_db']:+.2f} dB against the all-ΔConv student"
@@ -341,7 +373,7 @@ def verdict(result) -> str:
         out.append(
             f"**Hybrids that keep the first blocks' attention** (measured {hybrids[0][1].get('date', '')}; teacher accuracy "
             + (f"{t_acc:.0%}" if t_acc is not None else "–") + "): "
-            + "; ".join(_hybrid_clause(k, r, final["distilled"], t_acc) for k, r in hybrids)
+            + "; ".join(_hybrid_clause(k, r, base_of(r, rows)["distilled"], t_acc, on_old_recipe(r, rows)) for k, r in hybrids)
             + ". Their denoiser calls are timed in the next section (\"Speed of the hybrids\"). Keeping the early, "
             "local blocks is the trade a user who needs the teacher's images can make today; the targets of this table "
             "stay read on the all-ΔConv student.")
@@ -351,13 +383,14 @@ def verdict(result) -> str:
 HYBRID_KEPT = {"keep_blocks0_1": ("0–1", "[01]", 6), "keep_blocks0_2": ("0–2", "[0-2]", 5)}
 
 
-def _hybrid_clause(name: str, row: dict, final: dict, t_acc: float | None) -> str:
+def _hybrid_clause(name: str, row: dict, final: dict, t_acc: float | None, old: bool = False) -> str:
     """One hybrid row in a clause: what it keeps, its distances, and whether it meets the targets."""
     kept, regex, n = HYBRID_KEPT[name]
     h = row["distilled"]
     acc_ok = h.get("accuracy") is not None and t_acc is not None and t_acc - h["accuracy"] <= 0.05 + 1e-9
     return (f"keeping blocks {kept} (`--keep-attention 'blocks\\.{regex}\\.'`, {n} of 8 layers converted): "
             f"{h['psnr_db']:.2f} dB ({h['psnr_db'] - final['psnr_db']:+.2f} dB against the all-ΔConv student"
+            + (" of the 2026-12-04 recipe it was measured on" if old else "")
             + (f"; mean per-image {h['psnr_mean_db']:.2f} dB" if h.get("psnr_mean_db") is not None else "")
             + f"), ε error {h['eps_error']:.4f}, SSIM {h['ssim']:.3f}"
             + (f", accuracy {h['accuracy']:.0%}" if h.get("accuracy") is not None else "")
@@ -403,6 +436,39 @@ def _baselines_on(worst: list, baselines: dict) -> str:
                      + (f" (its own largest share: “{top['prompt']}”, {top['psnr']:.1f} dB, {100 * top['mse_share']:.0f}%)"
                         if top["prompt"] not in {w["prompt"] for w in worst} else ""))
     return (f"On the same {len(worst)} captions: " + "; ".join(parts) + ". " if parts else "")
+
+
+def _change_clause(rows: dict) -> str:
+    """What the 2026-12-06 recipe change did: the final row against the recipe before, and each change undone."""
+    new, old = rows.get("final"), rows.get("recipe_2026_12_04")
+    if not new or not old or "recipe_of" not in new:
+        return ""
+    a, b = old["distilled"], new["distilled"]
+    text = (f"**The recipe change of {RECIPE_OF}** (the sigmoid gate of the official PixArt blocks, regression batches "
+            "turned and flipped by the 8 symmetries of the square — exact pairs, since self-attention commutes with any "
+            "reordering of its tokens —, 1200 regression steps instead of 600): ε error "
+            f"{a['eps_error']:.4f} → {b['eps_error']:.4f} ({100 * (b['eps_error'] / a['eps_error'] - 1):+.0f}%), PSNR "
+            f"{a['psnr_db']:.2f} → {b['psnr_db']:.2f} dB")
+    if a.get("psnr_mean_db") is not None and b.get("psnr_mean_db") is not None:
+        text += f" (mean per-image {a['psnr_mean_db']:.2f} → {b['psnr_mean_db']:.2f} dB)"
+    text += f", SSIM {a['ssim']:.3f} → {b['ssim']:.3f}"
+    if a.get("accuracy") is not None and b.get("accuracy") is not None:
+        text += f", accuracy {a['accuracy']:.0%} → {b['accuracy']:.0%}"
+    text += f", training {old['train_seconds']:.0f} → {new['train_seconds']:.0f} s on the same machine"
+    undone = [(k, rows[k]) for k in ("scaled_gate", "no_symmetries", "regress_600") if k in rows and "recipe_of" in rows[k]]
+    if undone:
+        text += (". Each change undone alone: " + "; ".join(
+            f"{r['description']}: ε error {r['distilled']['eps_error']:.4f}, {r['distilled']['psnr_db']:.2f} dB" for _, r in undone))
+    return text + "."
+
+
+def _seeds_clause(one: dict, eight: dict, rows: dict) -> str:
+    four = base_of(one, rows)
+    return (f"; more of the teacher's trajectories stop helping: 1 → 4 per caption "
+            f"{four['distilled']['psnr_db'] - one['distilled']['psnr_db']:+.2f} dB, 4 → 8 "
+            f"{eight['distilled']['psnr_db'] - four['distilled']['psnr_db']:+.2f} dB (ε error "
+            f"{four['distilled']['eps_error']:.4f} → {eight['distilled']['eps_error']:.4f})"
+            + (" on the 2026-12-04 recipe" if on_old_recipe(one, rows) else ""))
 
 
 def _wide_clause(wide: dict, final: dict) -> str:

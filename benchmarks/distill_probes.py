@@ -73,7 +73,7 @@ BLOCK: dict = {}  # --block: ΔConvBlock settings of every student (a variant's 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("probe", choices=["capacity", "finetune", "layers", "speed", "mixing", "neighbourhood", "tbins",
-                                      "experts"])
+                                      "experts", "fit"])
     ap.add_argument("variants", help="JSON object: variant name → settings (see the module docstring)")
     ap.add_argument("--steps", type=int, default=600, help="regression steps")
     ap.add_argument("--work", default="/tmp/distill_probes", help="cache of trajectories, teacher images, regressed blocks")
@@ -362,13 +362,13 @@ def tbins(probe: Probe, variants: dict, steps: int) -> None:
         for gi in range(n):
             _, blocks = probe.make_student({})
             pool = (tr_group * n // 20 == gi).nonzero().flatten()
-            probe.regress(blocks, steps, pool=pool)
+            probe.regress(blocks, steps, pool=pool, augment=AUGMENT)
             saved.append([b.state_dict() for b in blocks])
             for q in range(4):  # the quarters of the steps this expert covers
                 sel = held[(te_step[held] // 5 == q) & (te_step[held] * n // 20 == gi)]
                 if len(sel):
                     quarters[q] += probe.held_regression(blocks, sel)[0] * len(sel) / int((te_step[held] // 5 == q).sum())
-        torch.save(saved, os.path.join(probe.work, f"tbins_{n}.pt"))
+        torch.save(saved, os.path.join(probe.work, f"tbins_{n}{cache_suffix(steps)}.pt"))
         counts = [int((te_step[held] // 5 == q).sum()) for q in range(4)]
         total = sum(v * c for v, c in zip(quarters, counts)) / sum(counts)
         print(f"{name}: {n} range(s) of steps, held-out regression loss {total:.4f}; steps 0-4/5-9/10-14/15-19: "
@@ -383,7 +383,7 @@ def experts(probe: Probe, variants: dict, steps: int) -> None:
     for name, kw in variants.items():
         kw = dict(kw)
         n = kw.pop("n")
-        path = os.path.join(probe.work, f"tbins_{n}.pt")
+        path = os.path.join(probe.work, f"tbins_{n}{cache_suffix(steps)}.pt")
         if not os.path.exists(path):
             tbins(probe, {f"regress {n}": n}, steps)
         student, _ = probe.make_student({})
@@ -453,6 +453,25 @@ def capacity(probe: Probe, variants: dict, steps: int) -> None:
               f"{[round(p / max(q, 1e-12), 3) for p, q in zip(parts, parts0)]}", flush=True)
 
 
+def fit(probe: Probe, variants: dict, steps: int) -> None:
+    """How well the cached regression (--steps, --augment, --block) fits each layer on training and held-out states:
+    per block and quarter of the sampling steps, the MSE to the teacher's output as a share of that output's variance
+    over the tokens (the part a mean-field block cannot give). ``variants`` is unused."""
+    _, blocks = regressed_student(probe, steps)
+    for label, data in (("training", probe.tr), ("held-out", probe.te)):
+        step, idx = sampling_step(data), torch.arange(0, len(data), 7)
+        rows = []
+        with torch.no_grad():
+            for block, x, y, (h, w) in zip(blocks, data.x, data.y, data.grids):
+                xb, yb = x[idx].float(), y[idx].float()  # [b, N, C]
+                err = ((block(xb.reshape(len(idx), h, w, -1)).reshape(yb.shape) - yb) ** 2).mean((1, 2))
+                var = ((yb - yb.mean(1, keepdim=True)) ** 2).mean((1, 2))
+                rows.append([float(err[step[idx] // 5 == q].mean() / var[step[idx] // 5 == q].mean()) for q in range(4)])
+        print(f"{label} states, share of each layer's token variance left, steps 0-4/5-9/10-14/15-19:", flush=True)
+        for i, r in enumerate(rows):
+            print(f"  block {i}: " + "/".join(f"{v:.3f}" for v in r), flush=True)
+
+
 def finetune(probe: Probe, variants: dict, steps: int) -> None:
     probe.teacher_images()
     student, blocks = regressed_student(probe, steps)
@@ -481,9 +500,13 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
 
 
 def cache_suffix(steps: int = 600) -> str:
-    """Names the cached regression / recipe blocks after --steps, --augment and --block (empty for the defaults)."""
+    """Names the cached regression / recipe blocks after --steps, --augment and the block settings (--block over the
+    toolkit preset's gate), so that a cache is never loaded into blocks of another form."""
+    from deltadistill.presets import TOOLKIT_BLOCK
+
+    block = {"gate": TOOLKIT_BLOCK["gate"], **BLOCK}
     parts = ([f"steps{steps}"] if steps != 600 else []) + ([f"aug{AUGMENT}"] if AUGMENT > 1 else []) + \
-        [f"{k}-{v}" for k, v in sorted(BLOCK.items())]
+        [f"{k}-{v}" for k, v in sorted(block.items())]
     return "".join("_" + "".join(c if c.isalnum() or c in ".-" else "-" for c in p) for p in parts)
 
 
@@ -602,7 +625,7 @@ def main(argv=None):
         speed(probe, json.loads(args.variants), args.resolution, args.repeats)
         return
     {"capacity": capacity, "finetune": finetune, "layers": layers, "mixing": mixing,
-     "neighbourhood": neighbourhood, "tbins": tbins, "experts": experts}[args.probe](probe, json.loads(args.variants), args.steps)
+     "neighbourhood": neighbourhood, "tbins": tbins, "experts": experts, "fit": fit}[args.probe](probe, json.loads(args.variants), args.steps)
 
 
 if __name__ == "__main__":

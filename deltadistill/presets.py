@@ -19,7 +19,8 @@ __all__ = ["PRESETS", "block_settings", "preset_kernel_sizes", "train_settings",
 PRESETS = ("toolkit", "paper")
 
 # the sigmoid gate x1·σ(x2) (the official PixArt blocks' choice) fits the demo teacher's layers better than the
-# paper's printed x1·x2/√C' (held-out regression loss −20%, benchmarks/RESULTS.md "Gate and symmetries")
+# paper's printed x1·x2/√C' (held-out regression loss −20%; benchmarks/RESULTS.md, "Timestep experts, the gate,
+# and the grid's symmetries")
 TOOLKIT_BLOCK = {"gate": "sigmoid", "gate_scale": None, "pool": "ceil", "dw_bias": True}
 
 # training recipes (TrainConfig fields); "paper" = the official configs (cfgs/train/py/*_dist.py)

@@ -352,3 +352,26 @@ def test_distill_demo_hybrid_paragraph_states_the_targets_from_its_rows():
     rows[0]["distilled"]["accuracy"] = t_acc - 0.04
     text = distill_demo.verdict({**result, "ablation": result["ablation"] + rows})
     assert "both targets met" in text[text.index("keeping blocks 0–2"):]
+
+
+def test_bench_times_and_costs_the_block_that_train_builds(monkeypatch):
+    """The bench's ΔConvBlock has the toolkit preset's settings (the sigmoid gate), and its FLOPs count that gate."""
+    import deltadistill.block as block_mod
+    from deltadistill.bench.runner import run_bench
+    from deltadistill.presets import TOOLKIT_BLOCK
+
+    built = []
+    real = block_mod.DeltaConvBlock
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append((self.gate, self.pool, self.dw_bias))
+
+    monkeypatch.setattr(block_mod, "DeltaConvBlock", Spy)
+    res = run_bench("tiny-pixart", [32], repeats=1, warmup=0, step=False, kernel_size=3)
+    assert built and set(built) == {(TOOLKIT_BLOCK["gate"], TOOLKIT_BLOCK["pool"], TOOLKIT_BLOCK["dw_bias"])}
+    row = next(r for r in res.flops if r["operator"] == "deltaconv")
+    rep = fl.LayerShape("x", "x", tuple(int(v) for v in row["grid"].split("x")), row["dim"], 1, row["dim"], 3, True, True)
+    assert row["layer_flops"] == fl.operator_flops("deltaconv", rep, gate=TOOLKIT_BLOCK["gate"]).total
+    assert row["layer_flops"] != fl.operator_flops("deltaconv", rep, gate="scaled").total

@@ -15,6 +15,9 @@ from deltadistill import flops as cost_model
 from deltadistill.bench.inputs import _load_model, default_resolutions, denoiser_inputs, meta_step_flops
 from deltadistill.bench.linear_attention import GeneralizedLinearAttention
 from deltadistill.bench.measure import _available_bytes, _Estimator, peak_memory_bytes, time_callable
+from deltadistill.presets import TOOLKIT_BLOCK
+
+GATE = TOOLKIT_BLOCK["gate"]  # the block is costed and timed as `deltadistill train` builds it
 
 
 @dataclass
@@ -139,8 +142,8 @@ def run_bench(
         for r in resolutions:
             layers = shapes[r]
             rep = _representative(layers)
-            totals = cost_model.model_flops(layers)
-            one = {op: cost_model.operator_flops(op, rep) for op in cost_model.OPERATORS}
+            totals = cost_model.model_flops(layers, gate=GATE)
+            one = {op: cost_model.operator_flops(op, rep, gate=GATE) for op in cost_model.OPERATORS}
             for op in cost_model.OPERATORS:
                 res.flops.append({
                     "model": m.spec.alias, "resolution": r, "grid": f"{rep.grid[0]}x{rep.grid[1]}", "tokens": rep.tokens,
@@ -161,7 +164,7 @@ def run_bench(
                     res.layers.append({"resolution": r, "layer": la.name, "label": la.label,
                                        "grid": f"{la.grid[0]}x{la.grid[1]}", "dim": la.dim, "heads": la.heads,
                                        "kernel_size": la.kernel_size, "operator": op,
-                                       "flops": cost_model.operator_flops(op, la).total})
+                                       "flops": cost_model.operator_flops(op, la, gate=GATE).total})
     if latency:
         _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype, backend, triton_ok,
                  max_seconds, step, say)
@@ -194,7 +197,7 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
                 "kernel_size": rep.kernel_size, "scope": "module", "repeats": repeats}
         times = {}
         for op in ops_to_time:
-            analytic = cost_model.operator_flops("deltaconv" if op.startswith("deltaconv") else op, rep).total
+            analytic = cost_model.operator_flops("deltaconv" if op.startswith("deltaconv") else op, rep, gate=GATE).total
             row = {**base, "operator": op, "backend": "triton" if op == "deltaconv_triton" else
                    ("sdpa" if op == "self_attention" else "reference"),
                    "ms_median": None, "ms_min": None, "peak_mb": None, "speedup_vs_sa": None, "floor_ms": None,
@@ -211,7 +214,7 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
                                     out_bias=rep.out_bias)
                     x = torch.randn(1, rep.tokens, rep.dim)  # [B, N, C]
                 elif op.startswith("deltaconv"):
-                    mod = DeltaConvBlock(rep.dim, rep.kernel_size,
+                    mod = DeltaConvBlock(rep.dim, rep.kernel_size, **TOOLKIT_BLOCK,
                                          backend="triton" if op == "deltaconv_triton" else "reference")
                     with torch.no_grad():  # random weights everywhere (proj_out starts at zero)
                         for p in mod.parameters():

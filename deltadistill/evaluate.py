@@ -10,7 +10,10 @@ differences come from the denoiser alone (:func:`evaluate`). Per model, against 
 * **ε error along the teacher's trajectory**: the teacher's denoiser calls of a sampling run are
   recorded (inputs and outputs, the first ``trajectory_pairs`` pairs), and each model's denoiser is
   run on exactly those inputs; the mean squared difference of the noise predictions (learned-σ
-  channels dropped) is reported per denoising step — an error that does not compound;
+  channels dropped) is reported per denoising step — an error that does not compound. With
+  classifier-free guidance the same calls also give the **guided ε error**: the difference of the
+  guided predictions u + w·(c − u) that the sampler steps with (guidance multiplies the part of the
+  error that differs between the conditional and unconditional rows by w);
 * **distributional scores** when DINOv2 / CLIP weights are local (``dino=`` / ``clip=``): FD-DINOv2
   to ``reference_images`` (and to the teacher's samples), the DINOv2 score, the CLIP score; without
   them a one-line note says how to get them;
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnprobe.core.family import denoiser_of
+from attnprobe.core.family import denoiser_of, family_of
 from attnprobe.core.pipeline import sample
 from deltadistill import metrics
 from deltadistill.baselines import neighbourhood_attention, untrained_student, zeroed_self_attention
@@ -84,9 +87,24 @@ def _eps(out: torch.Tensor, channels: int) -> torch.Tensor:
     return out[:, :channels].double()  # learned-σ models (PixArt, DiT) predict 2C channels
 
 
+def guided_eps(out: torch.Tensor, latent_channels: int, guidance: float, cond_first: bool = False) -> torch.Tensor:
+    """The guided prediction u + w·(c − u) of a classifier-free-guidance batch [uncond; cond] (or
+    [cond; uncond] with ``cond_first``), on the ε channels: what the sampler steps with."""
+    eps = _eps(out, latent_channels)
+    first, second = eps.chunk(2)
+    u, c = (second, first) if cond_first else (first, second)
+    return u + guidance * (c - u)
+
+
 @torch.no_grad()
-def trajectory_error(den, calls, latent_channels: int) -> list[float]:
-    """Mean squared ε difference of ``den`` to the recorded teacher outputs, per call (denoising step)."""
+def trajectory_error(den, calls, latent_channels: int, *, samples: int | None = None, guidance: float | None = None,
+                     cond_first: bool = False, guided_errors: list | None = None) -> list[float]:
+    """Mean squared ε difference of ``den`` to the recorded teacher outputs, per call (denoising step).
+
+    With ``guided_errors`` (a list), ``samples`` and ``guidance``: calls whose batch is a CFG pair
+    batch (2 × ``samples`` rows) also append the mean squared difference of the guided predictions
+    (:func:`guided_eps`): the output the sampler uses, whose error guidance multiplies by up to w.
+    """
     device = next(den.parameters()).device
 
     def to(x):
@@ -102,7 +120,12 @@ def trajectory_error(den, calls, latent_channels: int) -> list[float]:
     for args, kwargs, teacher_out in calls:
         kw = dict(to(kwargs), return_dict=False)
         out = den(*to(args), **kw)[0]
-        errors.append(float(((_eps(out.cpu(), latent_channels) - _eps(teacher_out, latent_channels)) ** 2).mean()))
+        out = out.cpu()
+        errors.append(float(((_eps(out, latent_channels) - _eps(teacher_out, latent_channels)) ** 2).mean()))
+        if guided_errors is not None and samples and guidance is not None and out.shape[0] == 2 * samples:
+            diff = guided_eps(out, latent_channels, guidance, cond_first) - guided_eps(teacher_out, latent_channels,
+                                                                                     guidance, cond_first)
+            guided_errors.append(float((diff**2).mean()))
     return errors
 
 
@@ -161,14 +184,21 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
         finally:
             handle.remove()
         calls = recorder.calls
-    traj = {}
+    traj, traj_guided = {}, {}
+    from deltadistill.trajectory import _default_guidance
+
+    fam = family_of(denoiser_of(teacher))
+    w = float(guidance) if guidance is not None else _default_guidance(teacher)
+    traj_kw = dict(samples=n_traj, guidance=w, cond_first=fam.cfg_cond_first)
     for name in variants:
         say(f"sampling: {name}")
         if name in ("no_attention", "neighbourhood"):
             ctx = zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, windows)
             images[name] = run(teacher, ctx)
             with (zeroed_self_attention(teacher) if name == "no_attention" else neighbourhood_attention(teacher, windows)):
-                traj[name] = trajectory_error(denoiser_of(teacher), calls, channels)
+                traj_guided[name] = []
+                traj[name] = trajectory_error(denoiser_of(teacher), calls, channels, guided_errors=traj_guided[name],
+                                              **traj_kw)
             continue
         if name == "distilled":
             pipe, _ = load_pipeline(base, device=device)
@@ -176,7 +206,8 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
         else:
             pipe = untrained_student(base, config, train_cfg, device)
         images[name] = run(pipe)
-        traj[name] = trajectory_error(denoiser_of(pipe), calls, channels)
+        traj_guided[name] = []
+        traj[name] = trajectory_error(denoiser_of(pipe), calls, channels, guided_errors=traj_guided[name], **traj_kw)
         del pipe
     result = {"distilled_folder": str(folder), "base_model": base, "prompts": list(prompts), "seeds": list(seeds),
               "steps": steps, "resolution": res, "variants": list(variants), "trajectory_pairs": n_traj,
@@ -191,6 +222,8 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
                                 for g in metrics.psnr_by_group(arr, ref, [i // len(seeds) for i in range(len(pairs))])]
         d["eps_error_per_step"] = traj[name]
         d["eps_error"] = float(np.mean(traj[name])) if traj[name] else float("nan")
+        d["eps_guided_error_per_step"] = traj_guided[name]
+        d["eps_guided_error"] = float(np.mean(traj_guided[name])) if traj_guided[name] else float("nan")
         result["distances"][name] = d
     _distributional(result, images, all_p, dino, clip, reference_images, device)
     if base == "demo":
@@ -279,13 +312,17 @@ def worst_prompts(result: dict, name: str = "distilled", k: int = 3) -> list[dic
     return sorted(groups, key=lambda g: -g["mse_share"])[:k]
 
 
+def _finite(v):
+    return v if v is not None and math.isfinite(v) else None
+
+
 def table_rows(result: dict, labels: dict | None = None) -> list[dict]:
     labels = labels or _labels(["teacher", *result["variants"]], result.get("neighbourhood_kernel", 13))
     rows = []
     for name in ["teacher", *result["variants"]]:
         d = result["distances"].get(name, {})
         row = {"model": labels[name], "psnr_db": d.get("psnr"), "psnr_mean_db": d.get("psnr_mean"), "ssim": d.get("ssim"),
-               "eps_error": d.get("eps_error")}
+               "eps_error": d.get("eps_error"), "eps_guided_error": _finite(d.get("eps_guided_error"))}
         row.update((result.get("scores") or {}).get(name, {}))
         if "accuracy" in result:
             row["accuracy"] = result["accuracy"].get(name)

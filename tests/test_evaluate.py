@@ -116,6 +116,9 @@ def test_evaluate_cli_with_baselines_and_encoders(tmp_path, encoders):
         assert (d["psnr"] == float("inf")) == (name == "neighbourhood"), name
         assert -1 <= d["ssim"] <= 1 and len(d["mse_per_image"]) == 4
         assert len(d["eps_error_per_step"]) == 2 and all(e >= 0 for e in d["eps_error_per_step"])  # one per denoising step
+        # the pipeline guides (CFG batch): one guided error per step too, zero exactly where the model is the teacher
+        assert len(d["eps_guided_error_per_step"]) == 2
+        assert (d["eps_guided_error"] == 0) == (name == "neighbourhood") and d["eps_guided_error"] >= 0, name
     for name in ("teacher", "distilled"):
         s = data["scores"][name]
         assert s["dino_score"] >= 1.0 and np.isfinite(s["fdd_reference"]) and 0 <= s["clip_score"] <= 100
@@ -179,3 +182,41 @@ def test_evaluate_without_encoders_says_how_to_get_them(tmp_path):
     res = evaluate(tmp_path / "run", ["a photo of a cat"], [0], steps=2, dino=str(tmp_path / "missing"))
     assert any("not available offline" in n and "hf download" in n for n in res["notes"])
     assert "distilled" in res["distances"] and res["distances"]["distilled"]["psnr"] > 0
+
+
+@pytest.mark.parametrize("cond_first", [False, True])
+def test_guided_eps_error_by_hand(cond_first):
+    """The guided ε error compares u + w·(c − u) of student and teacher, on the ε channels, for the
+    family's row order; a batch that is not a CFG pair batch adds no guided entry."""
+    from deltadistill.evaluate import trajectory_error
+
+    g = torch.Generator().manual_seed(0)
+    C, w, n = 4, 4.5, 3
+
+    class Den(torch.nn.Module):  # a learned-σ denoiser: 2C output channels
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Conv2d(C, 2 * C, 1)
+
+        def forward(self, hidden_states, timestep=None, return_dict=True):
+            return (self.lin(hidden_states),)
+
+    den = Den()
+    x_cfg, x_plain = torch.randn(2 * n, C, 5, 5, generator=g), torch.randn(n, C, 5, 5, generator=g)
+    t_cfg, t_plain = torch.randn(2 * n, 2 * C, 5, 5, generator=g), torch.randn(n, 2 * C, 5, 5, generator=g)
+    calls = [((), {"hidden_states": x_cfg}, t_cfg), ((), {"hidden_states": x_plain}, t_plain)]
+    guided: list = []
+    errors = trajectory_error(den, calls, C, samples=n, guidance=w, cond_first=cond_first, guided_errors=guided)
+    with torch.no_grad():
+        out = den(x_cfg)[0].double()[:, :C]
+        want_plain = float(((den(x_plain)[0].double()[:, :C] - t_plain.double()[:, :C]) ** 2).mean())
+    tgt = t_cfg.double()[:, :C]
+    (cs, us), (ct, ut) = ((out[:n], out[n:]), (tgt[:n], tgt[n:])) if cond_first else ((out[n:], out[:n]), (tgt[n:], tgt[:n]))
+    want = float((((us + w * (cs - us)) - (ut + w * (ct - ut))) ** 2).mean())
+    assert errors[0] == pytest.approx(float(((out - tgt) ** 2).mean()), rel=1e-12)
+    assert errors[1] == pytest.approx(want_plain, rel=1e-12)
+    assert guided == [pytest.approx(want, rel=1e-12)]  # one entry: the plain batch has no CFG pairs
+    # the other row order gives another number (the check can tell the orders apart)
+    other: list = []
+    trajectory_error(den, calls[:1], C, samples=n, guidance=w, cond_first=not cond_first, guided_errors=other)
+    assert other[0] != pytest.approx(want, rel=1e-6)

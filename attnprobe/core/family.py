@@ -86,6 +86,7 @@ class Family:
     attention_equivariant: ClassVar[bool] = True
     returns_latents: ClassVar[bool] = True  # the pipeline supports output_type="latent"
     class_conditional: ClassVar[bool] = False  # "prompts" are class labels
+    cfg_cond_first: ClassVar[bool] = False  # the pipeline batches classifier-free guidance as [cond; uncond]
     not_convertible_reason: ClassVar[str] = ""
     text_tokens: ClassVar[int] = 77  # text length of a typical prompt encoding (benchmarks)
     max_sequence_length: ClassVar[int | None] = None  # cap passed to the pipeline, if it takes one

@@ -25,6 +25,7 @@ class DiT(Family):
     pipeline_classes = ("DiTPipeline",)
     returns_latents = False
     class_conditional = True
+    cfg_cond_first = True  # DiTPipeline: class labels then the null class
     aliases = (Alias("dit", "facebook/DiT-XL-2-256", "DiTPipeline", 256, "DiT-XL/2, class-conditional ImageNet 256"),)
 
     def self_attention(self, denoiser) -> list[AttnSite]:

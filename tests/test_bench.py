@@ -375,3 +375,31 @@ def test_bench_times_and_costs_the_block_that_train_builds(monkeypatch):
     rep = fl.LayerShape("x", "x", tuple(int(v) for v in row["grid"].split("x")), row["dim"], 1, row["dim"], 3, True, True)
     assert row["layer_flops"] == fl.operator_flops("deltaconv", rep, gate=TOOLKIT_BLOCK["gate"]).total
     assert row["layer_flops"] != fl.operator_flops("deltaconv", rep, gate="scaled").total
+
+
+def test_guided_error_script_reads_evaluate_folders(tmp_path, capsys):
+    """benchmarks/guided_error.py: rows from metrics.json, sorted by guided ε error; a folder without one is refused."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import guided_error
+    finally:
+        sys.path.pop(0)
+    for name, eps, guided, psnr in (("a", 0.02, 0.09, 18.0), ("b", 0.03, 0.05, 20.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({
+            "distilled_folder": f"/runs/{name}", "trajectory_pairs": 16, "accuracy": {"distilled": 0.9},
+            "distances": {"distilled": {"psnr": psnr, "psnr_mean": psnr + 3, "ssim": 0.8, "eps_error": eps,
+                                        "eps_guided_error": guided}}}))
+    out = tmp_path / "rows.json"
+    rs = guided_error.main([str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(out)])
+    assert [r["run"] for r in rs] == ["b", "a"]  # smaller guided error first
+    assert json.loads(out.read_text())["rows"][1]["eps_guided_error"] == 0.09
+    assert "| b | 0.0300 | 0.0500 | 20.00 | 23.00 |" in capsys.readouterr().out
+    (tmp_path / "c").mkdir()
+    with pytest.raises(SystemExit) as e:
+        guided_error.main([str(tmp_path / "c")])
+    assert e.value.code == 2 and "no metrics.json" in capsys.readouterr().err

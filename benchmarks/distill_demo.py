@@ -167,8 +167,8 @@ def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dic
     for v in variants:
         d = ev["distances"][v]
         row[v] = {"psnr_db": d["psnr"], "psnr_mean_db": d.get("psnr_mean"), "ssim": d["ssim"], "eps_error": d["eps_error"],
-                  "eps_guided_error": d.get("eps_guided_error"), "accuracy": (ev.get("accuracy") or {}).get(v), "psnr_per_prompt": d.get("psnr_per_prompt"),
-                  "psnr_per_image": d.get("psnr_per_image")}
+                  "eps_guided_error": d.get("eps_guided_error"), "accuracy": (ev.get("accuracy") or {}).get(v),
+                  "psnr_per_prompt": d.get("psnr_per_prompt"), "psnr_per_image": d.get("psnr_per_image")}
     row["teacher_accuracy"] = (ev.get("accuracy") or {}).get("teacher")
     return row
 

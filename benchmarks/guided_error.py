@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -22,8 +23,14 @@ from pathlib import Path
 def rows(folders: list[Path]) -> list[dict]:
     out = []
     for f in folders:
-        m = json.loads((f / "metrics.json").read_text())
-        d = m["distances"]["distilled"]
+        try:
+            m = json.loads((f / "metrics.json").read_text())
+            d = m["distances"]["distilled"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{f / 'metrics.json'} is not a metrics.json of deltadistill evaluate ({e})") from None
+        if d.get("eps_guided_error") is None or not math.isfinite(d["eps_guided_error"]):
+            raise ValueError(f"{f / 'metrics.json'} has no guided ε error (written before it existed, or sampled "
+                             "without classifier-free guidance): evaluate the run again")
         out.append({"run": f.name, "distilled_folder": m["distilled_folder"], "psnr_db": d["psnr"],
                     "psnr_mean_db": d.get("psnr_mean"), "ssim": d["ssim"], "eps_error": d["eps_error"],
                     "eps_guided_error": d.get("eps_guided_error"), "trajectory_pairs": m["trajectory_pairs"],
@@ -47,7 +54,11 @@ def main(argv=None) -> list[dict]:
     if missing:
         print(f"error: no metrics.json in {', '.join(missing)} (run deltadistill evaluate there first)", file=sys.stderr)
         raise SystemExit(2)
-    rs = rows(args.folders)
+    try:
+        rs = rows(args.folders)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(table(rs))
     if args.json:
         tmp = args.json.with_suffix(".tmp")

@@ -38,6 +38,7 @@ from attnprobe.core.pipeline import sample
 from deltadistill import metrics
 from deltadistill.baselines import neighbourhood_attention, untrained_student, zeroed_self_attention
 from deltadistill.generate import base_model_name, to_array
+from deltadistill.trajectory import default_guidance, guided
 
 __all__ = ["evaluate", "evaluate_distillation", "VARIANTS", "format_table", "zeroed_self_attention"]
 
@@ -90,10 +91,9 @@ def _eps(out: torch.Tensor, channels: int) -> torch.Tensor:
 def guided_eps(out: torch.Tensor, latent_channels: int, guidance: float, cond_first: bool = False) -> torch.Tensor:
     """The guided prediction u + w·(c − u) of a classifier-free-guidance batch [uncond; cond] (or
     [cond; uncond] with ``cond_first``), on the ε channels: what the sampler steps with."""
-    eps = _eps(out, latent_channels)
-    first, second = eps.chunk(2)
+    first, second = _eps(out, latent_channels).chunk(2)
     u, c = (second, first) if cond_first else (first, second)
-    return u + guidance * (c - u)
+    return guided(c, u, guidance)
 
 
 @torch.no_grad()
@@ -185,10 +185,8 @@ def evaluate(distilled_folder, prompts: list[str], seeds: list[int], *, steps: i
             handle.remove()
         calls = recorder.calls
     traj, traj_guided = {}, {}
-    from deltadistill.trajectory import _default_guidance
-
     fam = family_of(denoiser_of(teacher))
-    w = float(guidance) if guidance is not None else _default_guidance(teacher)
+    w = float(guidance) if guidance is not None else default_guidance(teacher)
     traj_kw = dict(samples=n_traj, guidance=w, cond_first=fam.cfg_cond_first)
     for name in variants:
         say(f"sampling: {name}")

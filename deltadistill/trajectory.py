@@ -169,7 +169,7 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
         batched={k: torch.cat([b[k] for b in parts["batched"]]) for k in keys}, constant=constant,
         out=torch.cat(parts["out"]), pair=torch.cat(parts["pair"]),
         x=[torch.cat(v) for v in parts["x"]], y=[torch.cat(v) for v in parts["y"]], grids=grids,
-        guidance=float(guidance if guidance is not None else _default_guidance(pipe)),
+        guidance=float(guidance if guidance is not None else default_guidance(pipe)),
     )
     traj.info = {"prompts": len(prompts), "seeds": len(seeds), "steps": int(steps), "states": len(traj),
                  "keep_every": int(keep_every), "seconds": round(time.perf_counter() - t0, 1),
@@ -195,7 +195,7 @@ def check_memory(bytes_per_call: int, calls: int, budget: int | None = None) -> 
             "lower --traj-seeds or --traj-steps, raise --traj-keep-every, or use --recipe noised (streams its data)")
 
 
-def _default_guidance(pipe) -> float:
+def default_guidance(pipe) -> float:
     """The guidance scale the pipeline used: its recorded ``_guidance_scale`` or its call's default."""
     value = getattr(pipe, "_guidance_scale", None)
     if value is None:

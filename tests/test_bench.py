@@ -403,3 +403,13 @@ def test_guided_error_script_reads_evaluate_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         guided_error.main([str(tmp_path / "c")])
     assert e.value.code == 2 and "no metrics.json" in capsys.readouterr().err
+    # a corrupt file, and one written before the guided error existed: one line each, exit 2, nothing written
+    (tmp_path / "c" / "metrics.json").write_text("{not json")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.json").write_text(json.dumps({"distances": {"distilled": {"psnr": 1.0, "eps_error": 0.1}}}))
+    for folder, words in (("c", "is not a metrics.json"), ("d", "has no guided ε error")):
+        with pytest.raises(SystemExit) as e:
+            guided_error.main([str(tmp_path / folder), "--json", str(tmp_path / "new.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "new.json").exists()

@@ -33,13 +33,17 @@ SECTION = "## Distillation on the demo model"
 
 # variant → TrainConfig changes from the toolkit preset (see deltadistill/presets.py)
 FINAL = {"recipe": "trajectory", "steps": 300}  # the toolkit preset gives its fine-tune lr 5e-4, warm-up 20
-# The toolkit preset changed on this date (sigmoid gate, 8 symmetries, 1200 regression steps); rows store it as
-# "recipe_of". Trajectory rows without it were measured on the recipe before, "recipe_2026_12_04", and are read
-# against that row.
-RECIPE_OF = "2026-12-06"
-BEFORE = {**FINAL, "gate": "scaled", "regress_symmetries": 1, "regress_steps": 600}  # the preset before that date
+# Every row stores the toolkit preset its changes apply to as "recipe_of" (trajectory rows without it: the preset of
+# 2026-12-04). A row measured on an earlier preset is read against the row of that preset, "recipe_<date>", whose
+# changes spell the earlier preset out on today's. The preset changed twice:
+#   2026-12-06: the sigmoid gate, 8 symmetries, 1200 regression steps (was: scaled gate, none, 600);
+#   2026-12-06b: the guided layer term in the regression (1), guided-output weight 4 in the fine-tune (was 0.25).
+RECIPE_OF = "2026-12-06b"
+RECIPE_1206 = {**FINAL, "regress_cfg_loss": 0.0, "cfg_loss": 0.25}  # the preset of 2026-12-06
+BEFORE = {**RECIPE_1206, "gate": "scaled", "regress_symmetries": 1, "regress_steps": 600}  # the preset of 2026-12-04
 VARIANTS = {
     "final": FINAL,
+    "recipe_2026_12_06": RECIPE_1206,
     "recipe_2026_12_04": BEFORE,
     "previous": {"recipe": "noised", "steps": 300, "lr": 2e-3, "warmup": 10, "lr_schedule": "cosine",
                  "samples_per_prompt": 2, "sample_steps": 10, "gate": "scaled"},  # the recipe shipped before (15.7 dB)
@@ -52,6 +56,8 @@ VARIANTS = {
     "no_regression": {**FINAL, "regress_steps": 0},
     "no_finetune": {**FINAL, "steps": 0},
     "no_cfg_loss": {**FINAL, "cfg_loss": 0.0},
+    "no_regress_cfg": {**FINAL, "regress_cfg_loss": 0.0},
+    "cfg_loss_025": {**FINAL, "cfg_loss": 0.25},
     "one_seed": {**FINAL, "traj_seeds": 1},
     "seeds_8": {**FINAL, "traj_seeds": 8},
     "kernel_13": {**FINAL, "kernel_size": 13},  # the official PixArt table: 13 everywhere
@@ -63,7 +69,9 @@ VARIANTS = {
     "keep_blocks0_2": {**FINAL, "keep_attention": r"blocks\.[0-2]\."},  # blocks 0-2 keep it, 3-7 converted
 }
 DESCRIPTIONS = {
-    "final": "toolkit recipe: trajectories, regression (1200 steps, 8 symmetries), fine-tune; gate x1·σ(x2)",
+    "final": "toolkit recipe: trajectories, regression (1200 steps, 8 symmetries, guided layer term), fine-tune "
+             "(guided-output weight 4); gate x1·σ(x2)",
+    "recipe_2026_12_06": "the toolkit recipe of 2026-12-06: no guided term in the regression, guided-output weight 0.25",
     "recipe_2026_12_04": "the toolkit recipe until 2026-12-04: gate x1·x2/√C', no symmetries, 600 regression steps",
     "scaled_gate": "the paper's printed gate x1·x2/√C' instead of x1·σ(x2)",
     "no_symmetries": "regression without the grid's turns and flips",
@@ -74,6 +82,8 @@ DESCRIPTIONS = {
     "no_regression": "without the regression stage",
     "no_finetune": "without the fine-tune stage",
     "no_cfg_loss": "fine-tune without the guided-output term",
+    "no_regress_cfg": "regression without the guided layer term",
+    "cfg_loss_025": "guided-output weight 0.25 instead of 4 in the fine-tune",
     "one_seed": "1 trajectory per caption instead of 4",
     "seeds_8": "8 trajectories per caption instead of 4",
     "kernel_13": "K = 13 in every layer (the official PixArt table) instead of the report's sizes",
@@ -187,7 +197,7 @@ def main(argv=None) -> dict:
     report, analyze_s = _report(args, out)
     results_path = ROOT / "benchmarks" / "results" / "distill_demo.json"
     earlier = json.loads(results_path.read_text()) if args.append and results_path.is_file() else None
-    kept = [r for r in (earlier or {}).get("ablation", []) if r["variant"] not in names]
+    kept = [r for r in migrate((earlier or {}).get("ablation", [])) if r["variant"] not in names]
     for r in kept:  # rows of an earlier run in the same --out: their curves from the runs' metrics
         if r.get("feature_loss") is None:
             r["feature_loss"] = loss_curve(out / r["variant"])
@@ -202,7 +212,8 @@ def main(argv=None) -> dict:
     for i, name in enumerate(names):
         baselines = i == 0 and not any("untrained" in r for r in kept)
         again = done.get(name)
-        if again is not None and again.get("changes") == VARIANTS[name] and (not baselines or "untrained" in again):
+        if again is not None and again.get("changes") == VARIANTS[name] and again.get("recipe_of") == RECIPE_OF \
+                and (not baselines or "untrained" in again):
             print(f"[{name}] reusing the row of {out / 'rows.json'} (trained {again['date']})", flush=True)
             rows.append(again)
         else:
@@ -255,17 +266,47 @@ def summarise(rows, args, analyze_s, argv, earlier=None) -> dict:
     }
 
 
+def recipe_row(recipe_of: str | None) -> str:
+    """The variant that spells out the toolkit preset of ``recipe_of`` (None: 2026-12-04, before rows stored it)."""
+    return "recipe_" + (recipe_of or "2026-12-04").replace("-", "_")
+
+
 def base_of(row: dict, rows: dict) -> dict:
-    """The row that ``row`` is read against: the final recipe's, or, for a trajectory row measured before the preset
-    changed (no ``recipe_of``), the row of the recipe it was measured on, when that row is there."""
-    old = rows.get("recipe_2026_12_04")
-    if old is not None and row is not old and "recipe_of" not in row and (row.get("changes") or {}).get("recipe") == "trajectory":
-        return old
+    """The row that ``row`` is read against: the final recipe's, or, for a trajectory row measured on an earlier
+    preset, the row of that preset (``recipe_<date>``), when that row is there."""
+    if (row.get("changes") or {}).get("recipe") == "trajectory" and row.get("recipe_of") != RECIPE_OF:
+        old = rows.get(recipe_row(row.get("recipe_of")))
+        if old is not None and old is not row:
+            return old
     return rows.get("final", row)
 
 
 def on_old_recipe(row: dict, rows: dict) -> bool:
-    return base_of(row, rows) is rows.get("recipe_2026_12_04") and row is not rows.get("recipe_2026_12_04")
+    """Measured on an earlier preset (the ``recipe_<date>`` rows themselves are read in the change clauses)."""
+    return (row is not rows.get("final") and not row["variant"].startswith("recipe_")
+            and base_of(row, rows) is not rows.get("final", row))
+
+
+def recipe_label(row: dict, rows: dict) -> str:
+    """The date of the preset that ``row``'s base row stands for ("2026-12-04", "2026-12-06", ...)."""
+    return base_of(row, rows)["variant"].removeprefix("recipe_").replace("_", "-")
+
+
+def migrate(rows: list) -> list:
+    """A ``final`` row measured on an earlier preset becomes that preset's ``recipe_<date>`` row (unless that row
+    was measured itself): it is what that preset gave."""
+    names = {r["variant"] for r in rows}
+    out = []
+    for r in rows:
+        if r["variant"] == "final" and r.get("recipe_of") != RECIPE_OF:
+            name = recipe_row(r.get("recipe_of"))
+            if name in names or name not in VARIANTS:
+                continue
+            r = {**r, "variant": name, "description": DESCRIPTIONS[name], "changes": VARIANTS[name],
+                 "recipe_of": RECIPE_OF, "measured_as": {"variant": "final", "changes": r["changes"],
+                                                         "recipe_of": r.get("recipe_of")}}
+        out.append(r)
+    return out
 
 
 def table(result) -> str:
@@ -285,7 +326,8 @@ def table(result) -> str:
     rows = {r["variant"]: r for r in result["ablation"]}
     for r in result["ablation"]:
         d = r["distilled"]
-        desc = r["description"] + (f" *(on the 2026-12-04 recipe, measured {r.get('date', '?')})*" if on_old_recipe(r, rows) else "")
+        desc = r["description"] + (f" *(on the {recipe_label(r, rows)} recipe, measured {r.get('date', '?')})*"
+                                   if on_old_recipe(r, rows) else "")
         lines.append(f"| {desc} | {d['psnr_db']:.2f} | {pm(d)} | {d['ssim']:.3f} | {d['eps_error']:.4f} | "
                      f"{acc(d['accuracy'])} | {lf(r.get('feature_loss'))} | {r['train_seconds']:.0f} |")
     labels = {"untrained": "untrained student (converted, step 0)", "no_attention": "teacher, self-attention zeroed",
@@ -315,14 +357,15 @@ def verdict(result) -> str:
     if captions:
         out.append(captions)
     toggles = [f"{rows[k]['description']}: {rows[k]['distilled']['psnr_db'] - base_of(rows[k], rows)['distilled']['psnr_db']:+.2f} dB"
-               + (" against the 2026-12-04 recipe it was measured on" if on_old_recipe(rows[k], rows) else "")
-               for k in VARIANTS if k not in ("final", "keep_block0", "keep_blocks0_1", "keep_blocks0_2") and k in rows]
+               + (f" against the {recipe_label(rows[k], rows)} recipe it was measured on" if on_old_recipe(rows[k], rows) else "")
+               for k in VARIANTS if k not in ("final", "keep_block0", "keep_blocks0_1", "keep_blocks0_2")
+               and not k.startswith("recipe_") and k in rows]
     if toggles:
         out.append("**Each row against the final recipe** (rows measured before the recipe changed: against the "
                    "recipe they were measured on): " + "; ".join(toggles) + ".")
-    change = _change_clause(rows)
-    if change:
-        out.append(change)
+    for change in (_change_clause(rows, *c) for c in CHANGES):
+        if change:
+            out.append(change)
     prev, beta1 = rows.get("previous"), rows.get("noised_beta1")
     if prev and beta1 and prev.get("feature_loss") and beta1.get("feature_loss"):
         a, b = prev["feature_loss"], beta1["feature_loss"]
@@ -348,7 +391,7 @@ def verdict(result) -> str:
                "of its value at the mean-field initialisation" if c and c["kind"] == "regression" else "")
             + (f"; the linear attention of LinFusion's form, content-dependent but global, reaches "
                f"{lin['distilled']['psnr_db']:.2f} dB with the same recipe and budget"
-               + (" (the 2026-12-04 recipe's)" if on_old_recipe(lin, rows) else "") if lin else "")
+               + (f" (the {recipe_label(lin, rows)} recipe's)" if on_old_recipe(lin, rows) else "") if lin else "")
             + (_wide_clause(wide, base_of(wide, rows)) if wide and wide.get("feature_loss") and base_of(wide, rows).get("feature_loss") else "")
             + (_seeds_clause(one, eight, rows) if one and eight and base_of(one, rows) is base_of(eight, rows) else "")
             + ". The recipe's own choices are in the rows above; the capacity and fine-tune probes in the next section.")
@@ -358,6 +401,7 @@ def verdict(result) -> str:
         text = (f"**A hybrid student** (measured {hyb.get('date', '')}): with block 0's self-attention kept and blocks 1–7 "
                 f"converted (`--keep-attention 'blocks\\.0\\.'`), the samples are {h['psnr_db']:.2f} dB from the "
                 f"teacher's ({h['psnr_db'] - f['psnr_db']:+.2f} dB against the all-ΔConv student"
+                + (f" of the {recipe_label(hyb, rows)} recipe it was measured on" if on_old_recipe(hyb, rows) else "")
                 + (f"; mean per-image {h['psnr_mean_db']:.2f} dB" if h.get("psnr_mean_db") is not None else "")
                 + f"), ε error {h['eps_error']:.4f} against {f['eps_error']:.4f}, SSIM {h['ssim']:.3f} against "
                 f"{f['ssim']:.3f}" + (f", accuracy {h['accuracy']:.0%} against {f['accuracy']:.0%}" if h["accuracy"] is not None
@@ -373,7 +417,8 @@ def verdict(result) -> str:
         out.append(
             f"**Hybrids that keep the first blocks' attention** (measured {hybrids[0][1].get('date', '')}; teacher accuracy "
             + (f"{t_acc:.0%}" if t_acc is not None else "–") + "): "
-            + "; ".join(_hybrid_clause(k, r, base_of(r, rows)["distilled"], t_acc, on_old_recipe(r, rows)) for k, r in hybrids)
+            + "; ".join(_hybrid_clause(k, r, base_of(r, rows)["distilled"], t_acc,
+                                       recipe_label(r, rows) if on_old_recipe(r, rows) else None) for k, r in hybrids)
             + ". Their denoiser calls are timed in the next section (\"Speed of the hybrids\"). Keeping the early, "
             "local blocks is the trade a user who needs the teacher's images can make today; the targets of this table "
             "stay read on the all-ΔConv student.")
@@ -383,14 +428,14 @@ def verdict(result) -> str:
 HYBRID_KEPT = {"keep_blocks0_1": ("0–1", "[01]", 6), "keep_blocks0_2": ("0–2", "[0-2]", 5)}
 
 
-def _hybrid_clause(name: str, row: dict, final: dict, t_acc: float | None, old: bool = False) -> str:
+def _hybrid_clause(name: str, row: dict, final: dict, t_acc: float | None, old: str | None = None) -> str:
     """One hybrid row in a clause: what it keeps, its distances, and whether it meets the targets."""
     kept, regex, n = HYBRID_KEPT[name]
     h = row["distilled"]
     acc_ok = h.get("accuracy") is not None and t_acc is not None and t_acc - h["accuracy"] <= 0.05 + 1e-9
     return (f"keeping blocks {kept} (`--keep-attention 'blocks\\.{regex}\\.'`, {n} of 8 layers converted): "
             f"{h['psnr_db']:.2f} dB ({h['psnr_db'] - final['psnr_db']:+.2f} dB against the all-ΔConv student"
-            + (" of the 2026-12-04 recipe it was measured on" if old else "")
+            + (f" of the {old} recipe it was measured on" if old else "")
             + (f"; mean per-image {h['psnr_mean_db']:.2f} dB" if h.get("psnr_mean_db") is not None else "")
             + f"), ε error {h['eps_error']:.4f}, SSIM {h['ssim']:.3f}"
             + (f", accuracy {h['accuracy']:.0%}" if h.get("accuracy") is not None else "")
@@ -438,24 +483,38 @@ def _baselines_on(worst: list, baselines: dict) -> str:
     return (f"On the same {len(worst)} captions: " + "; ".join(parts) + ". " if parts else "")
 
 
-def _change_clause(rows: dict) -> str:
-    """What the 2026-12-06 recipe change did: the final row against the recipe before, and each change undone."""
-    new, old = rows.get("final"), rows.get("recipe_2026_12_04")
+# the preset's changes, newest first: (row after, row before, title, what changed, the rows that undo one change each)
+CHANGES = [
+    ("final", "recipe_2026_12_06", "The recipe change of 2026-12-06 (afternoon)",
+     "the regression draws its batches as CFG pairs and adds, per layer, the MSE of the guided layer output "
+     "u + w·(c − u) (weight 1); the fine-tune weights its guided-output term 4 instead of 0.25, with each pair's "
+     "rows in the sampler's order", ("no_regress_cfg", "cfg_loss_025")),
+    ("recipe_2026_12_06", "recipe_2026_12_04", "The recipe change of 2026-12-06",
+     "the sigmoid gate of the official PixArt blocks, regression batches turned and flipped by the 8 symmetries of "
+     "the square — exact pairs, since self-attention commutes with any reordering of its tokens —, 1200 regression "
+     "steps instead of 600", ("scaled_gate", "no_symmetries", "regress_600")),
+]
+
+
+def _change_clause(rows: dict, after: str, before: str, title: str, what: str, undoing: tuple) -> str:
+    """What a change of the preset did: the row after against the row before, and each change undone alone."""
+    new, old = rows.get(after), rows.get(before)
     if not new or not old or "recipe_of" not in new:
         return ""
     a, b = old["distilled"], new["distilled"]
-    text = (f"**The recipe change of {RECIPE_OF}** (the sigmoid gate of the official PixArt blocks, regression batches "
-            "turned and flipped by the 8 symmetries of the square — exact pairs, since self-attention commutes with any "
-            "reordering of its tokens —, 1200 regression steps instead of 600): ε error "
-            f"{a['eps_error']:.4f} → {b['eps_error']:.4f} ({100 * (b['eps_error'] / a['eps_error'] - 1):+.0f}%), PSNR "
-            f"{a['psnr_db']:.2f} → {b['psnr_db']:.2f} dB")
+    text = (f"**{title}** ({what}): ε error "
+            f"{a['eps_error']:.4f} → {b['eps_error']:.4f} ({100 * (b['eps_error'] / a['eps_error'] - 1):+.0f}%)"
+            + (f", guided ε error {a['eps_guided_error']:.4f} → {b['eps_guided_error']:.4f} "
+               f"({100 * (b['eps_guided_error'] / a['eps_guided_error'] - 1):+.0f}%)"
+               if a.get("eps_guided_error") and b.get("eps_guided_error") else "")
+            + f", PSNR {a['psnr_db']:.2f} → {b['psnr_db']:.2f} dB")
     if a.get("psnr_mean_db") is not None and b.get("psnr_mean_db") is not None:
         text += f" (mean per-image {a['psnr_mean_db']:.2f} → {b['psnr_mean_db']:.2f} dB)"
     text += f", SSIM {a['ssim']:.3f} → {b['ssim']:.3f}"
     if a.get("accuracy") is not None and b.get("accuracy") is not None:
         text += f", accuracy {a['accuracy']:.0%} → {b['accuracy']:.0%}"
     text += f", training {old['train_seconds']:.0f} → {new['train_seconds']:.0f} s on the same machine"
-    undone = [(k, rows[k]) for k in ("scaled_gate", "no_symmetries", "regress_600") if k in rows and "recipe_of" in rows[k]]
+    undone = [(k, rows[k]) for k in undoing if k in rows and base_of(rows[k], rows) is new]
     if undone:
         text += (". Each change undone alone: " + "; ".join(
             f"{r['description']}: ε error {r['distilled']['eps_error']:.4f}, {r['distilled']['psnr_db']:.2f} dB" for _, r in undone))
@@ -468,7 +527,7 @@ def _seeds_clause(one: dict, eight: dict, rows: dict) -> str:
             f"{four['distilled']['psnr_db'] - one['distilled']['psnr_db']:+.2f} dB, 4 → 8 "
             f"{eight['distilled']['psnr_db'] - four['distilled']['psnr_db']:+.2f} dB (ε error "
             f"{four['distilled']['eps_error']:.4f} → {eight['distilled']['eps_error']:.4f})"
-            + (" on the 2026-12-04 recipe" if on_old_recipe(one, rows) else ""))
+            + (f" on the {recipe_label(one, rows)} recipe" if on_old_recipe(one, rows) else ""))
 
 
 def _wide_clause(wide: dict, final: dict) -> str:

@@ -18,7 +18,9 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   states (every 7th) before and after, and per layer the share of its mean-field error left. A larger block that fitted the layers better would show here.
 * ``finetune``: one regression as above (cached), then from it each fine-tune variant: ``steps``
   (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
-  + ``cfg_w`` (0.25) × guided-output MSE; ``reg_w`` adds the regression loss; ``early`` = a draws
+  + ``cfg_w`` (0.25) × guided-output MSE (``out_w`` scales the first term; each CFG pair's rows in either
+  order, as the recipe before 2026-12-06 afternoon, unless ``orient`` = 1: [cond; uncond], so that the guided
+  term is the sampler's u + w·(c − u)); ``reg_w`` adds the regression loss; ``early`` = a draws
   a state with probability ∝ 1 + a · t / 1000 (t its timestep: noisy states more often); ``full``
   = m also trains the rest of the student (frozen in the recipe) at m × lr; ``hard`` = h draws a
   state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``ema`` = d
@@ -26,7 +28,8 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   schedule twice over half the steps (the control for ``onpolicy``); ``onpolicy`` = n runs half the
   steps, then samples the *student* on the training captions for n seeds, labels those states
   with the teacher's outputs and runs the other half on recorded + student states. Prints the
-  held-out ε error (every 5th state) and the PSNR of the student's samples against the teacher's
+  held-out ε error (every 5th state), the held-out error of the guided prediction u + w·(c − u) (those
+  states with their CFG partners) and the PSNR of the student's samples against the teacher's
   (14 captions × ``--eval-seeds``, default 0, 20 steps; with 0,1,2,3 the images of ``distill_demo.py``).
 * ``layers``: which blocks cost the dB. For each list of block indices only those self-attention
   layers are converted (the others keep the teacher's attention), then the recipe as above
@@ -42,6 +45,8 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   training; :func:`deltadistill.baselines.neighbourhood_attention`): a variant is one K for every
   layer, ``"report"`` (the demo report's sizes) or a list of one K per layer (``null``: that layer
   keeps full attention); prints the held-out ε error and the PSNR as in ``finetune``.
+* ``--regress-cfg`` w: the cached regression draws 16 CFG pairs per batch (not 32 states) and adds w × the
+  MSE of each layer's guided output (the recipe's ``--regress-cfg-loss``).
 * Every PSNR printed also names the three captions with the largest share of the squared error
   (they set the pooled PSNR); ``--worst-figure PREFIX`` saves, per variant, the 8 lowest-PSNR
   samples beside the teacher's as PREFIX-variant.png.
@@ -67,6 +72,7 @@ import torch.nn.functional as F
 KERNELS = [3, 3, 5, 9, 11, 13, 13, 13]  # the demo report's recommendation per block
 EVAL_SEEDS = [0]  # --eval-seeds
 AUGMENT = 1  # --augment
+REGRESS_CFG = 0.0  # --regress-cfg
 BLOCK: dict = {}  # --block: ΔConvBlock settings of every student (a variant's own settings override them)
 
 
@@ -82,6 +88,8 @@ def parse_args(argv=None):
     ap.add_argument("--augment", type=int, default=1, choices=range(1, 9), metavar="N",
                     help="the cached regression draws each batch moved by one of the first N symmetries of the square "
                          "(1: none, 8: all turns and flips; finetune, mixing)")
+    ap.add_argument("--regress-cfg", type=float, default=0.0,
+                    help="the cached regression draws 16 CFG pairs per batch and adds this weight × the guided layer-output MSE")
     ap.add_argument("--block", default="{}", help='JSON: ΔConvBlock settings of every student, e.g. \'{"gate": "sigmoid"}\'')
     ap.add_argument("--eval-seeds", default="0", help="comma-separated sampling seeds of the PSNR (14 captions each)")
     ap.add_argument("--resolution", type=int, default=1024, help="speed: image side in pixels")
@@ -140,10 +148,11 @@ class Probe:
         self.tr = dataclasses.replace(self.tr, x=[self.tr.x[i] for i in only], y=[self.tr.y[i] for i in only],
                                       grids=[self.tr.grids[i] for i in only])
 
-    def regress(self, blocks, steps: int, pool: torch.Tensor | None = None, augment: int = 0) -> None:
+    def regress(self, blocks, steps: int, pool: torch.Tensor | None = None, augment: int = 0, cfg_w: float = 0.0) -> None:
         """Teacher-forced regression of ``blocks``; ``pool``: draw the states only from these indices;
-        ``augment`` n: each step's batch moved by one of the first n symmetries of the square (1: none)."""
-        from deltadistill.trajectory import regression_loss
+        ``augment`` n: each step's batch moved by one of the first n symmetries of the square (1: none);
+        ``cfg_w`` > 0: the batch is 16 CFG pairs, with the guided term of weight ``cfg_w`` (``--regress-cfg``)."""
+        from deltadistill.trajectory import cfg_pairs, regression_loss
 
         params = [p for b in blocks for p in b.parameters()]
         opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0)
@@ -154,7 +163,9 @@ class Probe:
             if pool is not None:
                 idx = pool[idx]
             k = int(torch.randint(augment, (1,), generator=g)) if augment > 1 else 0
-            loss, _ = regression_loss(blocks, self.tr, idx, symmetry=k)
+            if cfg_w:  # 16 CFG pairs instead of 32 states, and the guided term
+                idx = cfg_pairs(self.tr, idx[:16])
+            loss, _ = regression_loss(blocks, self.tr, idx, symmetry=k, cfg_weight=cfg_w)
             opt.zero_grad()
             loss.backward()
             for b in blocks:
@@ -189,6 +200,17 @@ class Probe:
         with torch.no_grad():
             idx = torch.arange(0, len(self.te), 5)
             return float(F.mse_loss(self.replay(student, self.te, idx).float(), self.te.out[idx]))
+
+    def held_guided(self, student) -> float:
+        """Held-out error of the guided prediction u + w·(c − u) that the sampler steps with (same states as
+        :meth:`held_eps`, each with its CFG partner)."""
+        from deltadistill.trajectory import guided
+
+        idx = cond_then_uncond(self.te, torch.arange(0, len(self.te), 5))
+        with torch.no_grad():
+            out, target = self.replay(student, self.te, idx).float(), self.te.out[idx]
+        b, w = len(idx) // 2, self.te.guidance
+        return float(F.mse_loss(guided(out[:b], out[b:], w), guided(target[:b], target[b:], w)))
 
     def held_eps_by_steps(self, student) -> str:
         """Held-out ε error over the sampling steps 0-4, 5-9, 10-14, 15-19 (step 0 the noisiest)."""
@@ -234,7 +256,7 @@ class Probe:
                 + ", ".join(f"'{self.prompts[g['group']]}' {g['psnr']:.1f} dB {100 * g['mse_share']:.0f}%" for g in groups) + ")")
 
     def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
-                 early=0.0, full=0.0, hard=0.0, ema=0.0):
+                 early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0):
         from deltadistill.trajectory import guided, regression_loss, replay
 
         data = data or self.tr
@@ -264,10 +286,10 @@ class Probe:
             if group is not None:  # timestep experts: the whole batch from the expert of its first state
                 pool = (group == group[idx[0]]).nonzero().flatten()
                 idx = pool[torch.randint(len(pool), (bs,), generator=g)]
-            idx = torch.cat([idx, data.pair[idx]])
+            idx = cond_then_uncond(data, idx) if orient else torch.cat([idx, data.pair[idx]])
             target = data.out[idx]
             out = self.replay(student, data, idx).float()
-            loss = F.mse_loss(out, target)
+            loss = out_w * F.mse_loss(out, target)
             b = len(idx) // 2
             loss = loss + cfg_w * F.mse_loss(guided(out[:b], out[b:], data.guidance),
                                              guided(target[:b], target[b:], data.guidance))
@@ -301,6 +323,14 @@ class Probe:
         n = len(self.tr)
         return dataclasses.replace(self.tr, batched={k: torch.cat([self.tr.batched[k], d.batched[k]]) for k in self.tr.batched},
                                    out=torch.cat([self.tr.out, d.out]), pair=torch.cat([self.tr.pair, d.pair + n]), x=[], y=[])
+
+
+def cond_then_uncond(data, idx: torch.Tensor) -> torch.Tensor:
+    """``idx``'s CFG pairs as [cond rows; uncond rows], so that ``guided(out[:b], out[b:], w)`` is u + w·(c − u).
+    The demo pipeline batches [uncond; cond]: a row whose partner comes after it is the uncond one."""
+    first = data.pair[idx] > idx
+    u = torch.where(first, idx, data.pair[idx])
+    return torch.cat([data.pair[u], u])
 
 
 def sampling_step(data) -> torch.Tensor:
@@ -406,7 +436,7 @@ def experts(probe: Probe, variants: dict, steps: int) -> None:
         t0 = time.perf_counter()
         probe.finetune(student, blocks, **kw)
         t = time.perf_counter() - t0
-        print(f"{name}: eps {probe.held_eps(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+        print(f"{name}: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
         if probe.switch["sampled"] != set(range(n)):
             raise SystemExit(f"{name}: sampling used the experts {sorted(probe.switch['sampled'])}, not all {n}")
@@ -479,7 +509,7 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
     trained = {id(p) for b in blocks for p in b.parameters()}
     variants = dict(variants)
     if variants.pop("regressed", None) is not None:
-        print(f"regressed: eps {probe.held_eps(student):.4f} psnr {probe.quick_psnr()}", flush=True)
+        print(f"regressed: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} psnr {probe.quick_psnr()}", flush=True)
     for name, kw in variants.items():
         kw = dict(kw)
         student.load_state_dict(start)
@@ -495,7 +525,7 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
         else:
             probe.finetune(student, blocks, steps=total, **kw)
         t = time.perf_counter() - t0
-        print(f"{name}: eps {probe.held_eps(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+        print(f"{name}: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 
@@ -506,6 +536,7 @@ def cache_suffix(steps: int = 600) -> str:
 
     block = {"gate": TOOLKIT_BLOCK["gate"], **BLOCK}
     parts = ([f"steps{steps}"] if steps != 600 else []) + ([f"aug{AUGMENT}"] if AUGMENT > 1 else []) + \
+        ([f"rcfg{REGRESS_CFG:g}"] if REGRESS_CFG else []) + \
         [f"{k}-{v}" for k, v in sorted(block.items())]
     return "".join("_" + "".join(c if c.isalnum() or c in ".-" else "-" for c in p) for p in parts)
 
@@ -519,7 +550,7 @@ def regressed_student(probe: Probe, steps: int):
             b.load_state_dict(s)
     else:
         t0 = time.perf_counter()
-        probe.regress(blocks, steps, augment=AUGMENT)
+        probe.regress(blocks, steps, augment=AUGMENT, cfg_w=REGRESS_CFG)
         print(f"regression {time.perf_counter() - t0:.0f}s", flush=True)
         torch.save([b.state_dict() for b in blocks], path)
     return student, blocks
@@ -568,7 +599,7 @@ def layers(probe: Probe, variants: dict, steps: int) -> None:
         probe.tr = full
         probe.finetune(student, blocks)
         t = time.perf_counter() - t0
-        print(f"{name}: eps {probe.held_eps(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+        print(f"{name}: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 
@@ -615,8 +646,8 @@ def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
 def main(argv=None):
     args = parse_args(argv)
     EVAL_SEEDS[:] = [int(v) for v in args.eval_seeds.split(",")]
-    global AUGMENT
-    AUGMENT = args.augment
+    global AUGMENT, REGRESS_CFG
+    AUGMENT, REGRESS_CFG = args.augment, args.regress_cfg
     BLOCK.update(json.loads(args.block))
     torch.set_num_threads(args.threads)
     probe = Probe(args.work)

@@ -126,13 +126,17 @@ def train(
                                                      "square's 8 symmetries (1: none). Self-attention commutes with "
                                                      "them, so every moved state is an exact training pair; models "
                                                      "with rotary position embeddings use 1 [toolkit 8]."),
+    regress_cfg_loss: Optional[float] = typer.Option(None, "--regress-cfg-loss", help="trajectory: draw each regression "
+                                                   "batch as CFG pairs and add this weight × the MSE of every layer's "
+                                                   "guided output u + w·(c − u), the difference the sampler multiplies "
+                                                   "by w (0: plain per-layer MSE) [toolkit 1]."),
     regress_batch: int = typer.Option(32, "--regress-batch", help="trajectory: recorded states per regression step."),
     regress_lr: float = typer.Option(2e-3, "--regress-lr", help="trajectory: regression learning rate (cosine to 0)."),
     traj_seeds: int = typer.Option(4, "--traj-seeds", help="trajectory: teacher samples per prompt."),
     traj_steps: int = typer.Option(20, "--traj-steps", help="trajectory: sampling steps of the recorded trajectories."),
     traj_keep_every: int = typer.Option(1, "--traj-keep-every", help="trajectory: keep every k-th denoiser call (memory)."),
     cfg_loss: Optional[float] = typer.Option(None, "--cfg-loss", help="trajectory: weight of the guided-output MSE "
-                                             "(u + w·(c − u) over each CFG pair) [toolkit 0.25]."),
+                                             "(u + w·(c − u) over each CFG pair) [toolkit 4]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     estimate: bool = typer.Option(False, "--estimate", help="Dry run: build the model from its shipped config on the meta device, convert it as this run would, and print parameters, memory (weights, optimizer, activations, recorded data) and the estimated time of each stage on --device; loads no weights, writes nothing."),
 ):
@@ -153,7 +157,7 @@ def train(
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
         max_bad_steps=max_bad_steps, init=init, inter_ratio=inter_ratio, scales=_scales(scales), student=student, layers=layers, keep_attention=keep_attention, progress=progress, recipe=recipe, regress_steps=regress_steps,
-        regress_batch=regress_batch, regress_lr=regress_lr, regress_symmetries=regress_symmetries, traj_seeds=traj_seeds, traj_steps=traj_steps,
+        regress_batch=regress_batch, regress_lr=regress_lr, regress_symmetries=regress_symmetries, regress_cfg_loss=regress_cfg_loss, traj_seeds=traj_seeds, traj_steps=traj_steps,
         traj_keep_every=traj_keep_every, cfg_loss=cfg_loss,
     )
     if estimate:

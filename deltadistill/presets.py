@@ -23,15 +23,18 @@ PRESETS = ("toolkit", "paper")
 # and the grid's symmetries")
 TOOLKIT_BLOCK = {"gate": "sigmoid", "gate_scale": None, "pool": "ceil", "dw_bias": True}
 
-# training recipes (TrainConfig fields); "paper" = the official configs (cfgs/train/py/*_dist.py)
+# training recipes (TrainConfig fields); "paper" = the official configs (cfgs/train/py/*_dist.py). The toolkit's guided
+# terms (regress_cfg_loss, cfg_loss) lower the error of the guided prediction u + w·(c − u) the sampler steps with:
+# benchmarks/RESULTS.md, "The guided terms"
 TRAIN = {
     "toolkit": {"recipe": "noised", "feature_target": "attention", "snr_weighting": "standard", "lr": 3e-4,
                 "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup": 100, "clip": 1.0, "batch_size": 4,
                 "caption_dropout": 0.1, "beta": 1e-3, "gamma": 5.0, "regress_steps": 1200, "regress_symmetries": 8,
-                "cfg_loss": 0.25},
+                "regress_cfg_loss": 1.0, "cfg_loss": 4.0},
     "paper": {"recipe": "noised", "feature_target": "residual", "snr_weighting": "none", "lr": 3e-4, "betas": (0.9, 0.99),
               "weight_decay": 1e-2, "warmup": 500, "clip": 1.0, "batch_size": 16, "caption_dropout": 0.15,
-              "beta": 1e-3, "gamma": 5.0, "regress_steps": 0, "regress_symmetries": 1, "cfg_loss": 0.0},
+              "beta": 1e-3, "gamma": 5.0, "regress_steps": 0, "regress_symmetries": 1, "regress_cfg_loss": 0.0,
+              "cfg_loss": 0.0},
 }
 
 

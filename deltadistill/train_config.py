@@ -48,6 +48,7 @@ class TrainConfig:
     regress_batch: int = 32
     regress_lr: float = 2e-3
     regress_symmetries: int | None = None  # trajectory: each regression batch turned/flipped by one of the first n of 8
+    regress_cfg_loss: float | None = None  # trajectory: weight of the guided layer-output term of the regression
     traj_seeds: int = 4  # trajectory: teacher samples per prompt
     traj_steps: int = 20  # trajectory: sampling steps (the scheduler and guidance of the pipeline)
     traj_keep_every: int = 1  # keep every k-th denoiser call
@@ -138,7 +139,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.regress_lr > 0 and math.isfinite(cfg.regress_lr), f"--regress-lr must be a positive number, got {cfg.regress_lr}")
     need(cfg.traj_seeds >= 1 and cfg.traj_steps >= 1 and cfg.traj_keep_every >= 1,
          "--traj-seeds, --traj-steps and --traj-keep-every must be >= 1")
-    need(cfg.cfg_loss >= 0, f"--cfg-loss must be >= 0, got {cfg.cfg_loss}")
+    need(cfg.cfg_loss >= 0 and math.isfinite(cfg.cfg_loss), f"--cfg-loss must be a number >= 0, got {cfg.cfg_loss}")
+    need(cfg.regress_cfg_loss >= 0 and math.isfinite(cfg.regress_cfg_loss),
+         f"--regress-cfg-loss must be a number >= 0, got {cfg.regress_cfg_loss}")
+    need(cfg.regress_cfg_loss == 0 or cfg.regress_batch >= 2,
+         f"--regress-cfg-loss needs --regress-batch >= 2 (it draws CFG pairs), got {cfg.regress_batch}")
     if cfg.recipe == "trajectory" and cfg.regress_steps > 0:
         need(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
     else:

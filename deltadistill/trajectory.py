@@ -10,10 +10,13 @@ trains on the states the teacher itself visits when it samples, instead of on no
    module's input x and output y ([M, N, C], stored in fp16).
 2. **Regress** (``regress_steps``): every ΔConvBlock learns its teacher's map x → y directly, all
    layers at once but independently (teacher forcing: layer l sees the teacher's x_l, not what
-   earlier students made of it): L = Σ_l mean (block_l(x_l) − y_l)², gradients clipped per block.
+   earlier students made of it): L = Σ_l mean (block_l(x_l) − y_l)², gradients clipped per block;
+   with ``regress_cfg_loss`` the batch is drawn as CFG pairs and each layer adds that weight ×
+   the MSE of its guided output u + w·(c − u).
 3. **Fine-tune** (``steps``): the whole student on recorded states, L = ‖s(z_t) − f(z_t)‖² plus
    ``cfg_loss`` · ‖guided s − guided f‖² with guided = u + w·(c − u) over each CFG pair, so that
-   the errors the sampler amplifies (the guided difference) are the ones trained away.
+   the errors the sampler amplifies (the guided difference) are the ones trained away. Both terms
+   compare what the sampler uses: the ε half of a learned-σ output (:func:`sampler_output`).
 
 Memory: M = prompts × seeds × steps × 2 samples, each holding 2 · layers · N · C fp16 values
 (the demo: 14 × 4 × 20 × 2 = 2240 samples, 3.4 GB); ``keep_every`` keeps every k-th call only.
@@ -29,7 +32,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Trajectories", "TrajectoryMemoryError", "check_memory", "record_trajectories", "regression_loss", "replay"]
+__all__ = ["Trajectories", "TrajectoryMemoryError", "cfg_pairs", "check_memory", "guided", "record_trajectories",
+           "regression_loss", "replay", "sampler_output"]
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Trajectories:
     y: list[torch.Tensor] = field(default_factory=list)  # per site [M, N, C] outputs (fp16)
     grids: list[tuple[int, int]] = field(default_factory=list)  # per site token grid
     guidance: float = 1.0
+    cond_first: bool = False  # CFG batches were [cond; uncond] (DiT), not [uncond; cond]
     info: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -170,6 +175,7 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
         out=torch.cat(parts["out"]), pair=torch.cat(parts["pair"]),
         x=[torch.cat(v) for v in parts["x"]], y=[torch.cat(v) for v in parts["y"]], grids=grids,
         guidance=float(guidance if guidance is not None else default_guidance(pipe)),
+        cond_first=bool(family.cfg_cond_first),
     )
     traj.info = {"prompts": len(prompts), "seeds": len(seeds), "steps": int(steps), "states": len(traj),
                  "keep_every": int(keep_every), "seconds": round(time.perf_counter() - t0, 1),
@@ -215,12 +221,17 @@ def dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def regression_loss(blocks: list, traj: Trajectories, idx: torch.Tensor, device=None,
-                    symmetry: int = 0) -> tuple[torch.Tensor, list[float]]:
+                    symmetry: int = 0, cfg_weight: float = 0.0) -> tuple[torch.Tensor, list[float]]:
     """Σ_l mean (block_l(x_l) − y_l)² on samples ``idx`` (teacher forcing); returns (total, per-layer values).
 
     ``symmetry`` k moves every input and target grid by :func:`dihedral` first. Self-attention is
     equivariant to any permutation of its tokens, so (g·x, g·y) is exactly what the teacher's layer
     computes on g·x: a flipped or turned state is a new, exact training pair for the block.
+
+    ``cfg_weight`` > 0 takes ``idx`` as CFG pairs [cond rows; uncond rows] (:func:`cfg_pairs`) and adds,
+    per layer, ``cfg_weight`` · mean (guided block outputs − guided teacher outputs)², guided =
+    u + w·(c − u) with the recorded guidance w: the layer's share of the difference the sampler
+    multiplies by w.
     """
     total, parts = 0.0, []
     for block, x, y, grid in zip(blocks, traj.x, traj.y, traj.grids):
@@ -232,6 +243,10 @@ def regression_loss(blocks: list, traj: Trajectories, idx: torch.Tensor, device=
             xg, yg = dihedral(xg, symmetry), dihedral(yg, symmetry)
         pred = block(xg.contiguous())
         loss = F.mse_loss(pred, yg)
+        if cfg_weight > 0:
+            h = b // 2
+            loss = loss + cfg_weight * F.mse_loss(guided(pred[:h], pred[h:], traj.guidance),
+                                                  guided(yg[:h], yg[h:], traj.guidance))
         parts.append(float(loss.detach()))
         total = total + loss
     return total, parts
@@ -245,6 +260,25 @@ def replay(denoiser, traj: Trajectories, idx: torch.Tensor, *, device=None, dtyp
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def guided(out: torch.Tensor, pair_out: torch.Tensor, guidance: float) -> torch.Tensor:
-    """u + w·(c − u) for rows whose partner rows hold the other half (order: rows are uncond or cond)."""
-    return pair_out + guidance * (out - pair_out)
+def guided(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The guided prediction u + w·(c − u) from the conditional rows ``cond`` and their unconditional partners."""
+    return uncond + guidance * (cond - uncond)
+
+
+def cfg_pairs(traj: Trajectories, idx: torch.Tensor) -> torch.Tensor:
+    """The CFG pairs of the states ``idx`` as [their cond rows; their uncond rows], whichever half each state
+    is: then ``guided(out[:b], out[b:], w)`` is the sampler's u + w·(c − u). A state recorded without
+    guidance is its own partner (both halves)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    partner = traj.pair[idx]
+    first = partner > idx  # the state is in the first half of its recorded batch
+    uncond = torch.where(first != bool(traj.cond_first), idx, partner)
+    return torch.cat([traj.pair[uncond], uncond])
+
+
+def sampler_output(out: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
+    """The part of a denoiser output the sampler uses: the ε half of a learned-σ output ([B, 2C, h, w] for
+    latents [B, C, h, w], PixArt and DiT), else the whole output."""
+    if latents is not None and out.ndim == 4 and latents.ndim == 4 and out.shape[1] == 2 * latents.shape[1]:
+        return out[:, : latents.shape[1]]
+    return out

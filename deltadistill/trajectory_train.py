@@ -5,9 +5,12 @@ the noised recipe: steps 1 … ``regress_steps`` are the teacher-forced regressi
 (:func:`deltadistill.trajectory.regression_loss`, AdamW at ``regress_lr``, warm-up min(50, a quarter) then cosine
 to 0, gradients clipped per block; each step's states turned or flipped by one of the first
 ``regress_symmetries`` symmetries of the square, :func:`~deltadistill.trajectory.dihedral` — exact
-training pairs, since self-attention commutes with any reordering of its tokens), the next ``steps`` the end-to-end fine-tune on recorded states
-(output MSE + ``cfg_loss`` · guided-output MSE, AdamW at ``lr``, warm-up then cosine, clip
-``clip``). A fresh optimizer starts at the stage boundary. Every draw of a step comes from
+training pairs, since self-attention commutes with any reordering of its tokens; with
+``regress_cfg_loss`` > 0 the ``regress_batch`` states are drawn as CFG pairs and every layer's guided
+output enters the loss with that weight), the next ``steps`` the end-to-end fine-tune on recorded
+states (output MSE + ``cfg_loss`` · guided-output MSE, each CFG pair as [cond; uncond] so that the
+guided output is the sampler's u + w·(c − u), on the ε channels the sampler uses; AdamW at ``lr``,
+warm-up then cosine, clip ``clip``). A fresh optimizer starts at the stage boundary. Every draw of a step comes from
 :func:`~deltadistill.train_config.step_generator` (seed, step) for the global batch; the
 trajectories are re-recorded identically (seeded sampling) when a run resumes.
 
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 
 from deltadistill.trainer import Trainer
 from deltadistill.train_config import TrainError, step_generator
-from deltadistill.trajectory import TrajectoryMemoryError, guided, record_trajectories, regression_loss, replay
+from deltadistill.trajectory import (TrajectoryMemoryError, cfg_pairs, guided, record_trajectories, regression_loss,
+                                    replay, sampler_output)
 
 __all__ = ["TrajectoryTrainer", "trajectory_seeds", "REGRESS_WARMUP"]
 
@@ -139,10 +143,11 @@ class TrajectoryTrainer(Trainer):
     def _finetune_loss(self, idx: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, traj = self.cfg, self.traj
         if cfg.cfg_loss > 0:
-            idx = torch.cat([idx, traj.pair[idx]])
-        target = traj.out[idx].to(self.device)
+            idx = cfg_pairs(traj, idx)  # [cond rows; uncond rows]
+        latents = traj.batched.get("hidden_states", traj.batched.get("sample"))
+        target = sampler_output(traj.out[idx], latents).to(self.device)
         with self.accelerator.autocast():
-            out = replay(model, traj, idx, device=self.device, dtype=self.wdtype).float()
+            out = sampler_output(replay(model, traj, idx, device=self.device, dtype=self.wdtype), latents).float()
         l_out = F.mse_loss(out, target)
         l_cfg = torch.zeros((), device=self.device)
         if cfg.cfg_loss > 0:
@@ -165,8 +170,11 @@ class TrajectoryTrainer(Trainer):
             self._start_finetune()
         if regress:
             idx = self._indices(step, cfg.regress_batch)
+            if cfg.regress_cfg_loss > 0:  # the same number of states, as CFG pairs [cond; uncond]
+                idx = cfg_pairs(self.traj, idx[: cfg.regress_batch // 2])
             blocks = self._blocks()
-            loss, parts = regression_loss(blocks, self.traj, idx, device=self.device, symmetry=self._symmetry(step))
+            loss, parts = regression_loss(blocks, self.traj, idx, device=self.device, symmetry=self._symmetry(step),
+                                          cfg_weight=cfg.regress_cfg_loss)
             loss.backward()
             if self.world > 1:  # blocks were called outside DDP: average their gradients by hand
                 for p in self.params:

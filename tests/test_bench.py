@@ -301,12 +301,13 @@ def test_distill_demo_reuse_rows_skips_only_rows_with_the_same_changes(tmp_path,
     root = Path(__file__).resolve().parents[1]
     distill_demo = _distill_demo()
     committed = json.loads((root / "benchmarks" / "results" / "distill_demo.json").read_text())
-    row = copy.deepcopy(next(r for r in committed["ablation"] if r["variant"] == "final"))
+    row = copy.deepcopy(next(r for r in committed["ablation"] if "untrained" in r))  # a row with the baselines
     calls = []
 
     def fake_run(name, report, out, args, baselines):
         calls.append(name)
-        return {**copy.deepcopy(row), "variant": name, "changes": distill_demo.VARIANTS[name]}
+        return {**copy.deepcopy(row), "variant": name, "changes": distill_demo.VARIANTS[name],
+                "recipe_of": distill_demo.RECIPE_OF}
 
     monkeypatch.setattr(distill_demo, "run_variant", fake_run)
     argv = ["--out", str(tmp_path), "--erf-report", "unused.json", "--variants", "final"]
@@ -319,6 +320,44 @@ def test_distill_demo_reuse_rows_skips_only_rows_with_the_same_changes(tmp_path,
     monkeypatch.setitem(distill_demo.VARIANTS, "final", {**distill_demo.FINAL, "steps": 7})
     distill_demo.main(argv + ["--reuse-rows"])
     assert calls == ["final", "final", "final"]  # the variant changed since: its old row is not reused
+
+
+def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
+    """A final row measured on an earlier preset becomes that preset's recipe_<date> row; rows measured on it are
+    read against it (not against today's final), in the table, the toggles and the change clauses."""
+    distill_demo = _distill_demo()
+
+    def row(variant, psnr, recipe_of, changes=None, eps=0.05):
+        d = {"psnr_db": psnr, "psnr_mean_db": None, "ssim": 0.8, "eps_error": eps, "eps_guided_error": 2 * eps,
+             "accuracy": 0.9}
+        return {"variant": variant, "description": distill_demo.DESCRIPTIONS[variant], "train_seconds": 600.0,
+                "changes": changes or distill_demo.VARIANTS[variant], "distilled": d, "teacher_accuracy": 0.93,
+                **({"recipe_of": recipe_of} if recipe_of else {})}
+
+    old_final = row("final", 19.4, "2026-12-06", distill_demo.FINAL)
+    rows = distill_demo.migrate([old_final, row("scaled_gate", 19.5, "2026-12-06"), row("recipe_2026_12_04", 19.3, "2026-12-06"),
+                                 row("one_seed", 18.0, None)])
+    assert [r["variant"] for r in rows] == ["recipe_2026_12_06", "scaled_gate", "recipe_2026_12_04", "one_seed"]
+    assert rows[0]["measured_as"]["recipe_of"] == "2026-12-06" and rows[0]["distilled"]["psnr_db"] == 19.4
+    new_final = row("final", 20.5, distill_demo.RECIPE_OF, eps=0.04)
+    by = {r["variant"]: r for r in rows + [new_final]}
+    assert distill_demo.base_of(by["scaled_gate"], by) is by["recipe_2026_12_06"]
+    assert distill_demo.base_of(by["recipe_2026_12_04"], by) is by["recipe_2026_12_06"]
+    assert distill_demo.base_of(by["one_seed"], by) is by["recipe_2026_12_04"]  # no recipe_of: the 2026-12-04 preset
+    assert distill_demo.recipe_label(by["one_seed"], by) == "2026-12-04"
+    assert distill_demo.base_of(by["recipe_2026_12_06"], by) is by["final"]
+    assert distill_demo.on_old_recipe(by["scaled_gate"], by) and not distill_demo.on_old_recipe(by["recipe_2026_12_04"], by)
+    assert distill_demo.recipe_label(by["scaled_gate"], by) == "2026-12-06"
+    # a final row of an earlier preset is dropped when that preset's own row was measured
+    assert [r["variant"] for r in distill_demo.migrate([old_final, row("recipe_2026_12_06", 19.0, distill_demo.RECIPE_OF)])] \
+        == ["recipe_2026_12_06"]
+    result = {"ablation": distill_demo._ordered(list(by.values())), "teacher_accuracy": 0.93, "baselines": {},
+              "evaluation": {"seeds": [0, 1]}}
+    text = distill_demo.verdict(result)
+    assert "+0.10 dB against the 2026-12-06 recipe it was measured on" in text  # scaled_gate: 19.5 against 19.4
+    assert "PSNR 19.40 → 20.50 dB" in text and "PSNR 19.30 → 19.40 dB" in text  # both changes of the preset
+    assert "guided ε error 0.1000 → 0.0800 (-20%)" in text
+    assert "(on the 2026-12-06 recipe" in distill_demo.table(result)
 
 
 def test_distill_demo_hybrid_paragraph_states_the_targets_from_its_rows():

@@ -49,7 +49,22 @@ def test_regression_loss_is_the_layerwise_mse():
     for b, x, y, (h, w) in zip(blocks, traj.x, traj.y, traj.grids):
         xb = x[idx].float()
         by_hand.append(((b(xb.reshape(2, h, w, -1)).reshape(xb.shape) - y[idx].float()) ** 2).mean().item())
-    assert parts == pytest.approx(by_hand, rel=1e-6) and float(total) == pytest.approx(sum(by_hand), rel=1e-6)
+    assert parts == pytest.approx(by_hand, rel=1e-6) and float(total.detach()) == pytest.approx(sum(by_hand), rel=1e-6)
+
+    # with the guided term: idx as [cond; uncond] pairs, + weight · mean (guided pred − guided y)² per layer
+    from deltadistill.trajectory import cfg_pairs
+
+    pairs = cfg_pairs(traj, torch.tensor([0, 3]))
+    total, parts = regression_loss(blocks, traj, pairs, cfg_weight=0.5)
+    wg, by_hand = traj.guidance, []
+    for b, x, y, (h, w) in zip(blocks, traj.x, traj.y, traj.grids):
+        xb = x[pairs].double()
+        p = b.double()(xb.reshape(4, h, w, -1)).reshape(xb.shape)
+        b.float()
+        t = y[pairs].double()
+        g_p, g_t = p[2:] + wg * (p[:2] - p[2:]), t[2:] + wg * (t[:2] - t[2:])
+        by_hand.append(float(((p - t) ** 2).mean() + 0.5 * ((g_p - g_t) ** 2).mean()))
+    assert parts == pytest.approx(by_hand, rel=1e-5) and float(total.detach()) == pytest.approx(sum(by_hand), rel=1e-5)
 
 
 def test_symmetries_of_the_grid_are_exact_training_pairs():
@@ -203,9 +218,12 @@ def _symmetries_used(tmp_path, monkeypatch, name, **kw):
     used, logs = [], []
     real = regression_loss  # deltadistill.trajectory's, not an earlier spy
 
-    def spy(blocks, traj, idx, device=None, symmetry=0):
+    def spy(blocks, traj, idx, device=None, symmetry=0, **kw):
         used.append(symmetry)
-        return real(blocks, traj, idx, device=device, symmetry=symmetry)
+        calls.append((traj, idx, kw))
+        return real(blocks, traj, idx, device=device, symmetry=symmetry, **kw)
+
+    calls = _symmetries_used.calls = []
 
     monkeypatch.setattr(tt, "regression_loss", spy)
     prompts = tmp_path / "p.txt"
@@ -223,6 +241,20 @@ def test_regression_draws_the_symmetries_of_the_grid(tmp_path, monkeypatch):
     assert set(four) <= {0, 1, 2, 3} and len(set(four)) > 1
     none, _, _ = _symmetries_used(tmp_path, monkeypatch, "none", regress_symmetries=1)
     assert set(none) == {0}
+
+
+def test_regression_draws_cfg_pairs_for_its_guided_term(tmp_path, monkeypatch):
+    """The toolkit preset regresses with the guided layer term: each batch is regress_batch states as CFG pairs
+    [cond; uncond]; --regress-cfg-loss 0 draws plain states with no guided term."""
+    _symmetries_used(tmp_path, monkeypatch, "guided", regress_batch=8)
+    assert len(_symmetries_used.calls) == 16
+    for traj, idx, kw in _symmetries_used.calls:
+        assert kw["cfg_weight"] == 1.0 and len(idx) == 8
+        assert torch.equal(traj.pair[idx[:4]], idx[4:])  # partners
+        assert bool((traj.pair[idx[4:]] > idx[4:]).all())  # PixArt batches [uncond; cond]: the second half is uncond
+    _symmetries_used(tmp_path, monkeypatch, "plain", regress_batch=8, regress_cfg_loss=0.0)
+    assert all(kw["cfg_weight"] == 0.0 and len(idx) == 8 for _, idx, kw in _symmetries_used.calls)
+    assert any(not torch.equal(traj.pair[idx[:4]], idx[4:]) for traj, idx, _ in _symmetries_used.calls)
 
 
 def test_rotary_models_regress_without_symmetries(tmp_path, monkeypatch):
@@ -246,3 +278,70 @@ def test_regress_symmetries_out_of_range_is_a_usage_error(tmp_path):
     for bad in (0, 9):
         with pytest.raises(TrainError, match="--regress-symmetries must be 1"):
             validate(_cfg(prompts, tmp_path / "r", regress_symmetries=bad))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(TrainError, match="--regress-cfg-loss must be a number >= 0"):
+            validate(_cfg(prompts, tmp_path / "r", regress_cfg_loss=bad))
+        with pytest.raises(TrainError, match="--cfg-loss must be a number >= 0"):
+            validate(_cfg(prompts, tmp_path / "r", cfg_loss=bad))
+    with pytest.raises(TrainError, match="--regress-cfg-loss needs --regress-batch >= 2"):
+        validate(_cfg(prompts, tmp_path / "r", regress_batch=1))  # the toolkit preset's guided term draws pairs
+    validate(_cfg(prompts, tmp_path / "r", regress_batch=1, regress_cfg_loss=0.0))  # plain states: one is enough
+
+
+@pytest.mark.parametrize("alias, prompts", [("tiny-pixart", ["a photo of cat", "a red dog"]), ("tiny-dit", ["cat", "dog"])])
+def test_cfg_pairs_give_cond_rows_then_their_uncond_partners(alias, prompts):
+    """Whichever half of its CFG batch a state was drawn from, cfg_pairs returns [cond; uncond] in the family's
+    row order ([uncond; cond] for PixArt, [cond; uncond] for DiT), so that guided() is u + w·(c − u)."""
+    from deltadistill.trajectory import cfg_pairs
+
+    pipe, _ = load_pipeline(alias)
+    traj = record_trajectories(pipe, prompts, [0], steps=2, resolution=32, sites=())
+    assert traj.cond_first == (alias == "tiny-dit")
+    idx = torch.arange(len(traj))
+    rows = cfg_pairs(traj, idx)
+    cond, uncond = rows[: len(idx)], rows[len(idx):]
+    assert torch.equal(traj.pair[cond], uncond)
+    assert set(cond.tolist()).isdisjoint(uncond.tolist()) and len(set(cond.tolist())) == len(idx) // 2
+    if alias == "tiny-dit":  # the null class in every uncond row, a real class in every cond row
+        labels = traj.batched["class_labels"]
+        assert len(set(labels[uncond].tolist())) == 1 and labels[uncond][0] not in set(labels[cond].tolist())
+        assert len(set(labels[cond].tolist())) == 2
+    else:  # the uncond rows all carry the empty prompt's embedding; the cond rows differ between prompts
+        e = traj.batched["encoder_hidden_states"].float()
+        assert all(torch.equal(e[u], e[uncond[0]]) for u in uncond)
+        assert all(not torch.equal(e[c], e[uncond[0]]) for c in cond)
+
+
+def test_sampler_output_keeps_the_eps_half_of_a_learned_sigma_output():
+    from deltadistill.trajectory import sampler_output
+
+    latents = torch.zeros(10, 4, 8, 8)
+    out = torch.randn(3, 8, 8, 8)
+    assert torch.equal(sampler_output(out, latents), out[:, :4])  # PixArt, DiT: [ε; variance]
+    same = torch.randn(3, 4, 8, 8)
+    assert sampler_output(same, latents) is same  # SD, SD3: the whole output
+    tokens = torch.randn(3, 64, 16)  # FLUX: packed tokens
+    assert sampler_output(tokens, torch.zeros(10, 64, 16)) is tokens
+    assert sampler_output(out, None) is out
+
+
+def test_fine_tune_compares_only_the_channels_the_sampler_uses(tmp_path, monkeypatch):
+    """tiny-pixart predicts [ε; learned variance]: a student whose ε half equals the teacher's has zero output and
+    guided-output loss in the fine-tune, whatever its variance half says (the sampler drops that half)."""
+    import json
+
+    import deltadistill.trajectory_train as tt
+
+    def replay_eps_exact(model, traj, idx, device=None, dtype=None):
+        out = traj.out[idx].clone()
+        assert out.shape[1] == 2 * traj.batched["hidden_states"].shape[1]  # learned σ
+        out[:, out.shape[1] // 2:] += 1.0  # the variance half is off by 1 everywhere
+        return out.requires_grad_()
+
+    monkeypatch.setattr(tt, "replay", replay_eps_exact)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\n")
+    train(_cfg(prompts, tmp_path / "run", regress_steps=2, steps=3, checkpoint_every=0))
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fine = [r for r in recs if r.get("stage") == "finetune"]
+    assert len(fine) == 3 and all(r["l_z"] == 0 and r["gap"] == 0 for r in fine)

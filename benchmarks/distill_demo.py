@@ -71,7 +71,8 @@ VARIANTS = {
 DESCRIPTIONS = {
     "final": "toolkit recipe: trajectories, regression (1200 steps, 8 symmetries, guided layer term), fine-tune "
              "(guided-output weight 4); gate x1·σ(x2)",
-    "recipe_2026_12_06": "the toolkit recipe of 2026-12-06: no guided term in the regression, guided-output weight 0.25",
+    "recipe_2026_12_06": "the toolkit recipe of 2026-12-06: no guided term in the regression, guided-output weight 0.25 "
+                         "(measured before the fine-tune put each CFG pair in the sampler's order)",
     "recipe_2026_12_04": "the toolkit recipe until 2026-12-04: gate x1·x2/√C', no symmetries, 600 regression steps",
     "scaled_gate": "the paper's printed gate x1·x2/√C' instead of x1·σ(x2)",
     "no_symmetries": "regression without the grid's turns and flips",
@@ -298,6 +299,8 @@ def migrate(rows: list) -> list:
     names = {r["variant"] for r in rows}
     out = []
     for r in rows:
+        if "measured_as" in r and r["variant"] in DESCRIPTIONS:  # a migrated row: today's wording of what it was
+            r = {**r, "description": DESCRIPTIONS[r["variant"]]}
         if r["variant"] == "final" and r.get("recipe_of") != RECIPE_OF:
             name = recipe_row(r.get("recipe_of"))
             if name in names or name not in VARIANTS:

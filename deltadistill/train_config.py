@@ -142,7 +142,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.cfg_loss >= 0 and math.isfinite(cfg.cfg_loss), f"--cfg-loss must be a number >= 0, got {cfg.cfg_loss}")
     need(cfg.regress_cfg_loss >= 0 and math.isfinite(cfg.regress_cfg_loss),
          f"--regress-cfg-loss must be a number >= 0, got {cfg.regress_cfg_loss}")
-    need(cfg.regress_cfg_loss == 0 or cfg.regress_batch >= 2,
+    need(cfg.recipe != "trajectory" or cfg.regress_steps == 0 or cfg.regress_cfg_loss == 0 or cfg.regress_batch >= 2,
          f"--regress-cfg-loss needs --regress-batch >= 2 (it draws CFG pairs), got {cfg.regress_batch}")
     if cfg.recipe == "trajectory" and cfg.regress_steps > 0:
         need(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")

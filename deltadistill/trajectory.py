@@ -5,8 +5,8 @@ trains on the states the teacher itself visits when it samples, instead of on no
 
 1. **Record.** The frozen teacher samples every prompt × seed with the pipeline's own scheduler and
    guidance. Hooks keep, for every denoiser call, its keyword arguments (latents z_t, timestep,
-   text condition; classifier-free guidance batches [uncond, cond] are kept as 2 samples whose
-   ``pair`` points at each other) and its output, and for every converted self-attention site the
+   text condition; classifier-free guidance batches [uncond, cond] — [cond, uncond] for DiT,
+   ``cond_first`` — are kept as 2 samples whose ``pair`` points at each other) and its output, and for every converted self-attention site the
    module's input x and output y ([M, N, C], stored in fp16).
 2. **Regress** (``regress_steps``): every ΔConvBlock learns its teacher's map x → y directly, all
    layers at once but independently (teacher forcing: layer l sees the teacher's x_l, not what

@@ -97,6 +97,10 @@ class TrajectoryTrainer(Trainer):
             self.say(f"regression: {self.family.name} self-attention uses rotary position embeddings, so a turned or "
                      "flipped state is not one of its own; regressing without symmetries (--regress-symmetries 1)")
             self.cfg = cfg = dataclasses.replace(cfg, regress_symmetries=1)
+        if (cfg.regress_cfg_loss > 0 or cfg.cfg_loss > 0) and bool((self.traj.pair == torch.arange(len(self.traj))).all()):
+            self.say("trajectories: sampled without classifier-free guidance (no CFG pairs), so there is no guided "
+                     "prediction to train; dropping the guided terms (--regress-cfg-loss 0 --cfg-loss 0)")
+            self.cfg = cfg = dataclasses.replace(cfg, regress_cfg_loss=0.0, cfg_loss=0.0)
         square = all(h == w for h, w in self.traj.grids)
         self.symmetries = [k for k in range(cfg.regress_symmetries) if square or k % 2 == 0]  # odd k: quarter turns
         self.say(f"data: {len(self.traj)} states, {self.traj.info['layer_bytes'] / 2**30:.2f} GiB of layer inputs/outputs")
@@ -170,7 +174,7 @@ class TrajectoryTrainer(Trainer):
             self._start_finetune()
         if regress:
             idx = self._indices(step, cfg.regress_batch)
-            if cfg.regress_cfg_loss > 0:  # the same number of states, as CFG pairs [cond; uncond]
+            if cfg.regress_cfg_loss > 0:  # regress_batch // 2 CFG pairs [cond; uncond]
                 idx = cfg_pairs(self.traj, idx[: cfg.regress_batch // 2])
             blocks = self._blocks()
             loss, parts = regression_loss(blocks, self.traj, idx, device=self.device, symmetry=self._symmetry(step),

@@ -345,3 +345,22 @@ def test_fine_tune_compares_only_the_channels_the_sampler_uses(tmp_path, monkeyp
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fine = [r for r in recs if r.get("stage") == "finetune"]
     assert len(fine) == 3 and all(r["l_z"] == 0 and r["gap"] == 0 for r in fine)
+
+
+def test_trajectories_without_guidance_drop_the_guided_terms(tmp_path):
+    """Sampled with guidance 1 there are no CFG pairs (every state is its own partner): the guided terms would
+    only double-count states, so the run drops them, says so, and records the weights it used."""
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\n")
+    logs = []
+    train(_cfg(prompts, tmp_path / "run", regress_steps=2, steps=2, checkpoint_every=0, sample_guidance=1.0),
+          log=logs.append)
+    assert any("dropping the guided terms" in m for m in logs)
+    used = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert used["regress_cfg_loss"] == 0 and used["cfg_loss"] == 0
+    logs.clear()
+    train(_cfg(prompts, tmp_path / "guided", regress_steps=2, steps=2, checkpoint_every=0), log=logs.append)
+    assert not any("dropping the guided terms" in m for m in logs)
+    assert json.loads((tmp_path / "guided" / "train_config.json").read_text())["cfg_loss"] == 4.0

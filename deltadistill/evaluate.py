@@ -85,7 +85,11 @@ class _Recorder:
 
 
 def _eps(out: torch.Tensor, channels: int) -> torch.Tensor:
-    return out[:, :channels].double()  # learned-σ models (PixArt, DiT) predict 2C channels
+    """The ε part of a denoiser output: the first ``channels`` of a learned-σ image output [B, 2C, h, w] (PixArt,
+    DiT), else all of it (UNets, SD3, and FLUX's packed tokens [B, N, C], whose dim 1 is tokens, not channels)."""
+    if out.ndim == 4 and out.shape[1] == 2 * channels:
+        out = out[:, :channels]
+    return out.double()
 
 
 def guided_eps(out: torch.Tensor, latent_channels: int, guidance: float, cond_first: bool = False) -> torch.Tensor:

@@ -220,3 +220,16 @@ def test_guided_eps_error_by_hand(cond_first):
     other: list = []
     trajectory_error(den, calls[:1], C, samples=n, guidance=w, cond_first=not cond_first, guided_errors=other)
     assert other[0] != pytest.approx(want, rel=1e-6)
+
+
+def test_eps_part_keeps_packed_tokens_whole():
+    """Only a learned-σ image output loses its variance half; FLUX's packed tokens [B, N, C] are not sliced by
+    token, and a UNet's ε output is kept whole."""
+    from deltadistill.evaluate import _eps
+
+    learned = torch.randn(2, 8, 4, 4)
+    assert torch.equal(_eps(learned, 4), learned[:, :4].double())
+    packed = torch.randn(2, 64, 64)  # 64 tokens of 64 packed channels, latent channels 16
+    assert torch.equal(_eps(packed, 16), packed.double())
+    unet = torch.randn(2, 4, 4, 4)
+    assert torch.equal(_eps(unet, 4), unet.double())

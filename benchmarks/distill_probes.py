@@ -204,9 +204,9 @@ class Probe:
     def held_guided(self, student) -> float:
         """Held-out error of the guided prediction u + w·(c − u) that the sampler steps with (same states as
         :meth:`held_eps`, each with its CFG partner)."""
-        from deltadistill.trajectory import guided
+        from deltadistill.trajectory import cfg_pairs, guided
 
-        idx = cond_then_uncond(self.te, torch.arange(0, len(self.te), 5))
+        idx = cfg_pairs(self.te, torch.arange(0, len(self.te), 5))
         with torch.no_grad():
             out, target = self.replay(student, self.te, idx).float(), self.te.out[idx]
         b, w = len(idx) // 2, self.te.guidance
@@ -257,7 +257,7 @@ class Probe:
 
     def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
                  early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0):
-        from deltadistill.trajectory import guided, regression_loss, replay
+        from deltadistill.trajectory import cfg_pairs, guided, regression_loss, replay
 
         data = data or self.tr
         params = [p for b in blocks for p in b.parameters()]
@@ -286,7 +286,7 @@ class Probe:
             if group is not None:  # timestep experts: the whole batch from the expert of its first state
                 pool = (group == group[idx[0]]).nonzero().flatten()
                 idx = pool[torch.randint(len(pool), (bs,), generator=g)]
-            idx = cond_then_uncond(data, idx) if orient else torch.cat([idx, data.pair[idx]])
+            idx = cfg_pairs(data, idx) if orient else torch.cat([idx, data.pair[idx]])
             target = data.out[idx]
             out = self.replay(student, data, idx).float()
             loss = out_w * F.mse_loss(out, target)
@@ -323,14 +323,6 @@ class Probe:
         n = len(self.tr)
         return dataclasses.replace(self.tr, batched={k: torch.cat([self.tr.batched[k], d.batched[k]]) for k in self.tr.batched},
                                    out=torch.cat([self.tr.out, d.out]), pair=torch.cat([self.tr.pair, d.pair + n]), x=[], y=[])
-
-
-def cond_then_uncond(data, idx: torch.Tensor) -> torch.Tensor:
-    """``idx``'s CFG pairs as [cond rows; uncond rows], so that ``guided(out[:b], out[b:], w)`` is u + w·(c − u).
-    The demo pipeline batches [uncond; cond]: a row whose partner comes after it is the uncond one."""
-    first = data.pair[idx] > idx
-    u = torch.where(first, idx, data.pair[idx])
-    return torch.cat([data.pair[u], u])
 
 
 def sampling_step(data) -> torch.Tensor:

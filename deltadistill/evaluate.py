@@ -38,7 +38,7 @@ from attnprobe.core.pipeline import sample
 from deltadistill import metrics
 from deltadistill.baselines import neighbourhood_attention, untrained_student, zeroed_self_attention
 from deltadistill.generate import base_model_name, to_array
-from deltadistill.trajectory import default_guidance, guided
+from deltadistill.trajectory import default_guidance, guided, sampler_output
 
 __all__ = ["evaluate", "evaluate_distillation", "VARIANTS", "format_table", "zeroed_self_attention"]
 
@@ -85,11 +85,7 @@ class _Recorder:
 
 
 def _eps(out: torch.Tensor, channels: int) -> torch.Tensor:
-    """The ε part of a denoiser output: the first ``channels`` of a learned-σ image output [B, 2C, h, w] (PixArt,
-    DiT), else all of it (UNets, SD3, and FLUX's packed tokens [B, N, C], whose dim 1 is tokens, not channels)."""
-    if out.ndim == 4 and out.shape[1] == 2 * channels:
-        out = out[:, :channels]
-    return out.double()
+    return sampler_output(out, channels).double()  # the ε half of a learned-σ output, else all of it
 
 
 def guided_eps(out: torch.Tensor, latent_channels: int, guidance: float, cond_first: bool = False) -> torch.Tensor:

@@ -276,9 +276,10 @@ def cfg_pairs(traj: Trajectories, idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([traj.pair[uncond], uncond])
 
 
-def sampler_output(out: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
-    """The part of a denoiser output the sampler uses: the ε half of a learned-σ output ([B, 2C, h, w] for
-    latents [B, C, h, w], PixArt and DiT), else the whole output."""
-    if latents is not None and out.ndim == 4 and latents.ndim == 4 and out.shape[1] == 2 * latents.shape[1]:
-        return out[:, : latents.shape[1]]
+def sampler_output(out: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """The part of a denoiser output the sampler uses: the ε half of a learned-σ image output [B, 2C, h, w] for
+    C = ``channels`` latent channels (PixArt, DiT, Hunyuan), else the whole output (UNets, SD3, and FLUX's packed
+    tokens [B, N, C], whose dim 1 is tokens)."""
+    if channels and out.ndim == 4 and out.shape[1] == 2 * channels:
+        return out[:, :channels]
     return out

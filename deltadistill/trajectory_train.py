@@ -149,9 +149,10 @@ class TrajectoryTrainer(Trainer):
         if cfg.cfg_loss > 0:
             idx = cfg_pairs(traj, idx)  # [cond rows; uncond rows]
         latents = traj.batched.get("hidden_states", traj.batched.get("sample"))
-        target = sampler_output(traj.out[idx], latents).to(self.device)
+        channels = int(latents.shape[1]) if latents is not None and latents.ndim == 4 else None
+        target = sampler_output(traj.out[idx], channels).to(self.device)
         with self.accelerator.autocast():
-            out = sampler_output(replay(model, traj, idx, device=self.device, dtype=self.wdtype), latents).float()
+            out = sampler_output(replay(model, traj, idx, device=self.device, dtype=self.wdtype), channels).float()
         l_out = F.mse_loss(out, target)
         l_cfg = torch.zeros((), device=self.device)
         if cfg.cfg_loss > 0:

@@ -315,13 +315,12 @@ def test_cfg_pairs_give_cond_rows_then_their_uncond_partners(alias, prompts):
 def test_sampler_output_keeps_the_eps_half_of_a_learned_sigma_output():
     from deltadistill.trajectory import sampler_output
 
-    latents = torch.zeros(10, 4, 8, 8)
     out = torch.randn(3, 8, 8, 8)
-    assert torch.equal(sampler_output(out, latents), out[:, :4])  # PixArt, DiT: [ε; variance]
+    assert torch.equal(sampler_output(out, 4), out[:, :4])  # PixArt, DiT: [ε; variance] for 4 latent channels
     same = torch.randn(3, 4, 8, 8)
-    assert sampler_output(same, latents) is same  # SD, SD3: the whole output
-    tokens = torch.randn(3, 64, 16)  # FLUX: packed tokens
-    assert sampler_output(tokens, torch.zeros(10, 64, 16)) is tokens
+    assert sampler_output(same, 4) is same  # SD, SD3: the whole output
+    tokens = torch.randn(3, 64, 16)  # FLUX: packed tokens; dim 1 is 2 × 32 but counts tokens, not channels
+    assert sampler_output(tokens, 32) is tokens
     assert sampler_output(out, None) is out
 
 

@@ -219,6 +219,7 @@ class Trainer:
         self.teacher.to(self.device)
         self.wdtype = next(p for p in self.teacher.parameters()).dtype
         if self.resume_path is not None:
+            self._check_resume_settings(self.RESUME_LOSS_KEYS)  # as resolved by the preset and the data
             self._resume()  # before anything of the run folder is rewritten: a failure changes nothing
         self._prepare_run_folder()
         if self.resume_path is None and self.main:
@@ -236,10 +237,17 @@ class Trainer:
     def _run_settings(self) -> dict:
         return {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution}
 
-    def _check_resume_settings(self) -> None:
+    # settings a resumed run must share with its checkpoint: checked before the data (cheap) and after it (the
+    # settings that define the losses, which preparing the data may still change: the no-CFG and rotary fallbacks)
+    RESUME_KEYS = ("model", "seed", "batch_size", "resolution", "layers", "keep_attention")  # kernel sizes: block shapes
+    RESUME_LOSS_KEYS = ("recipe", "regress_steps", "regress_batch", "regress_symmetries", "regress_cfg_loss",
+                        "cfg_loss", "traj_seeds", "traj_steps", "traj_keep_every", "sample_guidance", "beta", "gamma",
+                        "snr_weighting", "feature_target", "student")
+
+    def _check_resume_settings(self, keys: tuple = RESUME_KEYS) -> None:
         prev = json.loads((self.resume_path / "state.json").read_text()).get("config", {})
-        now = {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution}
-        for key in ("model", "seed", "batch_size", "resolution", "layers", "keep_attention"):  # kernel sizes: checked by block shapes
+        now = self._run_settings()
+        for key in keys:  # a key an older checkpoint did not record is not compared
             if key in prev and prev[key] != now[key]:
                 raise TrainError(
                     f"--resume {self.resume_path}: the checkpoint was trained with {key}={prev[key]!r}, now {now[key]!r}; "

@@ -8,6 +8,7 @@ from attnprobe.core.family import denoiser_of, find_self_attention
 from attnprobe.core.registry import load_pipeline
 from deltadistill.trajectory import record_trajectories, regression_loss, replay
 from deltadistill.train import TrainConfig, train
+from deltadistill.train_config import TrainError
 from deltadistill.checkpoints import list_checkpoints
 from safetensors.torch import load_file
 
@@ -363,3 +364,42 @@ def test_trajectories_without_guidance_drop_the_guided_terms(tmp_path):
     train(_cfg(prompts, tmp_path / "guided", regress_steps=2, steps=2, checkpoint_every=0), log=logs.append)
     assert not any("dropping the guided terms" in m for m in logs)
     assert json.loads((tmp_path / "guided" / "train_config.json").read_text())["cfg_loss"] == 4.0
+
+
+def _cut_after(run, keep: str):
+    """The run folder as if killed after checkpoint ``keep``."""
+    for p in list_checkpoints(run):
+        if p.name > keep:
+            shutil.rmtree(p)
+    for name in ("config.json", "delta_blocks.safetensors", "summary.json"):
+        (run / name).unlink()
+
+
+def test_resume_refuses_other_loss_weights_and_keeps_the_run(tmp_path):
+    """A resumed run that would switch the guided-term weights mid-run is refused before anything is written."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\na red dog\n")
+    run = tmp_path / "run"
+    train(_cfg(prompts, run, cfg_loss=4.0, regress_cfg_loss=1.0), log=lambda m: None)
+    _cut_after(run, "step-0000004")
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    for change in (dict(cfg_loss=0.25, regress_cfg_loss=1.0), dict(cfg_loss=4.0, regress_cfg_loss=0.0)):
+        with pytest.raises(TrainError, match="regress_cfg_loss|cfg_loss"):
+            train(_cfg(prompts, run, resume="latest", **change), log=lambda m: None)
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def test_resume_of_a_run_without_cfg_pairs_is_not_refused(tmp_path):
+    """Without guidance the run drops its guided terms; resuming with the same options drops them again."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\na red dog\n")
+    full, run = tmp_path / "full", tmp_path / "run"
+    kw = dict(sample_guidance=1.0, cfg_loss=4.0, regress_cfg_loss=1.0)
+    train(_cfg(prompts, full, **kw), log=lambda m: None)
+    shutil.copytree(full, run)
+    _cut_after(run, "step-0000008")
+    train(_cfg(prompts, run, resume="latest", **kw), log=lambda m: None)
+    a, b = load_file(full / "delta_blocks.safetensors"), load_file(run / "delta_blocks.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)

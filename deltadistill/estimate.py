@@ -7,7 +7,8 @@ the run would convert it (same kernel sizes, block settings and student kind). O
   weights + gradients + two AdamW moments = 16 bytes per trainable parameter);
 * activations kept for the backward pass: the bytes of every tensor autograd saves during one
   student forward at the per-process batch (``torch.autograd.graph.saved_tensors_hooks``;
-  parameters themselves are not counted);
+  parameters themselves are not counted); the trajectory fine-tune with its guided term runs each
+  state with its CFG partner, so there the batch has twice the rows;
 * FLOPs (``torch.utils.flop_counter``) of one training step (teacher forward + student forward and
   backward), of one regression step of the trajectory recipe (every block forward and backward at
   ``regress_batch``), and of one sampling call (classifier-free guidance pair) for the data stage;
@@ -40,7 +41,8 @@ class TrainEstimate:
     dtype: str
     recipe: str
     student: str
-    batch: int
+    batch: int  # rows of one student forward per process
+    cfg_rows: bool = False  # the batch's states come with their CFG partners (trajectory fine-tune, guided term)
     layers: list = field(default_factory=list)  # (label, grid, dim, kernel size or None, trainable parameters)
     teacher_params: int = 0
     frozen_params: int = 0
@@ -144,8 +146,12 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     trainable = [p for p in den.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_frozen = sum(p.numel() for p in den.parameters() if not p.requires_grad)
+    # the trajectory fine-tune with a guided term runs every state with its CFG partner: twice the rows
+    # (a model sampled without guidance has no partners, and then this is 2× over)
+    pairs_rows = cfg.recipe == "trajectory" and cfg.cfg_loss > 0 and (cfg.sample_guidance is None or cfg.sample_guidance > 1)
+    rows = cfg.batch_size * (2 if pairs_rows else 1)
     est = TrainEstimate(model=spec.alias, resolution=res, device=str(device), dtype=str(wdtype).replace("torch.", ""),
-                        recipe=cfg.recipe, student=cfg.student, batch=cfg.batch_size, teacher_params=teacher_params,
+                        recipe=cfg.recipe, student=cfg.student, batch=rows, cfg_rows=pairs_rows, teacher_params=teacher_params,
                         frozen_params=n_frozen, trainable_params=n_train, steps=cfg.steps,
                         regress_steps=cfg.regress_steps if cfg.recipe == "trajectory" else 0)
     est.weight_bytes = (teacher_params + n_frozen) * _bytes(wdtype) + n_train * 4
@@ -156,7 +162,7 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
                            sum(p.numel() for p in m.block.parameters())))
 
     text_len = int(spec.text_tokens or 16)
-    kw = family.random_inputs(den, res, vf, text_len=text_len, device="meta", dtype=wdtype, batch=cfg.batch_size)
+    kw = family.random_inputs(den, res, vf, text_len=text_len, device="meta", dtype=wdtype, batch=rows)
     params = {id(p) for p in den.parameters()}
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
@@ -229,7 +235,8 @@ def print_training_estimate(est: TrainEstimate, console=None) -> None:
         f"{len(est.layers)} layers converted; parameters: teacher {est.teacher_params / 1e6:.1f} M, student frozen "
         f"{est.frozen_params / 1e6:.1f} M, trainable {est.trainable_params / 1e6:.2f} M.",
         f"Memory: weights {est.weight_bytes / gib:.2f} GiB + optimizer {est.optimizer_bytes / gib:.2f} GiB + activations "
-        f"{est.activation_bytes / gib:.2f} GiB (batch {est.batch} per process) + data {est.data_bytes / gib:.2f} GiB "
+        f"{est.activation_bytes / gib:.2f} GiB ({est.batch} rows per process"
+        f"{', each state with its CFG partner' if est.cfg_rows else ''}) + data {est.data_bytes / gib:.2f} GiB "
         f"({est.data_states:,} states) ≈ {est.rss_bytes / gib:.1f} GiB resident per process.",
     ]
     if est.rate:

@@ -89,3 +89,14 @@ def test_cli_estimate_at_real_size_writes_nothing(prompts, tmp_path):
     bad = CliRunner().invoke(app, ["train", "--model", "pixart", "--data", str(prompts), "--out", str(out),
                                    "--erf-report", str(tmp_path / "none.json"), "--estimate"])
     assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output
+
+
+def test_guided_fine_tune_counts_the_cfg_partners(prompts, tmp_path):
+    """The trajectory fine-tune with a guided term runs every state with its CFG partner: twice the rows."""
+    kw = dict(recipe="trajectory", traj_seeds=1, traj_steps=2, resolution=32, batch_size=2)
+    paired = estimate_training(_cfg(prompts, tmp_path / "a", cfg_loss=4.0, **kw), calibrate=False)
+    single = estimate_training(_cfg(prompts, tmp_path / "b", cfg_loss=0.0, **kw), calibrate=False)
+    unguided = estimate_training(_cfg(prompts, tmp_path / "c", cfg_loss=4.0, sample_guidance=1.0, **kw), calibrate=False)
+    assert (paired.batch, single.batch, unguided.batch) == (4, 2, 2) and paired.cfg_rows and not single.cfg_rows
+    assert paired.activation_bytes == pytest.approx(2 * single.activation_bytes, rel=0.05)
+    assert paired.step_flops == pytest.approx(2 * single.step_flops, rel=0.05)

@@ -45,6 +45,12 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   training; :func:`deltadistill.baselines.neighbourhood_attention`): a variant is one K for every
   layer, ``"report"`` (the demo report's sizes) or a list of one K per layer (``null``: that layer
   keeps full attention); prints the held-out ε error and the PSNR as in ``finetune``.
+* ``finetune`` rollout stage (``rollouts.py``): ``rsteps`` = n adds, after the fine-tune, n steps whose loss is
+  the MSE of the latent the student reaches after ``rk`` (4) sampling steps from the teacher's latent at a
+  random step ≥ ``rstart_min`` (4), ``rbs`` (4) training trajectories per step, lr ``rlr`` (2e-4), warm-up 10
+  then cosine; ``rmix`` = m adds m × the fine-tune's loss (4 states with their CFG partners, guided weight
+  4). Every finetune row also prints the final-latent error when the student samples the held-out
+  trajectories from the teacher's noise (and the first 14 training trajectories).
 * ``--regress-cfg`` w: the cached regression draws 16 CFG pairs per batch (not 32 states) and adds w × the
   MSE of each layer's guided output (the recipe's ``--regress-cfg-loss``).
 * Every PSNR printed also names the three captions with the largest share of the squared error
@@ -310,6 +316,50 @@ class Probe:
                 for p, a in zip(params, avg):
                     p.copy_(a)
 
+    def rollout_tune(self, student, blocks, steps: int, k: int = 4, bs: int = 4, lr: float = 2e-4, start_min: int = 4,
+                     warmup: int = 10, mix: float = 0.0, cfg_w: float = 4.0) -> None:
+        """The rollout stage: each step, ``bs`` training trajectories from the teacher's latent at a random step
+        s ≥ ``start_min``, ``k`` student steps (fewer at the end), MSE to the teacher's latent there; ``mix`` > 0
+        adds that weight × the fine-tune's loss (4 states with their CFG partners, guided weight ``cfg_w``)."""
+        from rollouts import build_rollouts
+        from deltadistill.trajectory import cfg_pairs, guided
+
+        if not hasattr(self, "rollouts"):
+            self.rollouts = build_rollouts(self.tr, self.pipe.scheduler, channels=4)
+        ro = self.rollouts
+        params = [p for b in blocks for p in b.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(warmup, steps))
+        g = torch.Generator().manual_seed(2)
+        for _ in range(steps):
+            ids = torch.randperm(len(ro), generator=g)[:bs]
+            start = int(torch.randint(start_min, ro.steps, (1,), generator=g))
+            loss = ro.loss(student, ids, start, min(k, ro.steps - start))
+            if mix:
+                idx = cfg_pairs(self.tr, torch.randint(len(self.tr), (4,), generator=g))
+                out, target = self.replay(student, self.tr, idx).float(), self.tr.out[idx]
+                w = self.tr.guidance
+                loss = loss + mix * (F.mse_loss(out, target) + cfg_w * F.mse_loss(guided(out[:4], out[4:], w),
+                                                                                  guided(target[:4], target[4:], w)))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+
+    def held_rollout(self, student) -> str:
+        """Mean squared difference of the final latents when the student samples the held-out trajectories
+        from the teacher's noise (all 20 steps), and the same on the first 14 training trajectories."""
+        from rollouts import build_rollouts
+
+        if not hasattr(self, "held_rollouts"):
+            self.held_rollouts = build_rollouts(self.te, self.pipe.scheduler, channels=4)
+            self.train_rollouts = build_rollouts(self.tr, self.pipe.scheduler, channels=4)
+        with torch.no_grad():
+            held = float(self.held_rollouts.loss(student, torch.arange(len(self.held_rollouts)), 0, 20))
+            train = float(self.train_rollouts.loss(student, torch.arange(14), 0, 20))
+        return f"{held:.4f} (training trajectories {train:.4f})"
+
     def relabel(self, student, seeds):
         """Student rollouts on the training captions, labelled with the teacher's outputs."""
         from deltadistill.trajectory import record_trajectories, replay
@@ -510,14 +560,20 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
         student.train()
         t0 = time.perf_counter()
         onp, split, total = kw.pop("onpolicy", 0), kw.pop("split", 0), kw.pop("steps", 300)
+        rollout = {k[1:]: kw.pop(k) for k in [k for k in kw if k.startswith("r") and k != "reg_w"]}
         if split or onp:
             probe.finetune(student, blocks, steps=total // 2, **kw)
             data = probe.relabel(student, [1000, 1001][:onp]) if onp else None
             probe.finetune(student, blocks, steps=total - total // 2, data=data, **kw)
         else:
             probe.finetune(student, blocks, steps=total, **kw)
+        if rollout:
+            print(f"{name} before the rollout stage: guided {probe.held_guided(student):.4f} "
+                  f"final latent {probe.held_rollout(student)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            probe.rollout_tune(student, blocks, **rollout)
         t = time.perf_counter() - t0
-        print(f"{name}: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+        print(f"{name}: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} "
+              f"final latent {probe.held_rollout(student)} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 

@@ -71,13 +71,13 @@ class Rollouts:
         cond, uncond = (first, second) if self.traj.cond_first else (second, first)
         return guided(cond, uncond, self.traj.guidance)
 
-    def _scheduler_at(self, ids: torch.Tensor, start: int):
+    def _scheduler_at(self, ids: torch.Tensor, start: int, device=None):
         """A scheduler copy driven through steps 0 … start − 1 by the teacher's recorded outputs (its history)."""
         sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(self.steps)
+        sched.set_timesteps(self.steps, device=device)
         for s in range(start):
-            out = self.traj.out[self.rows[ids, s].T.flatten()]
-            sched.step(self._eps(out), self.timesteps[s], self.latents[ids, s], return_dict=False)
+            out = self.traj.out[self.rows[ids, s].T.flatten()].to(device)
+            sched.step(self._eps(out), self.timesteps[s], self.latents[ids, s].to(device), return_dict=False)
         return sched
 
     def loss(self, student, ids: torch.Tensor, start: int, k: int, device=None, dtype=None) -> torch.Tensor:
@@ -86,7 +86,7 @@ class Rollouts:
         ids = torch.as_tensor(ids, dtype=torch.long)
         if not 0 <= start < start + k <= self.steps:
             raise ValueError(f"a rollout of {k} steps from step {start} leaves the {self.steps} sampling steps")
-        sched = self._scheduler_at(ids, start)
+        sched = self._scheduler_at(ids, start, device)
         x = self.latents[ids, start].to(device)
         for s in range(start, start + k):
             rows = self.rows[ids, s].T.flatten()  # [first rows of every trajectory; second rows]
@@ -132,12 +132,19 @@ def build_rollouts(traj: Trajectories, scheduler, *, channels: int | None = None
     sched.set_timesteps(steps)
     timesteps = sched.timesteps[:steps].clone()
     inputs = traj.batched[key]
-    scale = torch.stack([
-        (sched.scale_model_input(torch.ones(()), timesteps[s]) if hasattr(sched, "scale_model_input") else torch.ones(()))
-        .float().reshape(()) for s in range(steps)])
-    if hasattr(sched, "_step_index"):  # scale_model_input may have started the step counter; start afresh
-        sched = copy.deepcopy(scheduler)
-    ro = Rollouts(traj=traj, scheduler=sched, rows=rows_t, timesteps=timesteps, scale=scale,
+    if channels is None and inputs.ndim == 4:  # image latents [B, C, h, w]; packed tokens [B, N, C] keep None
+        channels = int(inputs.shape[1])
+
+    def input_scale(s: int) -> torch.Tensor:
+        # on a fresh copy each time: Euler-family schedulers take the step index from their first call
+        fresh = copy.deepcopy(scheduler)
+        fresh.set_timesteps(steps)
+        if not hasattr(fresh, "scale_model_input"):
+            return torch.ones(())
+        return fresh.scale_model_input(torch.ones(()), timesteps[s]).float().reshape(())
+
+    scale = torch.stack([input_scale(s) for s in range(steps)])
+    ro = Rollouts(traj=traj, scheduler=copy.deepcopy(scheduler), rows=rows_t, timesteps=timesteps, scale=scale,
                   latents=torch.empty(0), channels=channels, key=key)
     # the teacher's latents by replay, checked against the recorded inputs at every step
     ids = torch.arange(len(rows_t))

@@ -9,8 +9,8 @@ the run would convert it (same kernel sizes, block settings and student kind). O
   student forward at the per-process batch (``torch.autograd.graph.saved_tensors_hooks``;
   parameters themselves are not counted); the trajectory fine-tune with its guided term runs each
   state with its CFG partner, so there the batch has twice the rows;
-* FLOPs (``torch.utils.flop_counter``) of one training step (teacher forward + student forward and
-  backward), of one regression step of the trajectory recipe (every block forward and backward at
+* FLOPs (``torch.utils.flop_counter``) of one training step (teacher forward, in the noised recipe only —
+  the trajectory recipe's targets are recorded — + student forward and backward), of one regression step of the trajectory recipe (every block forward and backward at
   ``regress_batch``), and of one sampling call (classifier-free guidance pair) for the data stage;
 * data: the trajectory recipe's recorded states (denoiser outputs in fp32, every layer's input and
   output in fp16: exactly what :func:`deltadistill.trajectory.record_trajectories` keeps), or the
@@ -148,7 +148,8 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     n_frozen = sum(p.numel() for p in den.parameters() if not p.requires_grad)
     # the trajectory fine-tune with a guided term runs every state with its CFG partner: twice the rows
     # (a model sampled without guidance has no partners, and then this is 2× over)
-    pairs_rows = cfg.recipe == "trajectory" and cfg.cfg_loss > 0 and (cfg.sample_guidance is None or cfg.sample_guidance > 1)
+    guided_sampling = cfg.sample_guidance is None or cfg.sample_guidance > 1  # the pipelines that convert default to CFG
+    pairs_rows = cfg.recipe == "trajectory" and cfg.cfg_loss > 0 and guided_sampling
     rows = cfg.batch_size * (2 if pairs_rows else 1)
     est = TrainEstimate(model=spec.alias, resolution=res, device=str(device), dtype=str(wdtype).replace("torch.", ""),
                         recipe=cfg.recipe, student=cfg.student, batch=rows, cfg_rows=pairs_rows, teacher_params=teacher_params,
@@ -165,8 +166,9 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     kw = family.random_inputs(den, res, vf, text_len=text_len, device="meta", dtype=wdtype, batch=rows)
     params = {id(p) for p in den.parameters()}
     with FlopCounterMode(display=False) as counter:
-        with torch.no_grad():
-            den(**kw)  # stands in for the teacher's forward (the student's costs less)
+        if cfg.recipe != "trajectory":  # the trajectory fine-tune's targets are recorded: no teacher call per step
+            with torch.no_grad():
+                den(**kw)  # stands in for the teacher's forward (the student's costs less)
         saved, out = _saved_bytes(lambda: den(**kw), params)
         out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
         out.float().pow(2).mean().backward()
@@ -179,7 +181,7 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     if cfg.recipe == "trajectory":
         pairs = prompts * cfg.traj_seeds
         calls = math.ceil(cfg.traj_steps / cfg.traj_keep_every)
-        est.data_states = pairs * calls * 2  # uncond + cond of every kept call
+        est.data_states = pairs * calls * (2 if guided_sampling else 1)  # uncond + cond of every kept call
         per_state = latent * 4 + sum(2 * g[0] * g[1] * d * 2 for _, g, d, _, _ in est.layers)
         est.data_bytes = est.data_states * per_state
         est.data_calls = pairs * cfg.traj_steps

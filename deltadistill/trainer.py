@@ -219,7 +219,7 @@ class Trainer:
         self.teacher.to(self.device)
         self.wdtype = next(p for p in self.teacher.parameters()).dtype
         if self.resume_path is not None:
-            self._check_resume_settings(self.RESUME_LOSS_KEYS)  # as resolved by the preset and the data
+            self._check_resume_settings(late=True)  # the settings preparing the data may have changed
             self._resume()  # before anything of the run folder is rewritten: a failure changes nothing
         self._prepare_run_folder()
         if self.resume_path is None and self.main:
@@ -237,22 +237,28 @@ class Trainer:
     def _run_settings(self) -> dict:
         return {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution}
 
-    # settings a resumed run must share with its checkpoint: checked before the data (cheap) and after it (the
-    # settings that define the losses, which preparing the data may still change: the no-CFG and rotary fallbacks)
-    RESUME_KEYS = ("model", "seed", "batch_size", "resolution", "layers", "keep_attention")  # kernel sizes: block shapes
-    RESUME_LOSS_KEYS = ("recipe", "regress_steps", "regress_batch", "regress_symmetries", "regress_cfg_loss",
-                        "cfg_loss", "traj_seeds", "traj_steps", "traj_keep_every", "sample_guidance", "beta", "gamma",
-                        "snr_weighting", "feature_target", "student")
+    # Settings a resumed run must share with its checkpoint, compared as resolved by the preset. They are checked
+    # before the data are prepared (a refusal costs nothing and writes nothing), except RESUME_LATE_KEYS, which
+    # preparing the data may still change (the trajectory recipe's no-CFG and rotary fallbacks): those after it.
+    RESUME_KEYS = ("model", "seed", "batch_size", "resolution", "layers", "keep_attention",  # kernel sizes: block shapes
+                   "recipe", "student", "sample_guidance")
+    RESUME_RECIPE_KEYS = ("beta", "gamma", "snr_weighting", "feature_target", "caption_dropout", "sample_steps",
+                          "samples_per_prompt")  # the noised recipe's losses and data
+    RESUME_LATE_KEYS: tuple = ()
 
-    def _check_resume_settings(self, keys: tuple = RESUME_KEYS) -> None:
+    def _check_resume_settings(self, late: bool = False) -> None:
         prev = json.loads((self.resume_path / "state.json").read_text()).get("config", {})
         now = self._run_settings()
+        keys = self.RESUME_LATE_KEYS if late else \
+            self.RESUME_KEYS + tuple(k for k in self.RESUME_RECIPE_KEYS if k not in self.RESUME_LATE_KEYS)
         for key in keys:  # a key an older checkpoint did not record is not compared
             if key in prev and prev[key] != now[key]:
-                raise TrainError(
-                    f"--resume {self.resume_path}: the checkpoint was trained with {key}={prev[key]!r}, now {now[key]!r}; "
-                    "resume with the same settings or start a new run"
-                )
+                from_preset = getattr(self.requested, key, 0) is None
+                hint = (f"{now[key]!r} is the {self.cfg.preset} preset's value now; pass --{key.replace('_', '-')} "
+                        f"{prev[key]} to resume with the checkpoint's" if from_preset else
+                        "resume with the same settings or start a new run")
+                raise TrainError(f"--resume {self.resume_path}: the checkpoint was trained with {key}={prev[key]!r}, "
+                                 f"now {now[key]!r}; {hint}")
 
     def _prepare_run_folder(self) -> None:
         """Main process: replace an old run (--overwrite), create the folder, write train_config.json."""

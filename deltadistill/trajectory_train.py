@@ -63,6 +63,10 @@ class _TrajectoryData:
 class TrajectoryTrainer(Trainer):
     """:class:`~deltadistill.trainer.Trainer` with the trajectory recipe (see the module docstring)."""
 
+    RESUME_RECIPE_KEYS = ("regress_steps", "regress_batch", "regress_symmetries", "regress_cfg_loss", "cfg_loss",
+                          "traj_seeds", "traj_steps", "traj_keep_every")
+    RESUME_LATE_KEYS = ("regress_symmetries", "regress_cfg_loss", "cfg_loss")  # prepare_data's fallbacks set them
+
     @property
     def total_steps(self) -> int:
         return self.cfg.regress_steps + self.cfg.steps

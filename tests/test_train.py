@@ -496,3 +496,19 @@ def test_keep_attention_leaves_the_named_layers_out(prompts, tmp_path):
                         layers=r"blocks\.[01]\.", keep_attention=r"attn1", checkpoint_every=0, progress=False, probe=False)
     with pytest.raises(TrainError, match="nothing is left to convert"):
         train(every, log=_quiet)
+
+
+def test_noised_resume_refuses_another_feature_weight_before_any_data(prompts, tmp_path):
+    """The noised recipe's loss settings are compared before its data are sampled or cached: nothing is written."""
+    run = tmp_path / "run"
+    train(_cfg(prompts, run, recipe="noised", steps=4, checkpoint_every=2, cache=True, beta=1e-3), log=_quiet)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    said = []
+    with pytest.raises(TrainError, match=r"trained with beta=0\.001, now 1\.0"):
+        train(_cfg(prompts, run, recipe="noised", steps=4, checkpoint_every=2, cache=True, beta=1.0, resume="latest"),
+              log=said.append)
+    with pytest.raises(TrainError, match=r"trained with sample_guidance=None, now 2\.0"):
+        train(_cfg(prompts, run, recipe="noised", steps=4, checkpoint_every=2, cache=True, beta=1e-3,
+                   sample_guidance=2.0, resume="latest"), log=said.append)
+    assert not any(m.startswith("data:") for m in said)
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before

@@ -100,3 +100,8 @@ def test_guided_fine_tune_counts_the_cfg_partners(prompts, tmp_path):
     assert (paired.batch, single.batch, unguided.batch) == (4, 2, 2) and paired.cfg_rows and not single.cfg_rows
     assert paired.activation_bytes == pytest.approx(2 * single.activation_bytes, rel=0.05)
     assert paired.step_flops == pytest.approx(2 * single.step_flops, rel=0.05)
+    assert unguided.data_states == single.data_states // 2  # sampled without CFG: one recorded row per call
+    noised = estimate_training(_cfg(prompts, tmp_path / "d", recipe="noised", resolution=32, batch_size=2), calibrate=False)
+    # the noised step adds a teacher forward (no backward) to the student's forward and backward; the trajectory
+    # fine-tune reads its targets from the recording
+    assert 1.15 < noised.step_flops / single.step_flops < 1.6

@@ -376,16 +376,26 @@ def _cut_after(run, keep: str):
 
 
 def test_resume_refuses_other_loss_weights_and_keeps_the_run(tmp_path):
-    """A resumed run that would switch the guided-term weights mid-run is refused before anything is written."""
+    """A resumed run that would switch the guided-term weights mid-run is refused before anything is written; a
+    setting the data do not change (--traj-steps) is refused before any trajectory is recorded; a value that came
+    from the preset names the flag that restores the checkpoint's."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of cat\na red dog\n")
     run = tmp_path / "run"
-    train(_cfg(prompts, run, cfg_loss=4.0, regress_cfg_loss=1.0), log=lambda m: None)
+    train(_cfg(prompts, run, cfg_loss=0.25, regress_cfg_loss=1.0), log=lambda m: None)
     _cut_after(run, "step-0000004")
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-    for change in (dict(cfg_loss=0.25, regress_cfg_loss=1.0), dict(cfg_loss=4.0, regress_cfg_loss=0.0)):
-        with pytest.raises(TrainError, match="regress_cfg_loss|cfg_loss"):
-            train(_cfg(prompts, run, resume="latest", **change), log=lambda m: None)
+    with pytest.raises(TrainError, match=r"trained with cfg_loss=0\.25, now 1\.0; resume with the same settings"):
+        train(_cfg(prompts, run, resume="latest", cfg_loss=1.0, regress_cfg_loss=1.0), log=lambda m: None)
+    with pytest.raises(TrainError, match=r"trained with regress_cfg_loss=1\.0, now 0\.0"):
+        train(_cfg(prompts, run, resume="latest", cfg_loss=0.25, regress_cfg_loss=0.0), log=lambda m: None)
+    with pytest.raises(TrainError, match=r"cfg_loss=0\.25, now 4\.0; 4\.0 is the toolkit preset's value now; "
+                                         r"pass --cfg-loss 0\.25"):
+        train(_cfg(prompts, run, resume="latest", cfg_loss=None, regress_cfg_loss=1.0), log=lambda m: None)
+    said = []
+    with pytest.raises(TrainError, match=r"trained with traj_steps=3, now 4"):
+        train(_cfg(prompts, run, resume="latest", cfg_loss=0.25, regress_cfg_loss=1.0, traj_steps=4), log=said.append)
+    assert not any("recording teacher trajectories" in m for m in said)  # refused before the data
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 

@@ -99,7 +99,7 @@ def train(
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Latents sampled per prompt (different seeds) when --data is a prompt file."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write a checkpoint every N steps (0: only at the end)."),
     keep_checkpoints: int = typer.Option(3, "--keep-checkpoints", help="How many recent checkpoints to keep."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in --out) or a checkpoint/run folder."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in --out) or a checkpoint/run folder; refused when the data or the settings that define the losses differ from the checkpoint's."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out (its checkpoints and model)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i] (under accelerate launch, accelerate places processes)."),
     dtype: str = typer.Option("auto", "--dtype", help="dtype of the frozen weights: auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16. Blocks train in fp32."),

@@ -37,7 +37,7 @@ from attnprobe.core.family import denoiser_of, family_of
 from attnprobe.core.outputs import read_prompts as _read_prompts
 from attnprobe.core.pipeline import sample
 
-__all__ = ["DataError", "DistillData", "prepare_data", "read_image_folder", "IMAGE_EXTENSIONS"]
+__all__ = ["DataError", "DistillData", "data_identity", "prepare_data", "read_image_folder", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CACHE_VERSION = 1
@@ -177,6 +177,24 @@ def encode_conditions(pipe, prompts: list[str], resolution: int, batch_size: int
 # ----------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------
+
+
+def data_identity(source) -> str | None:
+    """What a run trained on, for ``--resume`` to compare: the prompts of a prompt file, or the relative paths and
+    sizes of an image folder's files (not their times: a copied folder is the same data). None when ``source``
+    cannot be read (preparing the data then says why)."""
+    source = Path(source)
+    h = hashlib.sha256()
+    try:
+        if source.is_dir():
+            for p in sorted(source.rglob("*")):
+                if p.is_file():
+                    h.update(f"{p.relative_to(source).as_posix()}:{p.stat().st_size}\n".encode())
+        else:
+            h.update("\n".join(read_prompts(source)).encode())
+    except (OSError, DataError):
+        return None
+    return h.hexdigest()[:16]
 
 
 def _fingerprint(source: Path, kind: str, model_id: str, settings: dict) -> str:

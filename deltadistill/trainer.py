@@ -129,6 +129,9 @@ class Trainer:
             self.family.check_resolution(den.config, vae_f, self.resolution, self.resolution)
         except ValueError as exc:
             raise TrainError(f"--resolution: {exc}") from None
+        from deltadistill.data import data_identity
+
+        self.data_id = data_identity(cfg.data)
         if self.resume_path is not None:
             self._check_resume_settings()
         self.layer_names = chosen_layers(cfg, find_self_attention(den))  # None: every self-attention layer
@@ -235,13 +238,14 @@ class Trainer:
         return self.cfg.steps
 
     def _run_settings(self) -> dict:
-        return {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution}
+        return {**asdict(self.cfg), "model": self.model_name, "resolution": self.resolution,
+                "data_id": getattr(self, "data_id", None)}
 
     # Settings a resumed run must share with its checkpoint, compared as resolved by the preset. They are checked
     # before the data are prepared (a refusal costs nothing and writes nothing), except RESUME_LATE_KEYS, which
     # preparing the data may still change (the trajectory recipe's no-CFG and rotary fallbacks): those after it.
     RESUME_KEYS = ("model", "seed", "batch_size", "resolution", "layers", "keep_attention",  # kernel sizes: block shapes
-                   "recipe", "student", "sample_guidance")
+                   "recipe", "student", "sample_guidance", "data_id")
     RESUME_RECIPE_KEYS = ("beta", "gamma", "snr_weighting", "feature_target", "caption_dropout", "sample_steps",
                           "samples_per_prompt")  # the noised recipe's losses and data
     RESUME_LATE_KEYS: tuple = ()
@@ -253,6 +257,10 @@ class Trainer:
             self.RESUME_KEYS + tuple(k for k in self.RESUME_RECIPE_KEYS if k not in self.RESUME_LATE_KEYS)
         for key in keys:  # a key an older checkpoint did not record is not compared
             if key in prev and prev[key] != now[key]:
+                if key == "data_id":
+                    raise TrainError(f"--resume {self.resume_path}: the checkpoint was trained on other data than "
+                                     f"--data {self.cfg.data} (other prompts, or other image files); resume with the "
+                                     "same data or start a new run")
                 from_preset = getattr(self.requested, key, 0) is None
                 hint = (f"{now[key]!r} is the {self.cfg.preset} preset's value now; pass --{key.replace('_', '-')} "
                         f"{prev[key]} to resume with the checkpoint's" if from_preset else

@@ -413,3 +413,26 @@ def test_resume_of_a_run_without_cfg_pairs_is_not_refused(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_resume_compares_the_data_not_their_path(tmp_path):
+    """Other prompts are refused before anything is recorded; the same prompts in another file resume exactly."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\na red dog\n")
+    full, run = tmp_path / "full", tmp_path / "run"
+    train(_cfg(prompts, full), log=lambda m: None)
+    shutil.copytree(full, run)
+    _cut_after(run, "step-0000004")
+    other = tmp_path / "other.txt"
+    other.write_text("a photo of cat\na blue dog\n")
+    said = []
+    with pytest.raises(TrainError, match="trained on other data than --data"):
+        train(_cfg(other, run, resume="latest"), log=said.append)
+    assert not any("recording teacher trajectories" in m for m in said)
+    moved = tmp_path / "moved" / "prompts.txt"
+    moved.parent.mkdir()
+    moved.write_text(prompts.read_text())
+    train(_cfg(moved, run, resume="latest"), log=lambda m: None)
+    a, b = load_file(full / "delta_blocks.safetensors"), load_file(run / "delta_blocks.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)

@@ -120,6 +120,23 @@ def _cfg(prompts, out, **kw):
     return TrainConfig(**base)
 
 
+def _cut_after(run, keep: str):
+    """The run folder as if killed after checkpoint ``keep``."""
+    for p in list_checkpoints(run):
+        if p.name > keep:
+            shutil.rmtree(p)
+    for name in ("config.json", "delta_blocks.safetensors", "summary.json"):
+        (run / name).unlink()
+
+
+def _assert_same_blocks(a_run, b_run):
+    """Two runs wrote bit-identical ΔConvBlock weights."""
+    a, b = load_file(a_run / "delta_blocks.safetensors"), load_file(b_run / "delta_blocks.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("resume_at", ["step-0000004", "step-0000008"])  # inside the regression, inside the fine-tune
 def test_trajectory_run_resumes_exactly(tmp_path, resume_at):
     prompts = tmp_path / "p.txt"
@@ -129,16 +146,9 @@ def test_trajectory_run_resumes_exactly(tmp_path, resume_at):
     assert s["steps"] == 12 and [h["stage"] for h in s["history"]] == ["regress"] * 6 + ["finetune"] * 6
     part = tmp_path / "part"
     shutil.copytree(full, part)
-    for p in list_checkpoints(part):
-        if p.name > resume_at:
-            shutil.rmtree(p)
-    for name in ("config.json", "delta_blocks.safetensors", "summary.json"):
-        (part / name).unlink()
+    _cut_after(part, resume_at)
     train(_cfg(prompts, part, resume="latest"), log=lambda m: None)
-    a, b = load_file(full / "delta_blocks.safetensors"), load_file(part / "delta_blocks.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    _assert_same_blocks(full, part)
 
 
 def test_regression_stage_lowers_the_layerwise_error(tmp_path):
@@ -366,15 +376,6 @@ def test_trajectories_without_guidance_drop_the_guided_terms(tmp_path):
     assert json.loads((tmp_path / "guided" / "train_config.json").read_text())["cfg_loss"] == 4.0
 
 
-def _cut_after(run, keep: str):
-    """The run folder as if killed after checkpoint ``keep``."""
-    for p in list_checkpoints(run):
-        if p.name > keep:
-            shutil.rmtree(p)
-    for name in ("config.json", "delta_blocks.safetensors", "summary.json"):
-        (run / name).unlink()
-
-
 def test_resume_refuses_other_loss_weights_and_keeps_the_run(tmp_path):
     """A resumed run that would switch the guided-term weights mid-run is refused before anything is written; a
     setting the data do not change (--traj-steps) is refused before any trajectory is recorded; a value that came
@@ -409,10 +410,7 @@ def test_resume_of_a_run_without_cfg_pairs_is_not_refused(tmp_path):
     shutil.copytree(full, run)
     _cut_after(run, "step-0000008")
     train(_cfg(prompts, run, resume="latest", **kw), log=lambda m: None)
-    a, b = load_file(full / "delta_blocks.safetensors"), load_file(run / "delta_blocks.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    _assert_same_blocks(full, run)
 
 
 def test_resume_compares_the_data_not_their_path(tmp_path):
@@ -433,6 +431,4 @@ def test_resume_compares_the_data_not_their_path(tmp_path):
     moved.parent.mkdir()
     moved.write_text(prompts.read_text())
     train(_cfg(moved, run, resume="latest"), log=lambda m: None)
-    a, b = load_file(full / "delta_blocks.safetensors"), load_file(run / "delta_blocks.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    _assert_same_blocks(full, run)

@@ -22,7 +22,8 @@ import torch
 from attnprobe.core.outputs import file_mode, replace_dir
 from deltadistill.train_config import TrainError
 
-__all__ = ["ckpt_name", "list_checkpoints", "find_checkpoint", "verify_checkpoint", "save_checkpoint", "load_checkpoint", "clean_stale_tmp"]
+__all__ = ["ckpt_name", "list_checkpoints", "find_checkpoint", "verify_checkpoint", "save_checkpoint", "load_checkpoint",
+           "clean_stale_tmp", "check_resume_settings"]
 
 
 def ckpt_name(step: int) -> str:
@@ -210,3 +211,20 @@ def prepare_run_folder(out: Path, replace_old: bool, artefacts, settings: dict) 
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out)
     (out / "train_config.json").write_text(json.dumps(settings, indent=2))
+
+
+def check_resume_settings(path: Path, now: dict, keys: tuple, requested) -> None:
+    """Refuse to resume checkpoint ``path`` when one of ``keys`` of the run's settings ``now`` differs from the
+    settings it recorded (a key an older checkpoint did not record is not compared). ``requested``: the config as
+    given, whose None values came from the preset; the message then names the flag that restores the checkpoint's."""
+    prev = json.loads((Path(path) / "state.json").read_text()).get("config", {})
+    for key in keys:
+        if key not in prev or prev[key] == now[key]:
+            continue
+        if key == "data_id":
+            raise TrainError(f"--resume {path}: the checkpoint was trained on other data than --data {now['data']} "
+                             "(other prompts, or other image files); resume with the same data or start a new run")
+        hint = (f"{now[key]!r} is the {now['preset']} preset's value now; pass --{key.replace('_', '-')} {prev[key]} "
+                "to resume with the checkpoint's" if getattr(requested, key, 0) is None else
+                "resume with the same settings or start a new run")
+        raise TrainError(f"--resume {path}: the checkpoint was trained with {key}={prev[key]!r}, now {now[key]!r}; {hint}")

@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from deltadistill.checkpoints import (ckpt_name, find_checkpoint, list_checkpoints, load_checkpoint,  # noqa: F401
+from deltadistill.checkpoints import (check_resume_settings, ckpt_name, find_checkpoint, list_checkpoints, load_checkpoint,  # noqa: F401
                                       prepare_run_folder, save_checkpoint, truncate_metrics)
 from deltadistill.io import save_into_run
 from deltadistill.kernel_spec import check_kernels_fit
@@ -251,22 +251,9 @@ class Trainer:
     RESUME_LATE_KEYS: tuple = ()
 
     def _check_resume_settings(self, late: bool = False) -> None:
-        prev = json.loads((self.resume_path / "state.json").read_text()).get("config", {})
-        now = self._run_settings()
         keys = self.RESUME_LATE_KEYS if late else \
             self.RESUME_KEYS + tuple(k for k in self.RESUME_RECIPE_KEYS if k not in self.RESUME_LATE_KEYS)
-        for key in keys:  # a key an older checkpoint did not record is not compared
-            if key in prev and prev[key] != now[key]:
-                if key == "data_id":
-                    raise TrainError(f"--resume {self.resume_path}: the checkpoint was trained on other data than "
-                                     f"--data {self.cfg.data} (other prompts, or other image files); resume with the "
-                                     "same data or start a new run")
-                from_preset = getattr(self.requested, key, 0) is None
-                hint = (f"{now[key]!r} is the {self.cfg.preset} preset's value now; pass --{key.replace('_', '-')} "
-                        f"{prev[key]} to resume with the checkpoint's" if from_preset else
-                        "resume with the same settings or start a new run")
-                raise TrainError(f"--resume {self.resume_path}: the checkpoint was trained with {key}={prev[key]!r}, "
-                                 f"now {now[key]!r}; {hint}")
+        check_resume_settings(self.resume_path, self._run_settings(), keys, self.requested)
 
     def _prepare_run_folder(self) -> None:
         """Main process: replace an old run (--overwrite), create the folder, write train_config.json."""

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from deltadistill.trajectory import Trajectories, guided, sampler_output
+from deltadistill.evaluate import guided_eps
+from deltadistill.trajectory import Trajectories, sampler_output
 
 __all__ = ["RolloutError", "Rollouts", "build_rollouts"]
 
@@ -63,13 +64,9 @@ class Rollouts:
 
     def _eps(self, out: torch.Tensor) -> torch.Tensor:
         """The sampler's step input from a call's output rows (pipeline order): guided when there are 2 rows."""
-        out = sampler_output(out, self.channels)
         if self.rows.shape[2] == 1:
-            return out
-        b = out.shape[0] // 2
-        first, second = out[:b], out[b:]
-        cond, uncond = (first, second) if self.traj.cond_first else (second, first)
-        return guided(cond, uncond, self.traj.guidance)
+            return sampler_output(out, self.channels)
+        return guided_eps(out, self.channels, self.traj.guidance, self.traj.cond_first).to(out.dtype)
 
     def _scheduler_at(self, ids: torch.Tensor, start: int, device=None):
         """A scheduler copy driven through steps 0 … start − 1 by the teacher's recorded outputs (its history)."""

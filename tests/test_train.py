@@ -512,3 +512,28 @@ def test_noised_resume_refuses_another_feature_weight_before_any_data(prompts, t
                    sample_guidance=2.0, resume="latest"), log=said.append)
     assert not any(m.startswith("data:") for m in said)
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def test_data_identity_follows_the_data_not_their_path_or_times(tmp_path):
+    """What --resume compares: an image folder's relative paths and sizes (a copy with new times is the same data),
+    a prompt file's prompts; an unreadable source has none."""
+    import os
+    import shutil as sh
+
+    from deltadistill.data import data_identity
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"x" * 10)
+    (folder / "sub" / "b.png").write_bytes(b"y" * 20)
+    copy = tmp_path / "copy"
+    sh.copytree(folder, copy)
+    os.utime(copy / "a.png", (1, 1))
+    assert data_identity(folder) == data_identity(copy) is not None
+    (copy / "a.png").write_bytes(b"x" * 11)
+    assert data_identity(copy) != data_identity(folder)
+    p, q = tmp_path / "p.txt", tmp_path / "q.txt"
+    p.write_text("a cat\na dog\n")
+    q.write_text("a cat\na red dog\n")
+    assert data_identity(p) != data_identity(q) and data_identity(p) is not None
+    assert data_identity(tmp_path / "missing.txt") is None

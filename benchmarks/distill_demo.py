@@ -32,17 +32,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Distillation on the demo model"
 
 # variant → TrainConfig changes from the toolkit preset (see deltadistill/presets.py)
-FINAL = {"recipe": "trajectory", "steps": 300}  # the toolkit preset gives its fine-tune lr 5e-4, warm-up 20
+FINAL = {"recipe": "trajectory", "steps": 900}  # the toolkit preset: fine-tune lr 5e-4, warm-up 20, 16 samples per caption
 # Every row stores the toolkit preset its changes apply to as "recipe_of" (trajectory rows without it: the preset of
 # 2026-12-04). A row measured on an earlier preset is read against the row of that preset, "recipe_<date>", whose
 # changes spell the earlier preset out on today's. The preset changed twice:
 #   2026-12-06: the sigmoid gate, 8 symmetries, 1200 regression steps (was: scaled gate, none, 600);
-#   2026-12-06b: the guided layer term in the regression (1), guided-output weight 4 in the fine-tune (was 0.25).
-RECIPE_OF = "2026-12-06b"
-RECIPE_1206 = {**FINAL, "regress_cfg_loss": 0.0, "cfg_loss": 0.25}  # the preset of 2026-12-06
+#   2026-12-06b: the guided layer term in the regression (1), guided-output weight 4 in the fine-tune (was 0.25);
+#   2026-12-06c: the fine-tune draws from 16 teacher samples per caption (was the regression's 4), 900 steps (was 300).
+RECIPE_OF = "2026-12-06c"
+RECIPE_1206B = {**FINAL, "finetune_seeds": 4, "steps": 300}  # the preset of 2026-12-06 afternoon
+RECIPE_1206 = {**RECIPE_1206B, "regress_cfg_loss": 0.0, "cfg_loss": 0.25}  # the preset of 2026-12-06
 BEFORE = {**RECIPE_1206, "gate": "scaled", "regress_symmetries": 1, "regress_steps": 600}  # the preset of 2026-12-04
 VARIANTS = {
     "final": FINAL,
+    "recipe_2026_12_06b": RECIPE_1206B,
+    "finetune_seeds_4": {**FINAL, "finetune_seeds": 4},  # 900 steps on the regression's trajectories only
     "recipe_2026_12_06": RECIPE_1206,
     "recipe_2026_12_04": BEFORE,
     "previous": {"recipe": "noised", "steps": 300, "lr": 2e-3, "warmup": 10, "lr_schedule": "cosine",
@@ -70,7 +74,10 @@ VARIANTS = {
 }
 DESCRIPTIONS = {
     "final": "toolkit recipe: trajectories, regression (1200 steps, 8 symmetries, guided layer term), fine-tune "
-             "(guided-output weight 4); gate x1·σ(x2)",
+             "(900 steps on 16 teacher samples per caption, guided-output weight 4); gate x1·σ(x2)",
+    "recipe_2026_12_06b": "the toolkit recipe of 2026-12-06 afternoon: the fine-tune on the regression's 4 samples per "
+                          "caption, 300 steps",
+    "finetune_seeds_4": "fine-tune on the regression's 4 samples per caption (not 16), 900 steps",
     "recipe_2026_12_06": "the toolkit recipe of 2026-12-06: no guided term in the regression, guided-output weight 0.25 "
                          "(measured before the fine-tune put each CFG pair in the sampler's order)",
     "recipe_2026_12_04": "the toolkit recipe until 2026-12-04: gate x1·x2/√C', no symmetries, 600 regression steps",
@@ -106,6 +113,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="override the fine-tune (trajectory) / training steps")
     ap.add_argument("--regress-steps", type=int, default=None, help="override the regression steps")
     ap.add_argument("--traj-seeds", type=int, default=None, help="override the trajectories per caption")
+    ap.add_argument("--finetune-seeds", type=int, default=None, help="override the fine-tune's samples per caption")
     ap.add_argument("--eval-prompts", type=int, default=None, help="first N captions only (default: all 14)")
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--eval-steps", type=int, default=20)
@@ -156,7 +164,7 @@ def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dic
 
     run = out / name
     changes = dict(VARIANTS[name])
-    for key in ("steps", "regress_steps", "traj_seeds"):  # command-line overrides (short runs, tests)
+    for key in ("steps", "regress_steps", "traj_seeds", "finetune_seeds"):  # command-line overrides (short runs, tests)
         if getattr(args, key) is not None and changes.get(key) == FINAL.get(key):  # not what the variant toggles
             changes[key] = getattr(args, key)
     settings = {"kernel_size": args.kernel_size, **changes}  # a variant may fix its own kernel size
@@ -488,7 +496,10 @@ def _baselines_on(worst: list, baselines: dict) -> str:
 
 # the preset's changes, newest first: (row after, row before, title, what changed, the rows that undo one change each)
 CHANGES = [
-    ("final", "recipe_2026_12_06", "The recipe change of 2026-12-06 (afternoon)",
+    ("final", "recipe_2026_12_06b", "The recipe change of 2026-12-06 (evening)",
+     "the fine-tune draws its states from 16 teacher samples per caption — the regression's 4 and 12 more, recorded "
+     "without layer tensors — and runs 900 steps instead of 300", ("finetune_seeds_4",)),
+    ("recipe_2026_12_06b", "recipe_2026_12_06", "The recipe change of 2026-12-06 (afternoon)",
      "the regression draws its batches as CFG pairs and adds, per layer, the MSE of the guided layer output "
      "u + w·(c − u) (weight 1); the fine-tune weights its guided-output term 4 instead of 0.25, with each pair's "
      "rows in the sampler's order", ("no_regress_cfg", "cfg_loss_025")),

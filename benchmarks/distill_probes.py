@@ -16,6 +16,9 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   regression of the trajectory recipe (600 steps, batch 32, AdamW 2e-3, warm-up 50 then cosine,
   clip 1 per block) from the mean-field initialisation; prints the summed per-layer MSE on held-out
   states (every 7th) before and after, and per layer the share of its mean-field error left. A larger block that fitted the layers better would show here.
+  A variant may also set ``augment`` (symmetries, as ``--augment``), ``wd`` (AdamW weight decay), ``film`` = n (a
+  timestep-dependent scale and shift of ``proj_in``'s output per channel, n knots over t, zero at the start) or
+  ``tmix`` = n (n copies of each block at t = 0 … 1000, outputs blended linearly in t).
 * ``finetune``: one regression as above (cached), then from it each fine-tune variant: ``steps``
   (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
   + ``cfg_w`` (0.25) × guided-output MSE (``out_w`` scales the first term; each CFG pair's rows in either
@@ -25,11 +28,13 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   = m also trains the rest of the student (frozen in the recipe) at m × lr; ``hard`` = h draws a
   state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``ema`` = d
   ends with an exponential moving average (decay d per step) of the trained weights; ``split`` runs the
-  schedule twice over half the steps (the control for ``onpolicy``); ``onpolicy`` = n runs half the
+  schedule twice over half the steps (the control for ``onpolicy``); ``fseeds`` = n fine-tunes on the teacher's
+  sampling calls for seeds 2000 … 2000 + n − 1 per caption instead of the regression's trajectories (recorded
+  without layer tensors, cached in ``--work``); ``onpolicy`` = n runs half the
   steps, then samples the *student* on the training captions for n seeds, labels those states
   with the teacher's outputs and runs the other half on recorded + student states. Prints the
   held-out ε error (every 5th state), the held-out error of the guided prediction u + w·(c − u) (those
-  states with their CFG partners) and the PSNR of the student's samples against the teacher's
+  states with their CFG partners; the same on every 10th training state beside it) and the PSNR of the student's samples against the teacher's
   (14 captions × ``--eval-seeds``, default 0, 20 steps; with 0,1,2,3 the images of ``distill_demo.py``).
 * ``layers``: which blocks cost the dB. For each list of block indices only those self-attention
   layers are converted (the others keep the teacher's attention), then the recipe as above
@@ -80,6 +85,59 @@ EVAL_SEEDS = [0]  # --eval-seeds
 AUGMENT = 1  # --augment
 REGRESS_CFG = 0.0  # --regress-cfg
 BLOCK: dict = {}  # --block: ΔConvBlock settings of every student (a variant's own settings override them)
+TCTX: dict = {"t": None}  # the timesteps of the batch the blocks are called on (for ``film`` students)
+
+
+class FiLM(torch.nn.Module):
+    """Timestep-dependent per-channel scale and shift of ``proj_in``'s output: a table of ``knots`` values over
+    t ∈ [0, 1000], linearly interpolated, zero at the start (the block unchanged)."""
+
+    def __init__(self, channels: int, knots: int):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(knots, channels))
+        self.shift = torch.nn.Parameter(torch.zeros(knots, channels))
+
+    def forward(self, x):
+        n = self.scale.shape[0]
+        pos = (TCTX["t"].to(x.device).float() / 1000 * (n - 1)).clamp(0, n - 1)
+        i0 = pos.floor().long().clamp(max=n - 2)
+        f = (pos - i0)[:, None]
+        s = self.scale[i0] * (1 - f) + self.scale[i0 + 1] * f
+        b = self.shift[i0] * (1 - f) + self.shift[i0 + 1] * f
+        return x * (1 + s[:, None, None]) + b[:, None, None]
+
+
+class Blend(torch.nn.Module):
+    """``knots`` copies of a block at t = 0 … 1000; the output is their outputs interpolated linearly in t
+    (hat weights), so every state trains the two copies around its timestep."""
+
+    def __init__(self, block, knots: int):
+        super().__init__()
+        self.copies = torch.nn.ModuleList(copy.deepcopy(block) for _ in range(knots))
+
+    def forward(self, z):
+        n = len(self.copies)
+        pos = (TCTX["t"].to(z.device).float() / 1000 * (n - 1)).clamp(0, n - 1)
+        out = 0
+        for m, blk in enumerate(self.copies):
+            w = (1 - (pos - m).abs()).clamp(min=0)
+            if bool((w > 0).any()):
+                out = out + w[:, None, None, None] * blk(z)
+        return out
+
+
+def attach_film(student, blocks, knots: int) -> None:
+    """Give each block a :class:`FiLM` on ``proj_in``'s output; a pre-hook on the student passes the call's timesteps."""
+    for b in blocks:
+        b.film = FiLM(b.inter_dim, knots)
+        b.proj_in.register_forward_hook(lambda m, i, o, b=b: b.film(o))
+
+    def set_t(module, args, kwargs):
+        t = torch.as_tensor(kwargs["timestep"]).flatten()
+        n = kwargs["hidden_states"].shape[0]
+        TCTX["t"] = t.expand(n) if t.numel() == 1 else t
+
+    student.register_forward_pre_hook(set_t, with_kwargs=True)
 
 
 def parse_args(argv=None):
@@ -141,27 +199,37 @@ class Probe:
 
         self.pipe.transformer = copy.deepcopy(self.base)
         kw = {**BLOCK, **block_kw}
+        film, tmix = kw.pop("film", 0), kw.pop("tmix", 0)
         k, ks = kw.pop("k", None), kw.pop("ks", None)  # one K for all layers / one per block (list of 8)
         sites = self.sites if only is None else [self.sites[i] for i in only]
         ks = dict(zip((s.name for s in self.sites), ks)) if ks else self.ks
         spec = k if k else {s.name: ks[s.name] for s in sites}
         convert(self.pipe, spec, layers=None if only is None else [s.name for s in sites], **kw)
         mods = delta_modules(self.pipe.transformer)
-        return self.pipe.transformer, [mods[s.name].block for s in sites]
+        blocks = [mods[s.name].block for s in sites]
+        if film:
+            attach_film(self.pipe.transformer, blocks, film)
+        if tmix:  # timestep-blended copies of each block
+            blocks = [Blend(b, tmix) for b in blocks]
+            for s, b in zip(sites, blocks):
+                mods[s.name].block = b
+            attach_film(self.pipe.transformer, [], 0)  # only the timestep pre-hook
+        return self.pipe.transformer, blocks
 
     def restrict(self, only) -> None:
         """Keep the recorded layer inputs/outputs of the ``only``-indexed layers (regression on those)."""
         self.tr = dataclasses.replace(self.tr, x=[self.tr.x[i] for i in only], y=[self.tr.y[i] for i in only],
                                       grids=[self.tr.grids[i] for i in only])
 
-    def regress(self, blocks, steps: int, pool: torch.Tensor | None = None, augment: int = 0, cfg_w: float = 0.0) -> None:
+    def regress(self, blocks, steps: int, pool: torch.Tensor | None = None, augment: int = 0, cfg_w: float = 0.0,
+                wd: float = 0.0) -> None:
         """Teacher-forced regression of ``blocks``; ``pool``: draw the states only from these indices;
         ``augment`` n: each step's batch moved by one of the first n symmetries of the square (1: none);
         ``cfg_w`` > 0: the batch is 16 CFG pairs, with the guided term of weight ``cfg_w`` (``--regress-cfg``)."""
         from deltadistill.trajectory import cfg_pairs, regression_loss
 
         params = [p for b in blocks for p in b.parameters()]
-        opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.99), weight_decay=wd)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(min(50, steps // 4), steps))
         g = torch.Generator().manual_seed(0)
         for _ in range(steps):
@@ -171,6 +239,7 @@ class Probe:
             k = int(torch.randint(augment, (1,), generator=g)) if augment > 1 else 0
             if cfg_w:  # 16 CFG pairs instead of 32 states, and the guided term
                 idx = cfg_pairs(self.tr, idx[:16])
+            TCTX["t"] = self.tr.batched["timestep"][idx]
             loss, _ = regression_loss(blocks, self.tr, idx, symmetry=k, cfg_weight=cfg_w)
             opt.zero_grad()
             loss.backward()
@@ -182,8 +251,10 @@ class Probe:
     def held_regression(self, blocks, idx: torch.Tensor | None = None):
         from deltadistill.trajectory import regression_loss
 
+        idx = torch.arange(0, len(self.te), 7) if idx is None else idx
+        TCTX["t"] = self.te.batched["timestep"][idx]
         with torch.no_grad():
-            tot, parts = regression_loss(blocks, self.te, torch.arange(0, len(self.te), 7) if idx is None else idx)
+            tot, parts = regression_loss(blocks, self.te, idx)
         return float(tot), parts
 
     def replay(self, student, data, idx: torch.Tensor) -> torch.Tensor:
@@ -217,6 +288,32 @@ class Probe:
             out, target = self.replay(student, self.te, idx).float(), self.te.out[idx]
         b, w = len(idx) // 2, self.te.guidance
         return float(F.mse_loss(guided(out[:b], out[b:], w), guided(target[:b], target[b:], w)))
+
+    def train_guided(self, student) -> float:
+        """The guided error of :meth:`held_guided` on training states (every 10th, with their CFG partners)."""
+        from deltadistill.trajectory import cfg_pairs, guided
+
+        idx = cfg_pairs(self.tr, torch.arange(0, len(self.tr), 10))
+        with torch.no_grad():
+            out, target = self.replay(student, self.tr, idx).float(), self.tr.out[idx]
+        b, w = len(idx) // 2, self.tr.guidance
+        return float(F.mse_loss(guided(out[:b], out[b:], w), guided(target[:b], target[b:], w)))
+
+    def fresh_states(self, n: int):
+        """The teacher's sampling calls for the 14 captions × seeds 2000 … 2000 + n − 1, without layer tensors
+        (cached in --work): more noise for the fine-tune than the regression's trajectories."""
+        from deltadistill.trajectory import record_trajectories
+
+        path = os.path.join(self.work, f"traj_states_{n}.pt")
+        if os.path.exists(path):
+            return torch.load(path, weights_only=False)  # written by this script
+        student, self.pipe.transformer = self.pipe.transformer, self.base
+        t0 = time.perf_counter()
+        states = record_trajectories(self.pipe, self.prompts, list(range(2000, 2000 + n)), steps=20, resolution=256)
+        print(f"recorded {len(states)} states for the fine-tune in {time.perf_counter() - t0:.0f}s", flush=True)
+        self.pipe.transformer = student
+        torch.save(states, path)
+        return states
 
     def held_eps_by_steps(self, student) -> str:
         """Held-out ε error over the sampling steps 0-4, 5-9, 10-14, 15-19 (step 0 the noisiest)."""
@@ -300,6 +397,7 @@ class Probe:
             loss = loss + cfg_w * F.mse_loss(guided(out[:b], out[b:], data.guidance),
                                              guided(target[:b], target[b:], data.guidance))
             if reg_w and data is self.tr:
+                TCTX["t"] = self.tr.batched["timestep"][idx[:b]]
                 r, _ = regression_loss(blocks, self.tr, idx[:b])
                 loss = loss + reg_w * r
             opt.zero_grad()
@@ -513,11 +611,11 @@ def worst_figure(images, teacher, per_image, prompts, path: str, k: int = 8) -> 
 def capacity(probe: Probe, variants: dict, steps: int) -> None:
     for name, kw in variants.items():
         kw = dict(kw)
-        augment = kw.pop("augment", 0)
+        augment, wd = kw.pop("augment", 0), kw.pop("wd", 0.0)
         _, blocks = probe.make_student(kw)
         t0 = time.perf_counter()
         h0, parts0 = probe.held_regression(blocks)
-        probe.regress(blocks, steps, augment=augment)
+        probe.regress(blocks, steps, augment=augment, wd=wd)
         h1, parts = probe.held_regression(blocks)
         n = sum(p.numel() for b in blocks for p in b.parameters())
         print(f"{name}: held-out {h0:.4f} -> {h1:.4f} ({h1 / h0:.3f}), params {n}, {time.perf_counter() - t0:.0f}s, "
@@ -560,6 +658,9 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
         student.train()
         t0 = time.perf_counter()
         onp, split, total = kw.pop("onpolicy", 0), kw.pop("split", 0), kw.pop("steps", 300)
+        if kw.get("fseeds"):  # the fine-tune's states from this many fresh samples per caption
+            kw["data"] = probe.fresh_states(kw.pop("fseeds"))
+            t0 = time.perf_counter()
         rollout = {k[1:]: kw.pop(k) for k in [k for k in kw if k.startswith("r") and k != "reg_w"]}
         if split or onp:
             probe.finetune(student, blocks, steps=total // 2, **kw)
@@ -573,7 +674,7 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
             probe.rollout_tune(student, blocks, **rollout)
         t = time.perf_counter() - t0
         print(f"{name}: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} "
-              f"final latent {probe.held_rollout(student)} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+              f"(on training states {probe.train_guided(student):.4f}) final latent {probe.held_rollout(student)} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 

@@ -133,6 +133,11 @@ def train(
     regress_batch: int = typer.Option(32, "--regress-batch", help="trajectory: recorded states per regression step."),
     regress_lr: float = typer.Option(2e-3, "--regress-lr", help="trajectory: regression learning rate (cosine to 0)."),
     traj_seeds: int = typer.Option(4, "--traj-seeds", help="trajectory: teacher samples per prompt."),
+    finetune_seeds: Optional[int] = typer.Option(None, "--finetune-seeds", help="trajectory: teacher samples per prompt "
+                                                 "the fine-tune draws its states from: the --traj-seeds of the "
+                                                 "regression and more, recorded without layer inputs/outputs (cheap "
+                                                 "in memory). More noise seeds is what lets the student generalise to "
+                                                 "new noise [toolkit 16]."),
     traj_steps: int = typer.Option(20, "--traj-steps", help="trajectory: sampling steps of the recorded trajectories."),
     traj_keep_every: int = typer.Option(1, "--traj-keep-every", help="trajectory: keep every k-th denoiser call (memory)."),
     cfg_loss: Optional[float] = typer.Option(None, "--cfg-loss", help="trajectory: weight of the guided-output MSE "
@@ -157,7 +162,7 @@ def train(
         samples_per_prompt=samples_per_prompt, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         resume=resume, overwrite=overwrite, device=device, dtype=dtype, mixed_precision=mixed_precision,
         max_bad_steps=max_bad_steps, init=init, inter_ratio=inter_ratio, scales=_scales(scales), student=student, layers=layers, keep_attention=keep_attention, progress=progress, recipe=recipe, regress_steps=regress_steps,
-        regress_batch=regress_batch, regress_lr=regress_lr, regress_symmetries=regress_symmetries, regress_cfg_loss=regress_cfg_loss, traj_seeds=traj_seeds, traj_steps=traj_steps,
+        regress_batch=regress_batch, regress_lr=regress_lr, regress_symmetries=regress_symmetries, regress_cfg_loss=regress_cfg_loss, traj_seeds=traj_seeds, finetune_seeds=finetune_seeds, traj_steps=traj_steps,
         traj_keep_every=traj_keep_every, cfg_loss=cfg_loss,
     )
     if estimate:

@@ -185,6 +185,12 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
         per_state = latent * 4 + sum(2 * g[0] * g[1] * d * 2 for _, g, d, _, _ in est.layers)
         est.data_bytes = est.data_states * per_state
         est.data_calls = pairs * cfg.traj_steps
+        more = prompts * (cfg.finetune_trajectories - cfg.traj_seeds)  # the fine-tune's samples without layer tensors
+        if more:
+            more_states = more * calls * (2 if guided_sampling else 1)
+            est.data_states += more_states
+            est.data_bytes += more_states * latent * 4
+            est.data_calls += more * cfg.traj_steps
         with FlopCounterMode(display=False) as counter:
             for m in mods.values():
                 h, w = by_name[m.site_name].grid(base)

@@ -50,6 +50,7 @@ class TrainConfig:
     regress_symmetries: int | None = None  # trajectory: each regression batch turned/flipped by one of the first n of 8
     regress_cfg_loss: float | None = None  # trajectory: weight of the guided layer-output term of the regression
     traj_seeds: int = 4  # trajectory: teacher samples per prompt
+    finetune_seeds: int | None = None  # trajectory: samples per prompt the fine-tune draws from (≥ traj_seeds; None: preset's)
     traj_steps: int = 20  # trajectory: sampling steps (the scheduler and guidance of the pipeline)
     traj_keep_every: int = 1  # keep every k-th denoiser call
     cfg_loss: float | None = None  # trajectory: weight of the guided-output term
@@ -91,6 +92,14 @@ class TrainConfig:
     keep_attention: str | None = None  # comma-separated regexes: layers left out of the conversion
     probe: bool = True  # loss on a fixed probe batch at start and end
     progress: bool = True
+
+    @property
+    def finetune_trajectories(self) -> int:
+        """Teacher samples per prompt of the trajectory fine-tune: the regression's ``traj_seeds`` and, up to
+        ``finetune_seeds``, more recorded without layer tensors (none when there is no fine-tune)."""
+        if self.steps <= 0:
+            return self.traj_seeds
+        return max(self.traj_seeds, self.finetune_seeds or 0)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every option left at None filled in from the preset (training part)."""
@@ -139,6 +148,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.regress_lr > 0 and math.isfinite(cfg.regress_lr), f"--regress-lr must be a positive number, got {cfg.regress_lr}")
     need(cfg.traj_seeds >= 1 and cfg.traj_steps >= 1 and cfg.traj_keep_every >= 1,
          "--traj-seeds, --traj-steps and --traj-keep-every must be >= 1")
+    need(cfg.finetune_seeds is None or cfg.finetune_seeds >= 1, f"--finetune-seeds must be >= 1, got {cfg.finetune_seeds}")
     need(cfg.cfg_loss >= 0 and math.isfinite(cfg.cfg_loss), f"--cfg-loss must be a number >= 0, got {cfg.cfg_loss}")
     need(cfg.regress_cfg_loss >= 0 and math.isfinite(cfg.regress_cfg_loss),
          f"--regress-cfg-loss must be a number >= 0, got {cfg.regress_cfg_loss}")

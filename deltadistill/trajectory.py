@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Trajectories", "TrajectoryMemoryError", "cfg_pairs", "check_memory", "guided", "record_trajectories",
-           "regression_loss", "replay", "sampler_output"]
+__all__ = ["Trajectories", "TrajectoryMemoryError", "cfg_pairs", "check_memory", "guided", "join_states",
+           "record_trajectories", "regression_loss", "replay", "sampler_output"]
 
 
 @dataclass
@@ -65,6 +65,21 @@ class Trajectories:
         for name, value in self.constant.items():
             _put(kw, name, value)
         return kw
+
+
+def join_states(first: Trajectories, second: Trajectories) -> Trajectories:
+    """The denoiser calls of both recordings (``first``'s states keep their indices), without layer tensors: the
+    data of an end-to-end fine-tune. Both must come from the same pipeline and sampling settings."""
+    if (set(first.batched) != set(second.batched) or set(first.constant) != set(second.constant)
+            or first.guidance != second.guidance or first.cond_first != second.cond_first):
+        raise ValueError("join_states: the two recordings come from different calls (arguments, guidance or CFG order)")
+    n = len(first)
+    info = {"prompts": first.info.get("prompts"), "states": n + len(second),
+            "seeds": first.info.get("seeds", 0) + second.info.get("seeds", 0), "layer_bytes": 0}
+    return Trajectories(batched={k: torch.cat([first.batched[k], second.batched[k]]) for k in first.batched},
+                        constant=dict(first.constant), out=torch.cat([first.out, second.out]),
+                        pair=torch.cat([first.pair, second.pair + n]), guidance=first.guidance,
+                        cond_first=first.cond_first, info=info)
 
 
 def _put(d: dict, dotted: str, value) -> None:

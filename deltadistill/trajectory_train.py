@@ -10,7 +10,10 @@ training pairs, since self-attention commutes with any reordering of its tokens;
 output enters the loss with that weight), the next ``steps`` the end-to-end fine-tune on recorded
 states (output MSE + ``cfg_loss`` · guided-output MSE, each CFG pair as [cond; uncond] so that the
 guided output is the sampler's u + w·(c − u), on the ε channels the sampler uses; AdamW at ``lr``,
-warm-up then cosine, clip ``clip``). A fresh optimizer starts at the stage boundary. Every draw of a step comes from
+warm-up then cosine, clip ``clip``). The fine-tune's states are those of the regression's ``traj_seeds``
+samples per prompt and, up to ``finetune_seeds``, of more samples recorded without layer tensors
+(:func:`~deltadistill.trajectory.join_states`): new noise in its batches is what carries the fit to noise the
+student has not seen. A fresh optimizer starts at the stage boundary. Every draw of a step comes from
 :func:`~deltadistill.train_config.step_generator` (seed, step) for the global batch; the
 trajectories are re-recorded identically (seeded sampling) when a run resumes.
 
@@ -29,8 +32,8 @@ import torch.nn.functional as F
 
 from deltadistill.trainer import Trainer
 from deltadistill.train_config import TrainError, step_generator
-from deltadistill.trajectory import (TrajectoryMemoryError, cfg_pairs, guided, record_trajectories, regression_loss,
-                                    replay, sampler_output)
+from deltadistill.trajectory import (TrajectoryMemoryError, cfg_pairs, guided, join_states, record_trajectories,
+                                    regression_loss, replay, sampler_output)
 
 __all__ = ["TrajectoryTrainer", "trajectory_seeds", "REGRESS_WARMUP"]
 
@@ -64,7 +67,7 @@ class TrajectoryTrainer(Trainer):
     """:class:`~deltadistill.trainer.Trainer` with the trajectory recipe (see the module docstring)."""
 
     RESUME_RECIPE_KEYS = ("regress_steps", "regress_batch", "regress_symmetries", "regress_cfg_loss", "cfg_loss",
-                          "traj_seeds", "traj_steps", "traj_keep_every")
+                          "traj_seeds", "finetune_seeds", "traj_steps", "traj_keep_every")
     RESUME_LATE_KEYS = ("regress_symmetries", "regress_cfg_loss", "cfg_loss")  # prepare_data's fallbacks set them
 
     @property
@@ -96,7 +99,18 @@ class TrajectoryTrainer(Trainer):
         except TrajectoryMemoryError as e:
             raise TrainError(str(e)) from None
         self.traj.site_names = [s.name for s in sites]
+        self.ft_traj = self.traj  # the fine-tune's states: the regression's, and more samples without layer tensors
+        more = trajectory_seeds(cfg.seed, cfg.finetune_trajectories)[len(seeds):]
+        if more:
+            self.say(f"data: recording {len(prompts)} prompts × {len(more)} more seeds for the fine-tune (no layer tensors)")
+            try:
+                extra = record_trajectories(pipe, prompts, more, steps=cfg.traj_steps, resolution=self.resolution,
+                                            guidance=cfg.sample_guidance, keep_every=cfg.traj_keep_every, log=self.say)
+            except TrajectoryMemoryError as e:
+                raise TrainError(str(e)) from None
+            self.ft_traj = join_states(self.traj, extra)
         self.data = _TrajectoryData(self.traj)
+        self.data.info.update(finetune_seeds=len(seeds) + len(more), finetune_states=len(self.ft_traj))
         if cfg.regress_symmetries > 1 and not self.family.attention_equivariant:
             self.say(f"regression: {self.family.name} self-attention uses rotary position embeddings, so a turned or "
                      "flipped state is not one of its own; regressing without symmetries (--regress-symmetries 1)")
@@ -107,7 +121,8 @@ class TrajectoryTrainer(Trainer):
             self.cfg = cfg = dataclasses.replace(cfg, regress_cfg_loss=0.0, cfg_loss=0.0)
         square = all(h == w for h, w in self.traj.grids)
         self.symmetries = [k for k in range(cfg.regress_symmetries) if square or k % 2 == 0]  # odd k: quarter turns
-        self.say(f"data: {len(self.traj)} states, {self.traj.info['layer_bytes'] / 2**30:.2f} GiB of layer inputs/outputs")
+        self.say(f"data: {len(self.traj)} states, {self.traj.info['layer_bytes'] / 2**30:.2f} GiB of layer inputs/outputs"
+                 + (f"; the fine-tune draws from {len(self.ft_traj)} states" if self.ft_traj is not self.traj else ""))
 
     def make_optimizer(self, lr: float, schedule) -> None:
         cfg = self.cfg
@@ -144,12 +159,12 @@ class TrajectoryTrainer(Trainer):
         g = step_generator(self.cfg.seed, step, stream=2)
         return self.symmetries[int(torch.randint(len(self.symmetries), (1,), generator=g))]
 
-    def _indices(self, step: int, batch: int, stream: int = 0) -> torch.Tensor:
+    def _indices(self, step: int, batch: int, stream: int = 0, traj=None) -> torch.Tensor:
         g = step_generator(self.cfg.seed, step, stream)
-        return torch.randint(len(self.traj), (batch,), generator=g)
+        return torch.randint(len(self.traj if traj is None else traj), (batch,), generator=g)
 
     def _finetune_loss(self, idx: torch.Tensor, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg, traj = self.cfg, self.traj
+        cfg, traj = self.cfg, self.ft_traj
         if cfg.cfg_loss > 0:
             idx = cfg_pairs(traj, idx)  # [cond rows; uncond rows]
         latents = traj.batched.get("hidden_states", traj.batched.get("sample"))
@@ -166,7 +181,7 @@ class TrajectoryTrainer(Trainer):
 
     def probe(self, taps) -> dict:
         """Output and guided-output MSE on a fixed set of recorded states (stream 1)."""
-        idx = self._indices(0, min(PROBE_STATES, len(self.traj)), stream=1)
+        idx = self._indices(0, min(PROBE_STATES, len(self.ft_traj)), stream=1, traj=self.ft_traj)
         with torch.no_grad():
             total, l_out, l_cfg = self._finetune_loss(idx, self.student)
         vals = self.accelerator.reduce(torch.stack([total, l_out, l_cfg]).detach().float(), "mean")
@@ -195,7 +210,7 @@ class TrajectoryTrainer(Trainer):
             record = {"stage": "regress", "l_z": 0.0, "l_f": float(loss.detach()), "gap": 0.0, "layers": [round(v, 6) for v in parts]}
         else:
             sl = slice(self.rank * self.local_bs, (self.rank + 1) * self.local_bs)
-            idx = self._indices(step, cfg.batch_size)[sl]
+            idx = self._indices(step, cfg.batch_size, traj=self.ft_traj)[sl]
             loss, l_out, l_cfg = self._finetune_loss(idx, self.student_ddp)
             acc.backward(loss)
             gnorm = acc.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))

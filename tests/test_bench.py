@@ -334,30 +334,33 @@ def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
                 "changes": changes or distill_demo.VARIANTS[variant], "distilled": d, "teacher_accuracy": 0.93,
                 **({"recipe_of": recipe_of} if recipe_of else {})}
 
-    old_final = row("final", 19.4, "2026-12-06", distill_demo.FINAL)
-    rows = distill_demo.migrate([old_final, row("scaled_gate", 19.5, "2026-12-06"), row("recipe_2026_12_04", 19.3, "2026-12-06"),
-                                 row("one_seed", 18.0, None)])
-    assert [r["variant"] for r in rows] == ["recipe_2026_12_06", "scaled_gate", "recipe_2026_12_04", "one_seed"]
-    assert rows[0]["measured_as"]["recipe_of"] == "2026-12-06" and rows[0]["distilled"]["psnr_db"] == 19.4
+    old_final = row("final", 19.4, "2026-12-06b", distill_demo.FINAL)
+    rows = distill_demo.migrate([old_final, row("scaled_gate", 19.5, "2026-12-06b"), row("recipe_2026_12_06", 19.3, "2026-12-06b"),
+                                 row("recipe_2026_12_04", 19.0, "2026-12-06"), row("one_seed", 18.0, None)])
+    assert [r["variant"] for r in rows] == ["recipe_2026_12_06b", "scaled_gate", "recipe_2026_12_06", "recipe_2026_12_04",
+                                            "one_seed"]
+    assert rows[0]["measured_as"]["recipe_of"] == "2026-12-06b" and rows[0]["distilled"]["psnr_db"] == 19.4
     new_final = row("final", 20.5, distill_demo.RECIPE_OF, eps=0.04)
     by = {r["variant"]: r for r in rows + [new_final]}
-    assert distill_demo.base_of(by["scaled_gate"], by) is by["recipe_2026_12_06"]
+    assert distill_demo.base_of(by["scaled_gate"], by) is by["recipe_2026_12_06b"]
+    assert distill_demo.base_of(by["recipe_2026_12_06"], by) is by["recipe_2026_12_06b"]
     assert distill_demo.base_of(by["recipe_2026_12_04"], by) is by["recipe_2026_12_06"]
     assert distill_demo.base_of(by["one_seed"], by) is by["recipe_2026_12_04"]  # no recipe_of: the 2026-12-04 preset
     assert distill_demo.recipe_label(by["one_seed"], by) == "2026-12-04"
-    assert distill_demo.base_of(by["recipe_2026_12_06"], by) is by["final"]
-    assert distill_demo.on_old_recipe(by["scaled_gate"], by) and not distill_demo.on_old_recipe(by["recipe_2026_12_04"], by)
-    assert distill_demo.recipe_label(by["scaled_gate"], by) == "2026-12-06"
+    assert distill_demo.base_of(by["recipe_2026_12_06b"], by) is by["final"]
+    assert distill_demo.on_old_recipe(by["scaled_gate"], by) and not distill_demo.on_old_recipe(by["recipe_2026_12_06"], by)
+    assert distill_demo.recipe_label(by["scaled_gate"], by) == "2026-12-06b"
     # a final row of an earlier preset is dropped when that preset's own row was measured
-    assert [r["variant"] for r in distill_demo.migrate([old_final, row("recipe_2026_12_06", 19.0, distill_demo.RECIPE_OF)])] \
-        == ["recipe_2026_12_06"]
+    assert [r["variant"] for r in distill_demo.migrate([old_final, row("recipe_2026_12_06b", 19.0, distill_demo.RECIPE_OF)])] \
+        == ["recipe_2026_12_06b"]
     result = {"ablation": distill_demo._ordered(list(by.values())), "teacher_accuracy": 0.93, "baselines": {},
               "evaluation": {"seeds": [0, 1]}}
     text = distill_demo.verdict(result)
-    assert "+0.10 dB against the 2026-12-06 recipe it was measured on" in text  # scaled_gate: 19.5 against 19.4
-    assert "PSNR 19.40 → 20.50 dB" in text and "PSNR 19.30 → 19.40 dB" in text  # both changes of the preset
+    assert "+0.10 dB against the 2026-12-06b recipe it was measured on" in text  # scaled_gate: 19.5 against 19.4
+    # every change of the preset, each against the preset before it
+    assert "PSNR 19.40 → 20.50 dB" in text and "PSNR 19.30 → 19.40 dB" in text and "PSNR 19.00 → 19.30 dB" in text
     assert "guided ε error 0.1000 → 0.0800 (-20%)" in text
-    assert "(on the 2026-12-06 recipe" in distill_demo.table(result)
+    assert "(on the 2026-12-06b recipe" in distill_demo.table(result)
 
 
 def test_distill_demo_hybrid_paragraph_states_the_targets_from_its_rows():

@@ -39,13 +39,18 @@ def test_recorded_states_match_a_real_recording(prompts, tmp_path):
     from attnprobe.core.registry import load_pipeline
     from deltadistill.trajectory import record_trajectories
 
-    cfg = _cfg(prompts, tmp_path / "est", recipe="trajectory", traj_seeds=2, traj_steps=3, resolution=32)
-    est = estimate_training(cfg, calibrate=False)
+    kw = dict(recipe="trajectory", traj_seeds=2, traj_steps=3, resolution=32)
+    est = estimate_training(_cfg(prompts, tmp_path / "est", finetune_seeds=2, **kw), calibrate=False)
     pipe, _ = load_pipeline("tiny-pixart")
     traj = record_trajectories(pipe, ["a photo of a cat", "a red dog"], [0, 1], steps=3, resolution=32,
                                sites=find_self_attention(denoiser_of(pipe)))
     assert est.data_states == len(traj)
     assert est.data_bytes == traj.info["layer_bytes"] + traj.out.numel() * 4
+    # the fine-tune's further samples are recorded without layer tensors
+    more = estimate_training(_cfg(prompts, tmp_path / "est", finetune_seeds=3, **kw), calibrate=False)
+    extra = record_trajectories(pipe, ["a photo of a cat", "a red dog"], [2], steps=3, resolution=32)
+    assert more.data_states == len(traj) + len(extra) and more.data_calls == est.data_calls + 2 * 3
+    assert more.data_bytes == est.data_bytes + extra.out.numel() * 4
     from deltadistill.presets import TRAIN
 
     assert est.data_calls == 2 * 2 * 3 and est.regress_flops > 0

@@ -114,8 +114,8 @@ def test_symmetries_of_the_grid_are_exact_training_pairs():
 
 def _cfg(prompts, out, **kw):
     base = dict(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, recipe="trajectory",
-                regress_steps=6, steps=6, regress_batch=8, batch_size=2, traj_seeds=2, traj_steps=3, warmup=2, lr=1e-2,
-                checkpoint_every=4, progress=False, seed=0)
+                regress_steps=6, steps=6, regress_batch=8, batch_size=2, traj_seeds=2, finetune_seeds=2, traj_steps=3,
+                warmup=2, lr=1e-2, checkpoint_every=4, progress=False, seed=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -297,6 +297,14 @@ def test_regress_symmetries_out_of_range_is_a_usage_error(tmp_path):
     with pytest.raises(TrainError, match="--regress-cfg-loss needs --regress-batch >= 2"):
         validate(_cfg(prompts, tmp_path / "r", regress_batch=1))  # the toolkit preset's guided term draws pairs
     validate(_cfg(prompts, tmp_path / "r", regress_batch=1, regress_cfg_loss=0.0))  # plain states: one is enough
+    for bad in (0, -3):
+        with pytest.raises(TrainError, match="--finetune-seeds must be >= 1"):
+            validate(_cfg(prompts, tmp_path / "r", finetune_seeds=bad))
+    # the preset's value, never fewer than the regression's samples, none without a fine-tune
+    assert validate(_cfg(prompts, tmp_path / "r", finetune_seeds=None)).finetune_trajectories == 16
+    assert validate(_cfg(prompts, tmp_path / "r", traj_seeds=5, finetune_seeds=3)).finetune_trajectories == 5
+    assert validate(_cfg(prompts, tmp_path / "r", finetune_seeds=None, steps=0)).finetune_trajectories == 2
+    assert validate(_cfg(prompts, tmp_path / "r", finetune_seeds=None, preset="paper")).finetune_trajectories == 2
 
 
 @pytest.mark.parametrize("alias, prompts", [("tiny-pixart", ["a photo of cat", "a red dog"]), ("tiny-dit", ["cat", "dog"])])
@@ -432,3 +440,53 @@ def test_resume_compares_the_data_not_their_path(tmp_path):
     moved.write_text(prompts.read_text())
     train(_cfg(moved, run, resume="latest"), log=lambda m: None)
     _assert_same_blocks(full, run)
+
+
+def test_join_states_keeps_both_recordings_and_their_pairs():
+    from deltadistill.trajectory import join_states
+
+    pipe, _ = load_pipeline("tiny-pixart")
+    den = denoiser_of(pipe)
+    a = record_trajectories(pipe, ["a photo of cat"], [0], steps=2, resolution=32, sites=find_self_attention(den))
+    b = record_trajectories(pipe, ["a photo of cat", "a red dog"], [1], steps=2, resolution=32)
+    j = join_states(a, b)
+    assert len(j) == len(a) + len(b) and j.x == [] and j.info["layer_bytes"] == 0
+    assert torch.equal(j.pair[j.pair], torch.arange(len(j)))  # partners still pair up, each within its recording
+    assert torch.equal(j.pair[: len(a)], a.pair) and torch.equal(j.pair[len(a):], b.pair + len(a))
+    idx = torch.tensor([1, len(a), len(j) - 1])
+    with torch.no_grad():
+        torch.testing.assert_close(replay(den, j, idx), j.out[idx], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(j.out[idx], torch.cat([a.out[1:2], b.out[[0, -1]]]), atol=0, rtol=0)
+    unguided = record_trajectories(pipe, ["a red dog"], [1], steps=2, resolution=32, guidance=1.0)
+    with pytest.raises(ValueError, match="different calls"):
+        join_states(a, unguided)
+
+
+def test_fine_tune_draws_from_more_seeds_than_the_regression(tmp_path, monkeypatch):
+    import deltadistill.trajectory_train as tt
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\na red dog\n")
+    calls, rows = [], []
+    real_record, real_replay = tt.record_trajectories, tt.replay
+
+    def record(pipe, prompts, seeds, **kw):
+        calls.append((list(seeds), len(kw.get("sites", ()))))
+        return real_record(pipe, prompts, seeds, **kw)
+
+    def spy(model, traj, idx, **kw):
+        rows.append((len(traj), int(idx.max())))
+        return real_replay(model, traj, idx, **kw)
+
+    monkeypatch.setattr(tt, "record_trajectories", record)
+    monkeypatch.setattr(tt, "replay", spy)
+    s = train(_cfg(prompts, tmp_path / "run", traj_seeds=1, finetune_seeds=3, regress_steps=2, steps=8, batch_size=4,
+                   cfg_loss=0.0), log=lambda m: None)
+    seeds = tt.trajectory_seeds(0, 3)
+    assert calls[0] == ([seeds[0]], 4) and calls[1] == (seeds[1:], 0)  # the regression's with layers, then 2 more without
+    states = 2 * 3 * 2  # per seed: prompts × steps × (uncond, cond)
+    assert s["data"]["finetune_states"] == 3 * states and s["data"]["states"] == states
+    assert {n for n, _ in rows} == {3 * states} and max(i for _, i in rows) >= states  # drawn beyond the regression's
+    calls.clear()
+    train(_cfg(prompts, tmp_path / "none", traj_seeds=1, finetune_seeds=3, regress_steps=2, steps=0), log=lambda m: None)
+    assert len(calls) == 1  # no fine-tune: nothing more is recorded

@@ -531,7 +531,9 @@ def _change_clause(rows: dict, after: str, before: str, title: str, what: str, u
     undone = [(k, rows[k]) for k in undoing if k in rows and base_of(rows[k], rows) is new]
     if undone:
         text += (". Each change undone alone: " + "; ".join(
-            f"{r['description']}: ε error {r['distilled']['eps_error']:.4f}, {r['distilled']['psnr_db']:.2f} dB" for _, r in undone))
+            f"{r['description']}: ε error {r['distilled']['eps_error']:.4f}"
+            + (f", guided {r['distilled']['eps_guided_error']:.4f}" if r["distilled"].get("eps_guided_error") else "")
+            + f", {r['distilled']['psnr_db']:.2f} dB" for _, r in undone))
     return text + "."
 
 

@@ -353,6 +353,7 @@ def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
     # a final row of an earlier preset is dropped when that preset's own row was measured
     assert [r["variant"] for r in distill_demo.migrate([old_final, row("recipe_2026_12_06b", 19.0, distill_demo.RECIPE_OF)])] \
         == ["recipe_2026_12_06b"]
+    by["finetune_seeds_4"] = row("finetune_seeds_4", 20.4, distill_demo.RECIPE_OF, eps=0.045)
     result = {"ablation": distill_demo._ordered(list(by.values())), "teacher_accuracy": 0.93, "baselines": {},
               "evaluation": {"seeds": [0, 1]}}
     text = distill_demo.verdict(result)
@@ -360,6 +361,8 @@ def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
     # every change of the preset, each against the preset before it
     assert "PSNR 19.40 → 20.50 dB" in text and "PSNR 19.30 → 19.40 dB" in text and "PSNR 19.00 → 19.30 dB" in text
     assert "guided ε error 0.1000 → 0.0800 (-20%)" in text
+    assert "undone alone: fine-tune on the regression's 4 samples per caption (not 16), 900 steps: ε error 0.0450, " \
+           "guided 0.0900, 20.40 dB" in text  # the row that undoes today's change, with its guided error
     assert "(on the 2026-12-06b recipe" in distill_demo.table(result)
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnprobe._version import __version__
-from attnprobe.core.cli import UsageError, calm_threads, check_device, command, fail, make_app
+from attnprobe.core.cli import UsageError, calm_threads, check_device, command, escape_help_markup, fail, make_app
 from attnprobe.core.progress import Progress
 
 calm_threads()  # before torch is imported
@@ -350,6 +350,9 @@ def report(
     with console.status("writing the HTML report"):
         path = write_html_report(folder, output=output)
     console.print(f"wrote [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
+
+
+escape_help_markup(app)  # last: every command is registered
 
 
 def main():  # console-script entry point

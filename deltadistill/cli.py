@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from attnprobe.core.cli import UsageError, calm_threads, check_device, command, fail, make_app
+from attnprobe.core.cli import UsageError, calm_threads, check_device, command, escape_help_markup, fail, make_app
 
 calm_threads()  # before torch is imported (the bench command below imports it)
 
@@ -373,6 +373,7 @@ def import_official(
 
 
 register_bench(app)
+escape_help_markup(app)  # last: every command is registered
 
 
 def main() -> None:

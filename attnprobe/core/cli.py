@@ -145,5 +145,24 @@ def make_app(name: str, help: str, version: str) -> typer.Typer:
     return app
 
 
+def escape_help_markup(app: typer.Typer) -> None:
+    """Escape square brackets in every command's option help and docstring, once all commands are registered.
+
+    typer renders help through rich markup, which would swallow text such as ``[toolkit 16]`` (the preset values
+    the help names) as an unknown style tag."""
+    import inspect
+
+    from rich.markup import escape
+    from typer.models import ParameterInfo
+
+    for info in app.registered_commands:
+        for param in inspect.signature(info.callback).parameters.values():
+            if isinstance(param.default, ParameterInfo) and param.default.help and not getattr(param.default, "_escaped", False):
+                param.default.help = escape(param.default.help)
+                param.default._escaped = True
+        if info.help is None and info.callback.__doc__:
+            info.help = escape(inspect.getdoc(info.callback))
+
+
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()

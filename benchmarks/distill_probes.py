@@ -127,10 +127,15 @@ class Blend(torch.nn.Module):
 
 
 def attach_film(student, blocks, knots: int) -> None:
-    """Give each block a :class:`FiLM` on ``proj_in``'s output; a pre-hook on the student passes the call's timesteps."""
+    """Give each block a :class:`FiLM` on ``proj_in``'s output, fed the call's timesteps."""
     for b in blocks:
         b.film = FiLM(b.inter_dim, knots)
         b.proj_in.register_forward_hook(lambda m, i, o, b=b: b.film(o))
+    pass_timesteps(student)
+
+
+def pass_timesteps(student) -> None:
+    """A pre-hook on the student that puts each call's timesteps (one per sample) into ``TCTX``."""
 
     def set_t(module, args, kwargs):
         t = torch.as_tensor(kwargs["timestep"]).flatten()
@@ -213,7 +218,7 @@ class Probe:
             blocks = [Blend(b, tmix) for b in blocks]
             for s, b in zip(sites, blocks):
                 mods[s.name].block = b
-            attach_film(self.pipe.transformer, [], 0)  # only the timestep pre-hook
+            pass_timesteps(self.pipe.transformer)
         return self.pipe.transformer, blocks
 
     def restrict(self, only) -> None:
@@ -278,26 +283,24 @@ class Probe:
             idx = torch.arange(0, len(self.te), 5)
             return float(F.mse_loss(self.replay(student, self.te, idx).float(), self.te.out[idx]))
 
-    def held_guided(self, student) -> float:
-        """Held-out error of the guided prediction u + w·(c − u) that the sampler steps with (same states as
-        :meth:`held_eps`, each with its CFG partner)."""
+    def guided_error(self, student, data, every: int) -> float:
+        """Error of the guided prediction u + w·(c − u) that the sampler steps with, on every ``every``-th state of
+        ``data`` with its CFG partner."""
         from deltadistill.trajectory import cfg_pairs, guided
 
-        idx = cfg_pairs(self.te, torch.arange(0, len(self.te), 5))
+        idx = cfg_pairs(data, torch.arange(0, len(data), every))
         with torch.no_grad():
-            out, target = self.replay(student, self.te, idx).float(), self.te.out[idx]
-        b, w = len(idx) // 2, self.te.guidance
+            out, target = self.replay(student, data, idx).float(), data.out[idx]
+        b, w = len(idx) // 2, data.guidance
         return float(F.mse_loss(guided(out[:b], out[b:], w), guided(target[:b], target[b:], w)))
+
+    def held_guided(self, student) -> float:
+        """Held-out guided error (the states of :meth:`held_eps`)."""
+        return self.guided_error(student, self.te, 5)
 
     def train_guided(self, student) -> float:
-        """The guided error of :meth:`held_guided` on training states (every 10th, with their CFG partners)."""
-        from deltadistill.trajectory import cfg_pairs, guided
-
-        idx = cfg_pairs(self.tr, torch.arange(0, len(self.tr), 10))
-        with torch.no_grad():
-            out, target = self.replay(student, self.tr, idx).float(), self.tr.out[idx]
-        b, w = len(idx) // 2, self.tr.guidance
-        return float(F.mse_loss(guided(out[:b], out[b:], w), guided(target[:b], target[b:], w)))
+        """The guided error on training states (every 10th)."""
+        return self.guided_error(student, self.tr, 10)
 
     def fresh_states(self, n: int):
         """The teacher's sampling calls for the 14 captions × seeds 2000 … 2000 + n − 1, without layer tensors

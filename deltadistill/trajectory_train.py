@@ -107,7 +107,8 @@ class TrajectoryTrainer(Trainer):
                 extra = record_trajectories(pipe, prompts, more, steps=cfg.traj_steps, resolution=self.resolution,
                                             guidance=cfg.sample_guidance, keep_every=cfg.traj_keep_every, log=self.say)
             except TrajectoryMemoryError as e:
-                raise TrainError(str(e)) from None
+                raise TrainError(f"{e}; these are the fine-tune's {len(more)} further samples per prompt: lower "
+                                 f"--finetune-seeds (now {cfg.finetune_seeds})") from None
             self.ft_traj = join_states(self.traj, extra)
         self.data = _TrajectoryData(self.traj)
         self.data.info.update(finetune_seeds=len(seeds) + len(more), finetune_states=len(self.ft_traj))

@@ -86,6 +86,8 @@ def test_help_explains():
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "nosuchlayer"], "matches no self-attention"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "blocks.(1"], "not a valid regular expression"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--keep-attention", "nosuchlayer"], "--keep-attention 'nosuchlayer' matches no"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--recipe", "trajectory", "--finetune-seeds", "0"],
+         "--finetune-seeds must be >= 1"),
     ],
 )
 def test_train_bad_input(files, tmp_path, args, needle):

@@ -137,17 +137,18 @@ def _assert_same_blocks(a_run, b_run):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("resume_at", ["step-0000004", "step-0000008"])  # inside the regression, inside the fine-tune
-def test_trajectory_run_resumes_exactly(tmp_path, resume_at):
+# inside the regression, inside the fine-tune; and inside a fine-tune that draws on a third sample per prompt
+@pytest.mark.parametrize("resume_at, finetune_seeds", [("step-0000004", 2), ("step-0000008", 2), ("step-0000008", 3)])
+def test_trajectory_run_resumes_exactly(tmp_path, resume_at, finetune_seeds):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of cat\na red dog\n")
     full = tmp_path / "full"
-    s = train(_cfg(prompts, full), log=lambda m: None)
+    s = train(_cfg(prompts, full, finetune_seeds=finetune_seeds), log=lambda m: None)
     assert s["steps"] == 12 and [h["stage"] for h in s["history"]] == ["regress"] * 6 + ["finetune"] * 6
     part = tmp_path / "part"
     shutil.copytree(full, part)
     _cut_after(part, resume_at)
-    train(_cfg(prompts, part, resume="latest"), log=lambda m: None)
+    train(_cfg(prompts, part, resume="latest", finetune_seeds=finetune_seeds), log=lambda m: None)
     _assert_same_blocks(full, part)
 
 
@@ -405,6 +406,8 @@ def test_resume_refuses_other_loss_weights_and_keeps_the_run(tmp_path):
     with pytest.raises(TrainError, match=r"trained with traj_steps=3, now 4"):
         train(_cfg(prompts, run, resume="latest", cfg_loss=0.25, regress_cfg_loss=1.0, traj_steps=4), log=said.append)
     assert not any("recording teacher trajectories" in m for m in said)  # refused before the data
+    with pytest.raises(TrainError, match=r"trained with finetune_seeds=2, now 3"):  # other states for the fine-tune
+        train(_cfg(prompts, run, resume="latest", cfg_loss=0.25, regress_cfg_loss=1.0, finetune_seeds=3), log=said.append)
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
@@ -490,3 +493,21 @@ def test_fine_tune_draws_from_more_seeds_than_the_regression(tmp_path, monkeypat
     calls.clear()
     train(_cfg(prompts, tmp_path / "none", traj_seeds=1, finetune_seeds=3, regress_steps=2, steps=0), log=lambda m: None)
     assert len(calls) == 1  # no fine-tune: nothing more is recorded
+
+
+def test_fine_tune_samples_beyond_memory_name_their_flag(tmp_path, monkeypatch):
+    import deltadistill.trajectory_train as tt
+    from deltadistill.trajectory import TrajectoryMemoryError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of cat\n")
+    real_record = tt.record_trajectories
+
+    def record(pipe, prompts, seeds, **kw):
+        if not kw.get("sites"):  # the fine-tune's further samples
+            raise TrajectoryMemoryError("the trajectory recipe would keep 9.0 GiB of recorded states")
+        return real_record(pipe, prompts, seeds, **kw)
+
+    monkeypatch.setattr(tt, "record_trajectories", record)
+    with pytest.raises(TrainError, match=r"9\.0 GiB.*further samples per prompt: lower --finetune-seeds \(now 5\)"):
+        train(_cfg(prompts, tmp_path / "run", traj_seeds=1, finetune_seeds=5), log=lambda m: None)

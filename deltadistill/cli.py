@@ -137,7 +137,7 @@ def train(
                                                  "the fine-tune draws its states from: the --traj-seeds of the "
                                                  "regression and more, recorded without layer inputs/outputs (cheap "
                                                  "in memory). More noise seeds is what lets the student generalise to "
-                                                 "new noise [toolkit 16]."),
+                                                 "new noise [toolkit 8]."),
     traj_steps: int = typer.Option(20, "--traj-steps", help="trajectory: sampling steps of the recorded trajectories."),
     traj_keep_every: int = typer.Option(1, "--traj-keep-every", help="trajectory: keep every k-th denoiser call (memory)."),
     cfg_loss: Optional[float] = typer.Option(None, "--cfg-loss", help="trajectory: weight of the guided-output MSE "

@@ -320,6 +320,10 @@ def test_distill_demo_reuse_rows_skips_only_rows_with_the_same_changes(tmp_path,
     monkeypatch.setitem(distill_demo.VARIANTS, "final", {**distill_demo.FINAL, "steps": 7})
     distill_demo.main(argv + ["--reuse-rows"])
     assert calls == ["final", "final", "final"]  # the variant changed since: its old row is not reused
+    distill_demo.main(["--out", str(tmp_path), "--erf-report", "unused.json", "--variants", "one_seed"])
+    kept = {r["variant"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(kept) == {"final", "one_seed"}  # a run of another variant keeps the rows measured before it
+    assert kept["final"]["changes"] == {**distill_demo.FINAL, "steps": 7}
 
 
 def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
@@ -353,16 +357,25 @@ def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
     # a final row of an earlier preset is dropped when that preset's own row was measured
     assert [r["variant"] for r in distill_demo.migrate([old_final, row("recipe_2026_12_06b", 19.0, distill_demo.RECIPE_OF)])] \
         == ["recipe_2026_12_06b"]
-    by["finetune_seeds_4"] = row("finetune_seeds_4", 20.4, distill_demo.RECIPE_OF, eps=0.045)
+    # one more preset later: the evening's final becomes recipe_2026_12_06c, and the afternoon's row (migrated under
+    # the evening's preset, as the committed results hold it) is read against it
+    by["recipe_2026_12_06b"]["recipe_of"] = "2026-12-06c"
+    [c_row] = distill_demo.migrate([row("final", 20.2, "2026-12-06c", distill_demo.FINAL, eps=0.045)])
+    assert c_row["variant"] == "recipe_2026_12_06c" and c_row["changes"] == {**distill_demo.FINAL, "finetune_seeds": 16}
+    by["recipe_2026_12_06c"] = c_row
+    assert distill_demo.base_of(by["recipe_2026_12_06b"], by) is c_row and distill_demo.base_of(c_row, by) is by["final"]
+    by["finetune_seeds_4"] = row("finetune_seeds_4", 20.4, "2026-12-06c", eps=0.047)
+    assert distill_demo.base_of(by["finetune_seeds_4"], by) is c_row
     result = {"ablation": distill_demo._ordered(list(by.values())), "teacher_accuracy": 0.93, "baselines": {},
               "evaluation": {"seeds": [0, 1]}}
     text = distill_demo.verdict(result)
     assert "+0.10 dB against the 2026-12-06b recipe it was measured on" in text  # scaled_gate: 19.5 against 19.4
     # every change of the preset, each against the preset before it
-    assert "PSNR 19.40 → 20.50 dB" in text and "PSNR 19.30 → 19.40 dB" in text and "PSNR 19.00 → 19.30 dB" in text
-    assert "guided ε error 0.1000 → 0.0800 (-20%)" in text
-    assert "undone alone: fine-tune on the regression's 4 samples per caption (not 16), 900 steps: ε error 0.0450, " \
-           "guided 0.0900, 20.40 dB" in text  # the row that undoes today's change, with its guided error
+    assert all(f"PSNR {a} → {b} dB" in text for a, b in (("20.20", "20.50"), ("19.40", "20.20"), ("19.30", "19.40"),
+                                                         ("19.00", "19.30")))
+    assert "guided ε error 0.0900 → 0.0800 (-11%)" in text and "guided ε error 0.1000 → 0.0900 (-10%)" in text
+    assert "undone alone: fine-tune on the regression's 4 samples per caption (not 16), 900 steps: ε error 0.0470, " \
+           "guided 0.0940, 20.40 dB" in text  # the row that undoes the evening's change, with its guided error
     assert "(on the 2026-12-06b recipe" in distill_demo.table(result)
 
 

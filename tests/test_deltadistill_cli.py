@@ -61,7 +61,7 @@ def test_help_explains():
         assert flag in res.output
     # the preset values in brackets survive rich's markup (it took "[toolkit 16]" for a style tag and dropped it)
     wide = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
-    for hint in ("[toolkit 16]", "[toolkit 1200]", "[toolkit 4, paper 16]", "[preset's]"):
+    for hint in ("[toolkit 8]", "[toolkit 1200]", "[toolkit 4, paper 16]", "[preset's]"):
         assert hint in wide.output, hint
     assert "\\[" not in wide.output  # escaped, not shown with its backslash
 

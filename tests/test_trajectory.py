@@ -302,7 +302,7 @@ def test_regress_symmetries_out_of_range_is_a_usage_error(tmp_path):
         with pytest.raises(TrainError, match="--finetune-seeds must be >= 1"):
             validate(_cfg(prompts, tmp_path / "r", finetune_seeds=bad))
     # the preset's value, never fewer than the regression's samples, none without a fine-tune
-    assert validate(_cfg(prompts, tmp_path / "r", finetune_seeds=None)).finetune_trajectories == 16
+    assert validate(_cfg(prompts, tmp_path / "r", finetune_seeds=None)).finetune_trajectories == 8
     assert validate(_cfg(prompts, tmp_path / "r", traj_seeds=5, finetune_seeds=3)).finetune_trajectories == 5
     assert validate(_cfg(prompts, tmp_path / "r", finetune_seeds=None, steps=0)).finetune_trajectories == 2
     assert validate(_cfg(prompts, tmp_path / "r", finetune_seeds=None, preset="paper")).finetune_trajectories == 2

@@ -149,7 +149,7 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
         pair = torch.cat([torch.arange(half, b), torch.arange(0, half)]) if cfg else torch.arange(b)
         parts["pair"].append(pair + m)
         state["m"] += b
-        nbytes = out.numel() * 4
+        nbytes = out.numel() * 4 + sum(v.numel() * v.element_size() for v in batched.values())  # what is kept
         for i, io in enumerate(state["io"]):
             x, y = io
             parts["x"][i].append(x.to(layer_dtype).cpu())

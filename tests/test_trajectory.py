@@ -188,7 +188,7 @@ def test_recording_that_would_not_fit_is_refused_after_one_call():
     handle = den.register_forward_hook(lambda *a: calls.append(1))
     try:
         full = record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32, sites=sites)
-        need = full.info["layer_bytes"] + full.out.numel() * 4
+        need = full.info["layer_bytes"] + full.out.numel() * 4 + sum(v.numel() * v.element_size() for v in full.batched.values())
         calls.clear()
         with pytest.raises(TrajectoryMemoryError, match="--traj-keep-every"):
             record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32, sites=sites, budget=need - 1)
@@ -197,6 +197,13 @@ def test_recording_that_would_not_fit_is_refused_after_one_call():
     finally:
         handle.remove()
     assert len(again) == len(full)
+    # without layer tensors (the fine-tune's further samples) the call's inputs are most of what is kept
+    states = record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32)
+    kept = states.out.numel() * 4 + sum(v.numel() * v.element_size() for v in states.batched.values())
+    assert kept > 1.5 * states.out.numel() * 4
+    with pytest.raises(TrajectoryMemoryError):
+        record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32, budget=kept - 1)
+    assert len(record_trajectories(pipe, ["a cat", "a dog"], [0], steps=3, resolution=32, budget=kept)) == len(states)
 
 
 def test_cli_refuses_a_recording_beyond_memory(tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def _saved_bytes(fn, params: set[int]) -> tuple[int, object]:
 
 def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     """Cost of ``deltadistill train`` with the resolved config ``cfg`` (a TrainConfig)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from deltadistill.flops import flop_counter
 
     from attnprobe.core.family import family_of, find_self_attention
     from attnprobe.core.registry import denoiser_from_config, resolve
@@ -162,10 +162,15 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
         est.layers.append((m.label, by_name[name].grid(base), m.block.dim, m.block.kernel_size,
                            sum(p.numel() for p in m.block.parameters())))
 
-    text_len = int(spec.text_tokens or 16)
+    # the pipeline's text length: the alias's encoder, else the family's; the tiny tokenizer of the test and
+    # random-weight pipelines caps it
+    from attnprobe.core import tiny
+
+    random = report is not None and (report.model or {}).get("weights") == "random"  # as the trainer loads it
+    text_len = int(spec.text_tokens or (tiny.TEXT_TOKENS if spec.is_builtin or random else family.text_tokens))
     kw = family.random_inputs(den, res, vf, text_len=text_len, device="meta", dtype=wdtype, batch=rows)
     params = {id(p) for p in den.parameters()}
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         if cfg.recipe != "trajectory":  # the trajectory fine-tune's targets are recorded: no teacher call per step
             with torch.no_grad():
                 den(**kw)  # stands in for the teacher's forward (the student's costs less)
@@ -182,16 +187,19 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
         pairs = prompts * cfg.traj_seeds
         calls = math.ceil(cfg.traj_steps / cfg.traj_keep_every)
         est.data_states = pairs * calls * (2 if guided_sampling else 1)  # uncond + cond of every kept call
-        per_state = latent * 4 + sum(2 * g[0] * g[1] * d * 2 for _, g, d, _, _ in est.layers)
+        # every kept state holds its output (fp32), the call's inputs (latent, timestep, text embedding, mask ...)
+        # and, for the regression's samples, each converted layer's input and output (fp16)
+        kept = latent * 4 + _call_input_bytes(family, den, res, vf, text_len, wdtype)
+        per_state = kept + sum(2 * g[0] * g[1] * d * 2 for _, g, d, _, _ in est.layers)
         est.data_bytes = est.data_states * per_state
         est.data_calls = pairs * cfg.traj_steps
         more = prompts * (cfg.finetune_trajectories - cfg.traj_seeds)  # the fine-tune's samples without layer tensors
         if more:
             more_states = more * calls * (2 if guided_sampling else 1)
             est.data_states += more_states
-            est.data_bytes += more_states * latent * 4
+            est.data_bytes += more_states * kept
             est.data_calls += more * cfg.traj_steps
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             for m in mods.values():
                 h, w = by_name[m.site_name].grid(base)
                 x = torch.empty(cfg.regress_batch, h, w, m.block.dim, device="meta")
@@ -203,12 +211,19 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
         est.data_calls = est.data_states * cfg.sample_steps
     if est.data_calls:
         kw2 = family.random_inputs(den, res, vf, text_len=text_len, device="meta", dtype=wdtype, batch=2)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with flop_counter() as counter, torch.no_grad():
             den(**kw2)
         est.call_flops = int(counter.get_total_flops())
     if calibrate:
         est.rate = _matmul_rate(str(device), wdtype)
     return est
+
+
+def _call_input_bytes(family, den, res: int, vf: int, text_len: int, dtype) -> int:
+    """Bytes of one sample's denoiser-call inputs as the trajectory recording keeps them."""
+    from deltadistill.trajectory import kept_input_bytes
+
+    return kept_input_bytes(family.random_inputs(den, res, vf, text_len=text_len, device="meta", dtype=dtype), 1)
 
 
 def _count_prompts(cfg) -> int:

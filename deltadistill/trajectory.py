@@ -89,18 +89,29 @@ def _put(d: dict, dotted: str, value) -> None:
     d[keys[-1]] = value
 
 
-def _flatten(prefix: str, value, batch: int, batched: dict, constant: dict) -> None:
+def _flatten(prefix: str, value, batch: int, batched: dict, constant: dict, copy: bool = True) -> None:
+    """Split call keywords into per-sample tensors (``batched``, dotted keys) and the rest (``constant``).
+
+    ``copy=False`` keeps the tensors where they are (``kept_input_bytes`` sizes meta tensors with it)."""
     if isinstance(value, dict):
         if not value:
             constant[prefix] = {}
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else k, v, batch, batched, constant)
+            _flatten(f"{prefix}.{k}" if prefix else k, v, batch, batched, constant, copy)
     elif torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == batch:
-        batched[prefix] = value.detach().to("cpu", copy=True)
+        batched[prefix] = value.detach().to("cpu", copy=True) if copy else value
     elif torch.is_tensor(value) and value.numel() == 1:  # a scalar timestep: one per sample
-        batched[prefix] = value.detach().reshape(1).expand(batch).to("cpu", copy=True)
+        scalar = value.detach().reshape(1).expand(batch)
+        batched[prefix] = scalar.to("cpu", copy=True) if copy else scalar
     else:
         constant[prefix] = value
+
+
+def kept_input_bytes(kwargs: dict, batch: int) -> int:
+    """Bytes a recording keeps of one denoiser call's keyword arguments (``batch`` samples)."""
+    batched: dict = {}
+    _flatten("", {k: v for k, v in kwargs.items() if k != "return_dict"}, batch, batched, {}, copy=False)
+    return sum(v.numel() * v.element_size() for v in batched.values())
 
 
 @torch.no_grad()
@@ -149,7 +160,7 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
         pair = torch.cat([torch.arange(half, b), torch.arange(0, half)]) if cfg else torch.arange(b)
         parts["pair"].append(pair + m)
         state["m"] += b
-        nbytes = out.numel() * 4 + sum(v.numel() * v.element_size() for v in batched.values())  # what is kept
+        nbytes = out.numel() * 4 + kept_input_bytes(batched, b)  # what is kept
         for i, io in enumerate(state["io"]):
             x, y = io
             parts["x"][i].append(x.to(layer_dtype).cpu())

@@ -109,6 +109,23 @@ def test_deltaconv_matches_flop_counter(grid, k):
     assert measured == fl.deltaconv_flops(grid, C, k).matmul, by_op
 
 
+@pytest.mark.parametrize("groups", [1, 4, 24])
+def test_training_flop_counter_counts_grouped_convolution_backward_by_hand(groups):
+    """Each gradient of a convolution (input, weight) costs what its forward costs: 2·B·C_out·H·W·(C_in/groups)·K²."""
+    b, c, k, h = 2, 24, 5, 7
+    x = torch.empty(b, c, h, h, device="meta", requires_grad=True)
+    w = torch.empty(c, c // groups, k, k, device="meta", requires_grad=True)
+    with fl.flop_counter() as counter:
+        torch.nn.functional.conv2d(x, w, padding=k // 2, groups=groups).sum().backward()
+    counts = {str(op): v for op, v in counter.get_flop_counts()["Global"].items()}
+    forward = 2 * b * c * h * h * (c // groups) * k * k
+    assert counts["aten.convolution"] == forward and counts["aten.convolution_backward"] == 2 * forward
+    w.requires_grad_(False)  # the weight gradient alone is the term torch miscounts; here only the input's
+    with fl.flop_counter() as counter:
+        torch.nn.functional.conv2d(x, w, padding=k // 2, groups=groups).sum().backward()
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.convolution_backward] == forward
+
+
 def test_linear_attention_matches_flop_counter():
     from deltadistill.bench import GeneralizedLinearAttention
 

@@ -45,16 +45,43 @@ def test_recorded_states_match_a_real_recording(prompts, tmp_path):
     traj = record_trajectories(pipe, ["a photo of a cat", "a red dog"], [0, 1], steps=3, resolution=32,
                                sites=find_self_attention(denoiser_of(pipe)))
     assert est.data_states == len(traj)
-    assert est.data_bytes == traj.info["layer_bytes"] + traj.out.numel() * 4
+    # outputs, layer tensors and the call inputs kept with them (latents, timesteps, text embeddings, masks)
+    assert est.data_bytes == traj.info["layer_bytes"] + traj.out.numel() * 4 + _input_bytes(traj)
     # the fine-tune's further samples are recorded without layer tensors
     more = estimate_training(_cfg(prompts, tmp_path / "est", finetune_seeds=3, **kw), calibrate=False)
     extra = record_trajectories(pipe, ["a photo of a cat", "a red dog"], [2], steps=3, resolution=32)
     assert more.data_states == len(traj) + len(extra) and more.data_calls == est.data_calls + 2 * 3
-    assert more.data_bytes == est.data_bytes + extra.out.numel() * 4
+    assert more.data_bytes == est.data_bytes + extra.out.numel() * 4 + _input_bytes(extra)
     from deltadistill.presets import TRAIN
 
     assert est.data_calls == 2 * 2 * 3 and est.regress_flops > 0
     assert est.regress_steps == TRAIN["toolkit"]["regress_steps"]  # the preset's, as the run resolves it
+
+
+def _input_bytes(traj) -> int:
+    return sum(v.numel() * v.element_size() for v in traj.batched.values())
+
+
+def test_demo_states_are_sized_with_the_pipelines_text_length(tmp_path):
+    """The demo pipeline encodes 300 tokens (not the 16 of the test tokenizers); its states hold them."""
+    from attnprobe.core.family import denoiser_of, family_of, find_self_attention
+    from attnprobe.core.registry import denoiser_from_config, load_pipeline
+    from deltadistill.estimate import _call_input_bytes
+    from deltadistill.trajectory import record_trajectories
+
+    pipe, _ = load_pipeline("demo")
+    traj = record_trajectories(pipe, ["a photo of a cat"], [0], steps=1, resolution=256,
+                               sites=find_self_attention(denoiser_of(pipe)))
+    den, info = denoiser_from_config("demo", device="meta")
+    per_state = _call_input_bytes(family_of(den), den, 256, int(info["vae_scale_factor"]), 300, torch.float32)
+    assert traj.batched["encoder_attention_mask"].shape[-1] == 300
+    assert per_state * len(traj) == _input_bytes(traj)
+    p = tmp_path / "p.txt"
+    p.write_text("a photo of a cat\n")
+    est = estimate_training(TrainConfig(data=str(p), out=str(tmp_path / "o"), model="demo", recipe="trajectory",
+                                        traj_seeds=1, finetune_seeds=1, traj_steps=1, kernel_size=3), calibrate=False)
+    assert est.data_states == len(traj)
+    assert est.data_bytes == traj.info["layer_bytes"] + traj.out.numel() * 4 + _input_bytes(traj)
 
 
 def test_layers_restricts_the_estimate_to_the_converted_layers(prompts, tmp_path):

@@ -84,7 +84,8 @@ class PixArt(Family):
         cfg = denoiser.config
         lat = resolution // vae_factor
         g = torch.Generator("cpu").manual_seed(seed)
-        cond = {"encoder_hidden_states": torch.randn(batch, text_len, cfg.caption_channels, generator=g).to(device, dtype)}
+        cond = {"encoder_hidden_states": torch.randn(batch, text_len, cfg.caption_channels, generator=g).to(device, dtype),
+                "encoder_attention_mask": torch.ones(batch, text_len, device=device, dtype=torch.long)}  # as the pipeline's
         return {"hidden_states": torch.randn(batch, cfg.in_channels, lat, lat, generator=g).to(device, dtype),
                 "timestep": torch.full((batch,), 500, device=device, dtype=torch.long),
                 **self.denoiser_kwargs(denoiser, cond, resolution), "return_dict": False}

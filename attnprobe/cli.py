@@ -137,7 +137,7 @@ def _analyze(team, stack, part, o: dict) -> None:
 
             dt = auto_dtype(device) if o["dtype"] == "auto" else torch_dtype(o["dtype"])
             if team.is_main:
-                print_estimate(o["model"], cfg, device, dt, len(prompt_list))
+                print_estimate(o["model"], cfg, device, dt, len(prompt_list), o["random_weights"])
             return
         i, n = part or (team.rank, team.world_size)
         indices = share(len(prompt_list), i, n)
@@ -193,10 +193,10 @@ def _analyze(team, stack, part, o: dict) -> None:
     console.print(f"wrote [bold]{out / 'erf.json'}[/] ({len(report.layers)} layers, {len(report.images)} images{what})")
 
 
-def print_estimate(model: str, cfg, device: str, dtype, prompts: int) -> None:
+def print_estimate(model: str, cfg, device: str, dtype, prompts: int, random_weights: bool = False) -> None:
     from attnprobe.estimate import estimate_analysis
 
-    est = estimate_analysis(model, cfg, device=device, dtype=dtype, prompts=prompts)
+    est = estimate_analysis(model, cfg, device=device, dtype=dtype, prompts=prompts, random_weights=random_weights)
     h, w = est.resolution
     from rich import box
 

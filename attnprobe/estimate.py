@@ -24,7 +24,7 @@ import torch
 
 from attnprobe.config import AnalysisConfig
 from attnprobe.core.family import family_of, find_self_attention
-from attnprobe.core.registry import denoiser_from_config, resolve
+from attnprobe.core.registry import denoiser_from_config, resolve, text_tokens
 from attnprobe.core.sites import select_sites
 from attnprobe.stats import parse_queries
 
@@ -117,8 +117,9 @@ def _step_flops(den, family, resolution: int, vae_factor: int, text_len: int, ba
 
 def estimate_analysis(model: str, cfg: AnalysisConfig | None = None, *, device: str = "cpu",
                       dtype: torch.dtype = torch.float32, prompts: int = 1, batch: int | None = None,
-                      calibrate: bool = True) -> AnalysisEstimate:
-    """Cost of ``attnprobe analyze`` for ``model`` (an alias with a shipped config) and ``cfg``."""
+                      calibrate: bool = True, random_weights: bool = False) -> AnalysisEstimate:
+    """Cost of ``attnprobe analyze`` for ``model`` (an alias with a shipped config) and ``cfg``
+    (``random_weights``: the run loads the random-weight pipeline, whose tiny tokenizer makes 16 text tokens)."""
     from attnprobe.capture import LayerAccumulator
 
     cfg = (cfg or AnalysisConfig()).validate()
@@ -135,7 +136,7 @@ def estimate_analysis(model: str, cfg: AnalysisConfig | None = None, *, device: 
     family.check_resolution(den.config, vf, h, w)
     base = family.base_grid(den.config, vf, h, w)
     batch = batch or (1 if cfg.guidance_scale == 1 else 2)  # classifier-free guidance doubles the batch
-    text = int(spec.text_tokens or 0)
+    text = text_tokens(spec, family, random_weights)  # joint attention's keys hold them too
     buckets = max(1, min(cfg.timestep_buckets, cfg.steps))
     budget = int(cfg.memory_budget_mb * 2**20)
     params = sum(p.numel() for p in den.parameters())
@@ -160,7 +161,7 @@ def estimate_analysis(model: str, cfg: AnalysisConfig | None = None, *, device: 
                                     kept, batch * heads * q))
     if calibrate and est.layers:
         rate = _matmul_rate(device, dtype)
-        flops = _step_flops(den, family, h, vf, text or 16, batch) if h == w else 0
+        flops = _step_flops(den, family, h, vf, text, batch) if h == w else 0
         est.model_step_s = flops / (rate * MODEL_EFFICIENCY)
         probe = max(est.layers, key=lambda l: l.rows_per_step * l.keys)
         est.capture_step_s, seconds = 0.0, _time_layer(probe, cfg, batch, device, LayerAccumulator)

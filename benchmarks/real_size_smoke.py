@@ -51,7 +51,7 @@ def smoke(model: str, resolution: int, work: Path) -> dict:
     from attnprobe.estimate import estimate_analysis
 
     (work / "p.txt").write_text("a photo of cat\n")
-    est = estimate_analysis(model, AnalysisConfig(resolution=resolution, steps=2), prompts=1)
+    est = estimate_analysis(model, AnalysisConfig(resolution=resolution, steps=2), prompts=1, random_weights=True)
     row = {"model": model, "resolution": resolution, "params_m": round(est.params / 1e6, 1),
            "estimate": {"step_s": round(est.step_s, 2), "model_step_s": round(est.model_step_s, 2),
                         "capture_step_s": round(est.capture_step_s, 2), "rss_gib": round(est.rss_bytes / 2**30, 2)}}

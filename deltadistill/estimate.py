@@ -108,7 +108,7 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     from deltadistill.flops import flop_counter
 
     from attnprobe.core.family import family_of, find_self_attention
-    from attnprobe.core.registry import denoiser_from_config, resolve
+    from attnprobe.core.registry import denoiser_from_config, resolve, text_tokens
     from deltadistill.conversion import convert, delta_modules
     from deltadistill.train_config import chosen_layers, load_report_of, validate
 
@@ -162,12 +162,8 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
         est.layers.append((m.label, by_name[name].grid(base), m.block.dim, m.block.kernel_size,
                            sum(p.numel() for p in m.block.parameters())))
 
-    # the pipeline's text length: the alias's encoder, else the family's; the tiny tokenizer of the test and
-    # random-weight pipelines caps it
-    from attnprobe.core import tiny
-
     random = report is not None and (report.model or {}).get("weights") == "random"  # as the trainer loads it
-    text_len = int(spec.text_tokens or (tiny.TEXT_TOKENS if spec.is_builtin or random else family.text_tokens))
+    text_len = text_tokens(spec, family, random)
     kw = family.random_inputs(den, res, vf, text_len=text_len, device="meta", dtype=wdtype, batch=rows)
     params = {id(p) for p in den.parameters()}
     with flop_counter() as counter:

@@ -18,8 +18,10 @@ trains on the states the teacher itself visits when it samples, instead of on no
    the errors the sampler amplifies (the guided difference) are the ones trained away. Both terms
    compare what the sampler uses: the ε half of a learned-σ output (:func:`sampler_output`).
 
-Memory: M = prompts × seeds × steps × 2 samples, each holding 2 · layers · N · C fp16 values
-(the demo: 14 × 4 × 20 × 2 = 2240 samples, 3.4 GB); ``keep_every`` keeps every k-th call only.
+Memory: M = prompts × seeds × steps × 2 samples, each holding 2 · layers · N · C fp16 values besides the
+call's inputs and output (the demo: 14 × 4 × 20 × 2 = 2240 samples, 3.5 GiB, of which 0.23 GiB inputs and
+outputs: its 300-token text embeddings are most of a state without layer tensors); ``keep_every`` keeps every
+k-th call only.
 """
 from __future__ import annotations
 

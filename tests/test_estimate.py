@@ -61,3 +61,18 @@ def test_random_weights_real_size_generates(alias):
     with torch.no_grad():
         image = pipe("a photo of cat", num_inference_steps=1, height=128, width=128).images[0]
     assert image.size == (128, 128)
+
+
+@pytest.mark.parametrize("alias", ["tiny-flux", "tiny-sd3"])
+def test_joint_attention_keys_hold_the_text_the_pipeline_encodes(alias):
+    """Joint attention's softmax runs over the text tokens too: the dry run counts as many as the pipeline encodes."""
+    from attnprobe.core.registry import load_pipeline, resolve
+    from deltadistill.trajectory import record_trajectories
+
+    pipe, _ = load_pipeline(alias)
+    traj = record_trajectories(pipe, ["a photo of a cat"], [0], steps=1, resolution=resolve(alias).resolution)
+    text = traj.batched["encoder_hidden_states"].shape[1]
+    layer = estimate_analysis(alias, AnalysisConfig(steps=1), calibrate=False).layers[0]
+    assert layer.keys == layer.grid[0] * layer.grid[1] + text
+    flux = estimate_analysis("flux", calibrate=False).layers[0]  # FLUX.1 at 1024 px: 64² image tokens, T5's 512
+    assert flux.grid == (64, 64) and flux.keys == 64 * 64 + 512

@@ -106,6 +106,14 @@ def resolve(name: str) -> ModelSpec:
     raise ModelLoadError(f"unknown model {name!r}: not an alias ({', '.join(known)}), a local folder, or a Hub id 'org/name'")
 
 
+def text_tokens(spec: ModelSpec, family: Family, random_weights: bool = False) -> int:
+    """The text length ``spec``'s pipeline encodes: its alias's encoder, else its family's; the tiny tokenizer of the
+    test and random-weight pipelines caps it (the dry runs size text embeddings and joint attention with it)."""
+    if spec.text_tokens:
+        return int(spec.text_tokens)
+    return int(family.tiny_text_tokens if spec.is_builtin or random_weights else family.text_tokens)
+
+
 def _supported_pipelines() -> str:
     return ", ".join(sorted(c for f in families() for c in f.pipeline_classes))
 

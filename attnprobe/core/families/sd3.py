@@ -20,6 +20,7 @@ class SD3(Family):
     convertible = False
     not_convertible_reason = "joint attention"
     text_tokens = 333
+    tiny_text_tokens = 32  # the CLIP pair's tokens, then T5's
     max_sequence_length = 256
     aliases = (Alias("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "StableDiffusion3Pipeline", 1024,
                      "SD3 medium (joint attention; analysed on the image-image block)"),)

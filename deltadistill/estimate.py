@@ -9,12 +9,12 @@ the run would convert it (same kernel sizes, block settings and student kind). O
   student forward at the per-process batch (``torch.autograd.graph.saved_tensors_hooks``;
   parameters themselves are not counted); the trajectory fine-tune with its guided term runs each
   state with its CFG partner, so there the batch has twice the rows;
-* FLOPs (``torch.utils.flop_counter``) of one training step (teacher forward, in the noised recipe only —
+* FLOPs (:func:`deltadistill.flops.flop_counter`, torch's counter with grouped convolutions' backward mended) of one training step (teacher forward, in the noised recipe only —
   the trajectory recipe's targets are recorded — + student forward and backward), of one regression step of the trajectory recipe (every block forward and backward at
   ``regress_batch``), and of one sampling call (classifier-free guidance pair) for the data stage;
-* data: the trajectory recipe's recorded states (denoiser outputs in fp32, every layer's input and
-  output in fp16: exactly what :func:`deltadistill.trajectory.record_trajectories` keeps), or the
-  noised recipe's latents.
+* data: the trajectory recipe's recorded states (denoiser outputs in fp32, the call's inputs at the
+  pipeline's text length, every layer's input and output in fp16 for the regression's samples: exactly
+  what :func:`deltadistill.trajectory.record_trajectories` keeps), or the noised recipe's latents.
 
 Seconds are FLOPs ÷ this device's measured matmul rate ÷ the efficiency of
 :data:`attnprobe.estimate.MODEL_EFFICIENCY`. VAE encoding of an image folder is not estimated.
@@ -105,11 +105,10 @@ def _saved_bytes(fn, params: set[int]) -> tuple[int, object]:
 
 def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     """Cost of ``deltadistill train`` with the resolved config ``cfg`` (a TrainConfig)."""
-    from deltadistill.flops import flop_counter
-
     from attnprobe.core.family import family_of, find_self_attention
     from attnprobe.core.registry import denoiser_from_config, resolve, text_tokens
     from deltadistill.conversion import convert, delta_modules
+    from deltadistill.flops import flop_counter
     from deltadistill.train_config import chosen_layers, load_report_of, validate
 
     cfg = validate(cfg)

@@ -78,10 +78,26 @@ def join_states(first: Trajectories, second: Trajectories) -> Trajectories:
     n = len(first)
     info = {"prompts": first.info.get("prompts"), "states": n + len(second),
             "seeds": first.info.get("seeds", 0) + second.info.get("seeds", 0), "layer_bytes": 0}
-    return Trajectories(batched={k: torch.cat([first.batched[k], second.batched[k]]) for k in first.batched},
+    return Trajectories(batched={k: _cat_padded([first.batched[k], second.batched[k]]) for k in first.batched},
                         constant=dict(first.constant), out=torch.cat([first.out, second.out]),
                         pair=torch.cat([first.pair, second.pair + n]), guidance=first.guidance,
                         cond_first=first.cond_first, info=info)
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along dim 0 of tensors that may differ in their other sizes (text trimmed per call by
+    ``Family.trim_text``): zeros fill the rest, and a zero mask entry marks a masked position."""
+    size = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
+    if all(list(t.shape[1:]) == size for t in tensors):
+        return torch.cat(tensors)
+    if any(t.ndim != len(size) + 1 or list(t.shape[2:]) != size[1:] for t in tensors):
+        raise ValueError(f"recorded tensors differ in more than their length: {[tuple(t.shape) for t in tensors]}")
+    out = tensors[0].new_zeros([sum(t.shape[0] for t in tensors), *size])
+    m = 0
+    for t in tensors:
+        out[(slice(m, m + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
+        m += t.shape[0]
+    return out
 
 
 def _put(d: dict, dotted: str, value) -> None:
@@ -154,6 +170,8 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
         b = int(sample0.shape[0])
         batched: dict = {}
         _flatten("", {k: v for k, v in kw.items() if k != "return_dict"}, b, batched, constant)
+        nbytes = kept_input_bytes(batched, b)  # before trimming: later calls' captions may use more positions
+        family.trim_text(batched)
         parts["batched"].append(batched)
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         parts["out"].append(out.detach().float().cpu())
@@ -162,7 +180,7 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
         pair = torch.cat([torch.arange(half, b), torch.arange(0, half)]) if cfg else torch.arange(b)
         parts["pair"].append(pair + m)
         state["m"] += b
-        nbytes = out.numel() * 4 + kept_input_bytes(batched, b)  # what is kept
+        nbytes += out.numel() * 4  # what is kept
         for i, io in enumerate(state["io"]):
             x, y = io
             parts["x"][i].append(x.to(layer_dtype).cpu())
@@ -199,7 +217,7 @@ def record_trajectories(pipe, prompts: list[str], seeds: list[int], *, steps: in
             h.remove()
     keys = parts["batched"][0].keys()
     traj = Trajectories(
-        batched={k: torch.cat([b[k] for b in parts["batched"]]) for k in keys}, constant=constant,
+        batched={k: _cat_padded([b[k] for b in parts["batched"]]) for k in keys}, constant=constant,
         out=torch.cat(parts["out"]), pair=torch.cat(parts["pair"]),
         x=[torch.cat(v) for v in parts["x"]], y=[torch.cat(v) for v in parts["y"]], grids=grids,
         guidance=float(guidance if guidance is not None else default_guidance(pipe)),

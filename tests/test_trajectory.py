@@ -177,7 +177,38 @@ def test_regression_stage_lowers_the_layerwise_error(tmp_path):
     assert float(after) < 0.9 * float(before)
 
 
-def test_recording_that_would_not_fit_is_refused_after_one_call():
+@pytest.fixture()
+def untrimmed(monkeypatch):
+    """Recordings keep every text position (as the memory check and ``train --estimate`` project them)."""
+    from attnprobe.core.families.pixart import PixArt
+
+    monkeypatch.setattr(PixArt, "trim_text", lambda self, kwargs: None)
+
+
+def test_trimmed_text_replays_to_the_same_outputs(monkeypatch):
+    """PixArt's recordings drop the text positions every caption masks out; nothing the student sees changes."""
+    from attnprobe.core.families.pixart import PixArt
+    from deltadistill.trajectory import join_states
+
+    pipe, _ = load_pipeline("tiny-pixart")
+    den = denoiser_of(pipe)
+    short = record_trajectories(pipe, ["a cat"], [0], steps=2, resolution=32)
+    long = record_trajectories(pipe, ["a red dog on the grass"], [1], steps=2, resolution=32)
+    both = join_states(short, long)
+    with monkeypatch.context() as m:
+        m.setattr(PixArt, "trim_text", lambda self, kwargs: None)
+        full = join_states(record_trajectories(pipe, ["a cat"], [0], steps=2, resolution=32),
+                           record_trajectories(pipe, ["a red dog on the grass"], [1], steps=2, resolution=32))
+    n_short, n_long, n_full = (t.batched["encoder_hidden_states"].shape[1] for t in (short, long, full))
+    assert n_short < n_long == both.batched["encoder_hidden_states"].shape[1] < n_full == 16
+    assert not both.batched["encoder_attention_mask"][: len(short), n_short:].any()  # the padding join_states adds
+    idx = torch.arange(len(both))
+    with torch.no_grad():
+        torch.testing.assert_close(replay(den, both, idx), replay(den, full, idx), rtol=0, atol=1e-6)
+    torch.testing.assert_close(both.out, full.out)
+
+
+def test_recording_that_would_not_fit_is_refused_after_one_call(untrimmed):
     """The projection from the first denoiser call (its bytes × the calls to come) is checked first."""
     from deltadistill.trajectory import TrajectoryMemoryError
 

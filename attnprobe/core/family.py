@@ -185,6 +185,10 @@ class Family:
     def finish_conditions(self, cond: dict, null: dict) -> None:
         """Adjust encoded conditions of a whole data set and its null condition in place (default: none)."""
 
+    def trim_text(self, kwargs: dict) -> None:
+        """Drop, in place, text positions that a batch of recorded denoiser-call keywords (flattened, [B, ...])
+        masks out in every row, where that changes no output (default: none)."""
+
     def null_condition(self, pipe, resolution: int) -> dict[str, torch.Tensor]:
         """The condition of the empty prompt, one sample (for caption dropout)."""
         return {k: v[0] for k, v in self.encode_conditions(pipe, [""], resolution).items()}

@@ -62,11 +62,20 @@ class PixArt(Family):
 
     def finish_conditions(self, cond: dict, null: dict) -> None:
         """Drop trailing token positions that are padding in every caption (masked out anyway)."""
-        used = torch.cat([cond["encoder_attention_mask"], null["encoder_attention_mask"][None]]).sum(0) > 0  # [L]
-        n = max(1, int(used.nonzero().max()) + 1) if bool(used.any()) else 1
+        n = _used_length(torch.cat([cond["encoder_attention_mask"], null["encoder_attention_mask"][None]]))
         for d in (cond, null):
             d["encoder_hidden_states"] = d["encoder_hidden_states"][..., :n, :].contiguous()
             d["encoder_attention_mask"] = d["encoder_attention_mask"][..., :n].contiguous()
+
+    def trim_text(self, kwargs: dict) -> None:
+        """The same for recorded calls: the mask turns padding into a -10000 bias, whose softmax weight is exactly 0,
+        so the outputs do not change (the demo's captions use 7 of T5's 300 positions)."""
+        mask = kwargs.get("encoder_attention_mask")
+        if mask is None or mask.ndim != 2 or "encoder_hidden_states" not in kwargs:
+            return
+        n = _used_length(mask)
+        kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, :n].contiguous()
+        kwargs["encoder_attention_mask"] = mask[:, :n].contiguous()
 
     def denoiser_kwargs(self, denoiser, cond, resolution) -> dict:
         emb = cond["encoder_hidden_states"]  # [B, L, D]
@@ -103,6 +112,12 @@ class PixArt(Family):
             tokenizer=tiny.tiny_tokenizer(), text_encoder=tiny.t5(int(cfg.caption_channels), d_ff=64, layers=1),
             vae=tiny.vae(latent_channels=int(cfg.in_channels), levels=levels), transformer=denoiser,
             scheduler=DPMSolverMultistepScheduler())
+
+
+def _used_length(masks: torch.Tensor) -> int:
+    """1 + the last position any row of ``masks`` [B, L] keeps (at least 1)."""
+    used = masks.sum(0) > 0
+    return max(1, int(used.nonzero().max()) + 1) if bool(used.any()) else 1
 
 
 def build_tiny_pixart(seed: int = 0):

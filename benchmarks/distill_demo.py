@@ -50,6 +50,7 @@ VARIANTS = {
     "recipe_2026_12_06c": RECIPE_1206C,
     "recipe_2026_12_06b": RECIPE_1206B,
     "finetune_seeds_4": {**FINAL, "finetune_seeds": 4},  # 900 steps on the regression's trajectories only
+    "finetune_1200": {**FINAL, "steps": 1200},  # 1,200 fine-tune steps: the time the trimmed text frees
     "finetune_700": {**FINAL, "steps": 700},  # 700 fine-tune steps (measured on the 2026-12-06c preset: 16 samples)
     "recipe_2026_12_06": RECIPE_1206,
     "recipe_2026_12_04": BEFORE,
@@ -83,6 +84,7 @@ DESCRIPTIONS = {
     "recipe_2026_12_06b": "the toolkit recipe of 2026-12-06 afternoon: the fine-tune on the regression's 4 samples per "
                           "caption, 300 steps",
     "finetune_seeds_4": "fine-tune on the regression's 4 samples per caption (not 16), 900 steps",
+    "finetune_1200": "1,200 fine-tune steps instead of 900",
     "finetune_700": "700 fine-tune steps instead of 900",
     "recipe_2026_12_06": "the toolkit recipe of 2026-12-06: no guided term in the regression, guided-output weight 0.25 "
                          "(measured before the fine-tune put each CFG pair in the sampler's order)",

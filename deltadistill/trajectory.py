@@ -19,9 +19,9 @@ trains on the states the teacher itself visits when it samples, instead of on no
    compare what the sampler uses: the ε half of a learned-σ output (:func:`sampler_output`).
 
 Memory: M = prompts × seeds × steps × 2 samples, each holding 2 · layers · N · C fp16 values besides the
-call's inputs and output (the demo: 14 × 4 × 20 × 2 = 2240 samples, 3.5 GiB, of which 0.23 GiB inputs and
-outputs: its 300-token text embeddings are most of a state without layer tensors); ``keep_every`` keeps every
-k-th call only.
+call's inputs and output (the demo: 14 × 4 × 20 × 2 = 2240 samples, 3.4 GiB, of which 0.07 GiB inputs and
+outputs); ``keep_every`` keeps every k-th call only. Text positions that every recorded row masks out are
+dropped (:meth:`~attnprobe.core.family.Family.trim_text`; the demo's captions use 7 of T5's 300).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ the run would convert it (same kernel sizes, block settings and student kind). O
   student forward at the per-process batch (``torch.autograd.graph.saved_tensors_hooks``;
   parameters themselves are not counted); the trajectory fine-tune with its guided term runs each
   state with its CFG partner, so there the batch has twice the rows;
-* FLOPs (:func:`deltadistill.flops.flop_counter`, torch's counter with grouped convolutions' backward mended) of one training step (teacher forward, in the noised recipe only —
+* FLOPs (:func:`deltadistill.flops.flop_counter`: torch's counter, with grouped convolutions' backward mended)
+  of one training step (teacher forward, in the noised recipe only —
   the trajectory recipe's targets are recorded — + student forward and backward), of one regression step of the trajectory recipe (every block forward and backward at
   ``regress_batch``), and of one sampling call (classifier-free guidance pair) for the data stage;
 * data: the trajectory recipe's recorded states (denoiser outputs in fp32, the call's inputs at the

@@ -208,6 +208,17 @@ def test_trimmed_text_replays_to_the_same_outputs(monkeypatch):
     torch.testing.assert_close(both.out, full.out)
 
 
+def test_join_states_refuses_recordings_of_another_resolution():
+    """Only text lengths may differ between joined recordings (they are padded); other sizes are an error."""
+    from deltadistill.trajectory import join_states
+
+    pipe, _ = load_pipeline("tiny-pixart")
+    small = record_trajectories(pipe, ["a cat"], [0], steps=1, resolution=32)
+    large = record_trajectories(pipe, ["a cat"], [0], steps=1, resolution=64)
+    with pytest.raises(ValueError, match="differ in more than their length"):
+        join_states(small, large)
+
+
 def test_recording_that_would_not_fit_is_refused_after_one_call(untrimmed):
     """The projection from the first denoiser call (its bytes × the calls to come) is checked first."""
     from deltadistill.trajectory import TrajectoryMemoryError

@@ -89,7 +89,7 @@ class Family:
     cfg_cond_first: ClassVar[bool] = False  # the pipeline batches classifier-free guidance as [cond; uncond]
     not_convertible_reason: ClassVar[str] = ""
     text_tokens: ClassVar[int] = 77  # text length of a typical prompt encoding (benchmarks)
-    tiny_text_tokens: ClassVar[int] = 16  # the same for the tiny test pipelines (tiny.TEXT_TOKENS per tokenizer)
+    tiny_text_tokens: ClassVar[int] = 16  # the same for the tiny test and random-weight pipelines (16 per tiny tokenizer)
     max_sequence_length: ClassVar[int | None] = None  # cap passed to the pipeline, if it takes one
     aliases: ClassVar[tuple[Alias, ...]] = ()
     # The official ΔConvFusion recipe of this family (block settings; None: there is none), and its

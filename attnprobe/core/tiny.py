@@ -17,10 +17,7 @@ VOCAB = (
 ).split()
 
 
-TEXT_TOKENS = 16  # what the tiny tokenizer pads and cuts to (the tiny and random-weight pipelines use it)
-
-
-def tiny_tokenizer(max_length: int = TEXT_TOKENS):
+def tiny_tokenizer(max_length: int = 16):
     """A word-level tokenizer over :data:`VOCAB`, wrapped as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

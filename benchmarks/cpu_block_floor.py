@@ -12,15 +12,19 @@ call of each operator per round, median over rounds, after one warm-up round):
   projected by one ``proj_out`` at full resolution (the global branch in its bias);
 * ``ΔConv``: ``DeltaConvBlock.forward`` now: each stage projected by its slice of ``proj_out`` at
   its own resolution, then resized and summed (3/16 fewer projection FLOPs for scales (1, ½));
+* ``ΔConv, CPU kernel``: the same block with ``backend="cpu"``: its depth-wise stages (convolution and
+  gate) in the compiled kernel of :mod:`deltadistill.cpu_kernel`, the default path for sampling on a
+  CPU since 2026-12-07 (measured only where a C compiler builds it);
 * ``floor``: the block's two 1×1 projections at full resolution (two ``F.linear``, the matmul
   work of the block as the paper writes it; the current block does less than this).
 
-Columns: SA ÷ ΔConv, the analytic FLOPs ratio of :mod:`deltadistill.flops`, and each
-ΔConv path ÷ the floor. Random weights (speed does not depend on values).
+Columns: SA ÷ ΔConv (reference, and with the CPU kernel), the analytic FLOPs ratio of
+:mod:`deltadistill.flops`, and each ΔConv path ÷ the floor. Random weights (speed does not depend on values).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -62,6 +66,8 @@ def measure(label, c, heads, k, grid, qkv_bias, repeats):
     tokens = torch.randn(1, n, c)
     z = tokens.view(1, grid, grid, c)
     mid = torch.randn(n, block.proj_out.in_features)
+    fast = copy.deepcopy(block)
+    fast.backend = "cpu"
     flat = tokens.view(n, c)
 
     def concat():
@@ -72,6 +78,7 @@ def measure(label, c, heads, k, grid, qkv_bias, repeats):
         "sdpa": lambda: attn(tokens),
         "concat": concat,
         "block": lambda: block(z),
+        "kernel": lambda: fast(z),
         "floor": lambda: (F.linear(flat, block.proj_in.weight, block.proj_in.bias),
                           F.linear(mid, block.proj_out.weight, block.proj_out.bias)),
     }
@@ -85,20 +92,25 @@ def measure(label, c, heads, k, grid, qkv_bias, repeats):
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     ms = {name: statistics.median(v) for name, v in times.items()}
+    with torch.inference_mode():
+        err = float((fast(z) - block(z)).abs().max() / block(z).abs().max())
     sa = self_attention_flops(n, c, heads, qkv_bias=qkv_bias).total
     dc = deltaconv_flops((grid, grid), c, k).total
     return {"layer": label, "grid": grid, "dim": c, "kernel_size": k, "ms": {k_: round(v, 2) for k_, v in ms.items()},
             "sa_over_block": ms["sdpa"] / ms["block"], "flops_ratio": sa / dc,
             "concat_over_floor": ms["concat"] / ms["floor"], "block_over_floor": ms["block"] / ms["floor"],
+            "sa_over_kernel": ms["sdpa"] / ms["kernel"], "kernel_over_floor": ms["kernel"] / ms["floor"],
+            "kernel_rel_error": err,
             "spread_block_ms": [round(min(times["block"]), 2), round(max(times["block"]), 2)]}
 
 
 def table(rows, markdown: bool) -> str:
-    head = ["layer", "grid", "SDPA module", "ΔConv, concat", "ΔConv", "floor", "SA ÷ ΔConv",
-            "FLOPs ratio", "concat ÷ floor", "ΔConv ÷ floor"]
+    head = ["layer", "grid", "SDPA module", "ΔConv, concat", "ΔConv", "ΔConv, CPU kernel", "floor", "SA ÷ ΔConv",
+            "SA ÷ ΔConv kernel", "FLOPs ratio", "concat ÷ floor", "ΔConv ÷ floor", "kernel ÷ floor"]
     body = [[r["layer"], f"{r['grid']}²", f"{r['ms']['sdpa']:.1f} ms", f"{r['ms']['concat']:.1f} ms",
-             f"{r['ms']['block']:.1f} ms", f"{r['ms']['floor']:.1f} ms", f"{r['sa_over_block']:.1f}×",
-             f"{r['flops_ratio']:.1f}×", f"{r['concat_over_floor']:.2f}×", f"{r['block_over_floor']:.2f}×"]
+             f"{r['ms']['block']:.1f} ms", f"{r['ms']['kernel']:.1f} ms", f"{r['ms']['floor']:.1f} ms",
+             f"{r['sa_over_block']:.1f}×", f"{r['sa_over_kernel']:.1f}×", f"{r['flops_ratio']:.1f}×",
+             f"{r['concat_over_floor']:.2f}×", f"{r['block_over_floor']:.2f}×", f"{r['kernel_over_floor']:.2f}×"]
             for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
@@ -111,6 +123,10 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
+    from deltadistill import cpu_kernel
+
+    if not cpu_kernel.available():
+        raise SystemExit("cpu_block_floor: the CPU kernel did not build here (see the warning above); it needs a C compiler")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [measure(*shape, args.repeats) for shape in SHAPES]

@@ -213,9 +213,12 @@ class DeltaConvBlock(nn.Module):
         feats = self._stages(z)
         for i in sorted(range(len(self.stages)), key=lambda i: self.stages[i].level):
             y = _linear(feats[i], self.proj_out.weight[:, i * half:(i + 1) * half], bias if out is None else None)
-            if self.stages[i].level > 0:
-                y = ops.upsample_bilinear_nhwc(y, (h, w), backend=self.backend)  # [B, H, W, C]
-            out = y.contiguous() if out is None else out.add_(y)
+            if out is None and self.stages[i].level > 0:  # no full-resolution stage: the output starts resized
+                out = ops.upsample_bilinear_nhwc(y, (h, w), backend=self.backend).contiguous()
+            elif out is None:
+                out = y.contiguous()
+            else:  # out += up_{H×W}(y): one fused pass with the CPU kernel
+                out = ops.upsample_add(out, y, backend=self.backend)  # [B, H, W, C]
         return out  # [B, H, W, C]
 
     def _stages(self, z: torch.Tensor) -> list[torch.Tensor]:

@@ -380,7 +380,9 @@ def count_measured(module, inputs, by_op: bool = False):
     """
     counter = flop_counter()
     args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
-    with counter, torch.no_grad():
+    from attnprobe.core import backends
+
+    with counter, torch.no_grad(), backends.preferring("reference"):  # PyTorch ops only: compiled kernels are not seen
         module(*args, **kwargs)
     total = int(counter.get_total_flops())
     if by_op:

@@ -5,7 +5,8 @@ implementation here in plain PyTorch (runs anywhere: it hands PyTorch a permuted
 channels-last in memory, with no copy; on this CPU, torch 2.13, oneDNN's channels-last depth-wise
 convolution is 7-15× faster than a contiguous NCHW input at C' = 576, K = 13, and 1.4× slower at
 C' = 160, K = 9, so channels-last is kept throughout) and, where a GPU and Triton are present, a ``triton``
-implementation in :mod:`deltadistill.kernels`. Which one runs is decided by
+implementation in :mod:`deltadistill.kernels`; ``dwconv`` and ``stage`` also have a ``cpu`` one, a
+compiled C kernel for inference on the CPU (:mod:`deltadistill.cpu_kernel`). Which one runs is decided by
 :mod:`attnprobe.core.backends` (``backend=`` argument, else ``ATTNPROBE_BACKEND``, else auto).
 
 Ops: ``dwconv`` (depth-wise K×K, 'same' zero padding), ``avgpool2`` (2×2, stride 2, ceil mode),
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from attnprobe.core import backends
 from attnprobe.core.sites import halve_grid
+from deltadistill import cpu_kernel
 
 __all__ = [
     "OPS",
@@ -28,6 +30,7 @@ __all__ = [
     "adaptive_pool_nhwc",
     "adaptive_size",
     "upsample_bilinear_nhwc",
+    "upsample_add",
     "gate",
     "stage",
     "pooled_size",
@@ -144,6 +147,24 @@ def upsample_bilinear_nhwc(x, size, backend: str | None = None):
     return backends.call("upsample", x, size, backend=backend)
 
 
+def upsample_add(out, y, backend: str | None = None):
+    """``out += up_{H×W}(y)`` in place, returns ``out``: one fused pass with the CPU kernel, else the
+    dispatched ``upsample`` (Triton on a GPU) and an add."""
+    try:
+        fused = backends.resolve("upsample_add", y, backend) == "cpu"
+    except RuntimeError:  # e.g. backend="triton": the fused op exists only on the CPU
+        fused = False
+    if fused:
+        return backends.call("upsample_add", y, out, backend="cpu")
+    return out.add_(upsample_bilinear_nhwc(y, tuple(out.shape[1:3]), backend=backend))
+
+
+@backends.register("upsample_add", "reference")
+def upsample_add_reference(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out += up_{H×W}(y)`` in place (the reference of the CPU kernel's fused pass)."""
+    return out.add_(upsample_bilinear_nhwc_reference(y, tuple(out.shape[1:3])))
+
+
 def gate(x, mode: str = "scaled", scale: float = 1.0, backend: str | None = None):
     return backends.call("gate", x, mode, scale, backend=backend)
 
@@ -153,3 +174,38 @@ def stage(x, weight, bias=None, mode: str = "scaled", scale: float = 1.0, pool: 
     if pool not in (None, *POOLS):
         raise ValueError(f"unknown pool {pool!r}; choose one of {POOLS}")
     return backends.call("stage", x, weight, bias, mode, scale, pool, size, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ``cpu`` backend: the compiled kernel of deltadistill.cpu_kernel (built on first use) where it is
+# faster for the shape at hand, timed once per shape; else the reference above.
+# ----------------------------------------------------------------------------------------------
+
+
+@backends.register("dwconv", "cpu", cpu_kernel.usable)
+def dwconv_nhwc_cpu(x, weight, bias=None):
+    def kernel():
+        return cpu_kernel.dwconv_nhwc_cpu(x, weight, bias)
+
+    def reference():
+        return dwconv_nhwc_reference(x, weight, bias)
+
+    return (kernel if cpu_kernel.kernel_is_faster(("dwconv", *x.shape, weight.shape[-1]), kernel, reference)
+            else reference)()
+
+
+@backends.register("stage", "cpu", cpu_kernel.usable)
+def stage_cpu(x, weight, bias, mode="scaled", scale=1.0, pool=None, size=None):
+    x = _pool(x, pool, size)
+
+    def kernel():
+        return cpu_kernel.stage_cpu(x, weight, bias, mode, scale)
+
+    def reference():
+        return gate_reference(dwconv_nhwc_reference(x, weight, bias), mode, scale)
+
+    return (kernel if cpu_kernel.kernel_is_faster(("stage", *x.shape, weight.shape[-1], mode), kernel, reference)
+            else reference)()
+
+
+backends.register("upsample_add", "cpu", cpu_kernel.usable)(cpu_kernel.upsample_add_cpu)

@@ -230,6 +230,11 @@ def test_cli_bench_tiny_pixart(tmp_path):
     assert "ΔConv" in result.output and "teacher step" in result.output
     data = json.loads((tmp_path / "b.json").read_text())
     assert {r["operator"] for r in data["latency"]} >= {"self_attention", "deltaconv", "teacher_step", "student_step"}
+    from deltadistill import cpu_kernel
+
+    if cpu_kernel.available():  # the compiled kernel is timed beside the reference, and the student step runs it
+        assert "ΔConvBlock (CPU kernel)" in result.output
+        assert {r["backend"] for r in data["latency"] if r["operator"] in ("deltaconv_cpu", "student_step")} == {"cpu"}
     assert "CPU" in data["meta"]["device"] and "None" not in result.output  # the device is named, on CPU too
     assert (out / "flops.csv").is_file() and (out / "latency.csv").is_file()
     bad = runner.invoke(app, ["bench", "--model", "pixart", "--resolutions", "500", "--flops"])  # not a multiple of 16
@@ -269,10 +274,11 @@ def test_cpu_block_floor_script_on_a_small_shape():
     import cpu_block_floor
 
     row = cpu_block_floor.measure("tiny", 32, 4, 3, 8, True, 2)
-    assert set(row["ms"]) == {"sdpa", "concat", "block", "floor"} and all(v > 0 for v in row["ms"].values())
+    assert set(row["ms"]) == {"sdpa", "concat", "block", "kernel", "floor"} and all(v > 0 for v in row["ms"].values())
+    assert row["kernel_rel_error"] < 1e-5  # the CPU kernel's block computes the reference's output
     assert row["flops_ratio"] == pytest.approx(fl.self_attention_flops(64, 32, 4).total / fl.deltaconv_flops((8, 8), 32, 3).total)
     md = cpu_block_floor.table([row], markdown=True).splitlines()
-    assert len(md) == 3 and md[2].count("|") == 11 and "8²" in md[2]
+    assert len(md) == 3 and md[2].count("|") == 14 and "8²" in md[2]
 
 
 def _distill_demo():

@@ -1,21 +1,25 @@
 """The one backend registry for every kernel of both packages.
 
 An *op* (``"dwconv"``, ``"stage"``, ``"ring_mass_attention"``, ...) has implementations keyed by
-backend name: always a ``"reference"`` (plain PyTorch, runs anywhere), and a ``"triton"`` one
-where a fused GPU kernel exists. Each implementation may carry a capability check
-``usable(tensor) -> bool``. The choice is made here and only here (:func:`resolve`):
+backend name: always a ``"reference"`` (plain PyTorch, runs anywhere), a ``"triton"`` one where a
+fused GPU kernel exists, and a ``"cpu"`` one where a compiled CPU kernel exists (the ΔConvBlock's
+depth-wise stage, :mod:`deltadistill.cpu_kernel`). Each implementation may carry a capability
+check ``usable(tensor) -> bool``. The choice is made here and only here (:func:`resolve`):
 
-1. an explicit ``backend=`` argument wins (``"reference"``, ``"triton"`` or ``"auto"``);
+1. an explicit ``backend=`` argument wins (``"reference"``, ``"triton"``, ``"cpu"`` or ``"auto"``);
 2. otherwise the environment variable ``ATTNPROBE_BACKEND`` (same values; default ``auto``);
 3. ``auto`` takes the fastest registered implementation whose capability check passes for the
-   tensor (``triton``: Triton installed and a CUDA tensor), else ``reference``.
+   tensor (``triton``: Triton installed and a CUDA tensor; ``cpu``: a built kernel, an fp32 CPU
+   tensor and no gradient recorded), else ``reference``.
 
-Asking for ``triton`` where it cannot run raises with the reason. Kernel modules register
+Asking for ``triton`` or ``cpu`` where it cannot run raises with the reason; ``cpu`` asked of an op
+that has no compiled kernel runs the reference. Kernel modules register
 themselves when imported; a package declares them lazily with :func:`provide` so that Triton is
 imported only when a GPU path is possible, and a broken Triton install never breaks the CPU path.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -24,12 +28,12 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ENV", "CHOICES", "register", "provide", "resolve", "call", "implementations", "triton_importable",
+__all__ = ["ENV", "CHOICES", "register", "provide", "resolve", "call", "implementations", "preferring", "triton_importable",
            "triton_usable", "interpreting"]
 
 ENV = "ATTNPROBE_BACKEND"
-CHOICES = ("auto", "reference", "triton")
-_PREFERENCE = ("triton", "reference")  # what auto tries, in order
+CHOICES = ("auto", "reference", "triton", "cpu")
+_PREFERENCE = ("triton", "cpu", "reference")  # what auto tries, in order
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,27 @@ def implementations(op: str) -> dict[str, Callable]:
     return {name: impl.fn for name, impl in _OPS[op].items()}
 
 
+_OVERRIDE: list[str] = []  # innermost `preferring(...)` first
+
+
+@contextlib.contextmanager
+def preferring(choice: str):
+    """Within the block, calls without an explicit ``backend=`` resolve as if ``ATTNPROBE_BACKEND=choice``
+    (e.g. ``"reference"`` where every operator must be a PyTorch op: FLOP counting)."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown backend {choice!r}; choose {', '.join(CHOICES)}")
+    _OVERRIDE.insert(0, choice)
+    try:
+        yield
+    finally:
+        _OVERRIDE.remove(choice)
+
+
 def _choice(backend: str | None) -> str:
     if backend is not None:
         choice = backend
+    elif _OVERRIDE:
+        choice = _OVERRIDE[0]
     else:
         choice = os.environ.get(ENV)
         if choice is None and os.environ.get("DELTADISTILL_BACKEND"):
@@ -125,16 +147,21 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
     impls = _OPS.get(op, {})
     if choice != "auto":
         impl = impls.get(choice)
+        if impl is None and choice == "cpu":
+            return "reference"  # the compiled CPU kernels cover the depth-wise stage; the other ops are PyTorch's
         if impl is None:
-            raise RuntimeError(f"backend {choice!r} requested for {op!r} but it is not available "
-                               "(needs `pip install triton` and a CUDA device, or TRITON_INTERPRET=1 for tests)")
+            need = ("" if choice != "triton" else
+                    " (needs `pip install triton` and a CUDA device, or TRITON_INTERPRET=1 for tests)")
+            raise RuntimeError(f"backend {choice!r} requested for {op!r} but it has no such implementation{need}")
         if impl.usable is not None and not impl.usable(x):
-            raise RuntimeError(f"backend {choice!r} cannot run {op!r} on a {x.device.type} {x.dtype} tensor "
-                               "(Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for tests)")
+            need = ("a C compiler, an fp32 CPU tensor and no gradient recorded (torch.no_grad())" if choice == "cpu"
+                    else "CUDA tensors, or TRITON_INTERPRET=1 for tests")
+            raise RuntimeError(f"backend {choice!r} cannot run {op!r} on a {x.device.type} {x.dtype} tensor here "
+                               f"(it needs {need})")
         return choice
     for name in _PREFERENCE:
         impl = impls.get(name)
-        if impl is not None and (impl.usable is None or impl.usable(x)) and (name == "reference" or x.is_cuda):
+        if impl is not None and (name != "triton" or x.is_cuda) and (impl.usable is None or impl.usable(x)):
             return name
     return "reference"
 

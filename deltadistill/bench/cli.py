@@ -36,7 +36,7 @@ def bench(
     warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed calls before timing."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16."),
-    backend: str = typer.Option("auto", "--backend", help="ΔConvBlock path: reference, triton or auto (both when Triton is available)."),
+    backend: str = typer.Option("auto", "--backend", help="ΔConvBlock path: reference, triton, cpu (the compiled CPU kernel) or auto (the reference and every kernel that can run here; the student step takes the fastest)."),
     max_seconds: float = typer.Option(2.0, "--max-seconds", help="Skip timing cases estimated to take longer than this per call."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for PyTorch (default: PyTorch's choice)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for flops.csv, flops_per_layer.csv, latency.csv and bench.json."),

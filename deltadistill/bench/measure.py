@@ -139,7 +139,7 @@ def _matmul_rate(device, dtype) -> float:
 
 # Rate of each timed operator relative to a plain matmul, before anything was measured
 # (conservative: overestimating the time skips a case, underestimating could hang the bench).
-_INITIAL_EFFICIENCY = {"self_attention": 0.4, "deltaconv": 0.2, "deltaconv_triton": 0.2,
+_INITIAL_EFFICIENCY = {"self_attention": 0.4, "deltaconv": 0.2, "deltaconv_triton": 0.2, "deltaconv_cpu": 0.2,
                        "linear_attention": 0.3, "step": 0.3}
 
 

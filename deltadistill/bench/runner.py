@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
+from deltadistill import cpu_kernel
 from deltadistill import flops as cost_model
 from deltadistill.bench.inputs import _load_model, default_resolutions, denoiser_inputs, meta_step_flops
 from deltadistill.bench.linear_attention import GeneralizedLinearAttention
@@ -18,6 +19,7 @@ from deltadistill.bench.measure import _available_bytes, _Estimator, peak_memory
 from deltadistill.presets import TOOLKIT_BLOCK
 
 GATE = TOOLKIT_BLOCK["gate"]  # the block is costed and timed as `deltadistill train` builds it
+_OP_BACKEND = {"deltaconv_triton": "triton", "deltaconv_cpu": "cpu", "self_attention": "sdpa"}
 
 
 @dataclass
@@ -103,11 +105,14 @@ def run_bench(
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     tdtype = registry.auto_dtype(device) if dtype == "auto" else registry.torch_dtype(dtype)
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"unknown backend {backend!r}; choose reference, triton or auto")
+    if backend not in ("auto", "reference", "triton", "cpu"):
+        raise ValueError(f"unknown backend {backend!r}; choose reference, triton, cpu or auto")
     triton_ok = torch.device(device).type == "cuda" and backends.triton_importable()
     if backend == "triton" and not triton_ok:
         raise ValueError("--backend triton needs Triton and a CUDA device; use --backend reference (or auto)")
+    if backend == "cpu" and not (torch.device(device).type == "cpu" and tdtype == torch.float32 and cpu_kernel.available()):
+        raise ValueError("--backend cpu needs --device cpu, fp32 and a C compiler to build the kernel; "
+                         "use --backend reference (or auto)")
     say(f"loading {model}")
     m = _load_model(model)
     sites = find_self_attention(m.meta)
@@ -183,7 +188,10 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
     ops_to_time = ["self_attention", "deltaconv"]
     if triton_ok and backend in ("auto", "triton"):
         ops_to_time.append("deltaconv_triton")
-    if backend == "triton":
+    cpu_ok = torch.device(device).type == "cpu" and tdtype == torch.float32 and cpu_kernel.available()
+    if cpu_ok and backend in ("auto", "cpu"):
+        ops_to_time.append("deltaconv_cpu")
+    if backend in ("triton", "cpu"):
         ops_to_time.remove("deltaconv")
     ops_to_time.append("linear_attention")
     if not triton_ok:
@@ -198,8 +206,7 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
         times = {}
         for op in ops_to_time:
             analytic = cost_model.operator_flops("deltaconv" if op.startswith("deltaconv") else op, rep, gate=GATE).total
-            row = {**base, "operator": op, "backend": "triton" if op == "deltaconv_triton" else
-                   ("sdpa" if op == "self_attention" else "reference"),
+            row = {**base, "operator": op, "backend": _OP_BACKEND.get(op, "reference"),
                    "ms_median": None, "ms_min": None, "peak_mb": None, "speedup_vs_sa": None, "floor_ms": None,
                    "note": ""}
             guess = est.seconds(op, analytic)
@@ -215,7 +222,7 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
                     x = torch.randn(1, rep.tokens, rep.dim)  # [B, N, C]
                 elif op.startswith("deltaconv"):
                     mod = DeltaConvBlock(rep.dim, rep.kernel_size, **TOOLKIT_BLOCK,
-                                         backend="triton" if op == "deltaconv_triton" else "reference")
+                                         backend=_OP_BACKEND.get(op, "reference"))
                     with torch.no_grad():  # random weights everywhere (proj_out starts at zero)
                         for p in mod.parameters():
                             p.normal_(0, 0.02)
@@ -239,7 +246,7 @@ def _latency(m, res, shapes, kspec, resolutions, repeats, warmup, device, tdtype
             if row["resolution"] == r and row["scope"] == "module" and row["ms_median"] and "self_attention" in times:
                 row["speedup_vs_sa"] = times["self_attention"] / row["ms_median"]
     if step:
-        _step_latency(m, res, kspec, resolutions, repeats, warmup, device, tdtype, est, max_seconds, say)
+        _step_latency(m, res, kspec, resolutions, repeats, warmup, device, tdtype, est, max_seconds, say, backend)
 
 
 
@@ -297,7 +304,8 @@ def _build_step_models(m, res, kspec, device, tdtype):
     return teacher, student
 
 
-def _step_latency(m, res, kspec, resolutions, repeats, warmup, device, tdtype, est, max_seconds, say):
+def _step_latency(m, res, kspec, resolutions, repeats, warmup, device, tdtype, est, max_seconds, say, backend="auto"):
+    from attnprobe.core import backends
 
     teacher = student = None
     n_params = sum(p.numel() for p in m.meta.parameters())
@@ -313,10 +321,13 @@ def _step_latency(m, res, kspec, resolutions, repeats, warmup, device, tdtype, e
     for r in resolutions:
         base = {"model": m.spec.alias, "resolution": r, "tokens": None, "grid": "", "dim": None, "kernel_size": None,
                 "scope": "step", "repeats": repeats, "ms_min": None, "ms_median": None, "peak_mb": None,
-                "speedup_vs_sa": None, "backend": "reference"}
+                "speedup_vs_sa": None, "backend": "sdpa"}
         rows = [{**base, "operator": "teacher_step", "note": ""}]
-        if convertible:
-            rows.append({**base, "operator": "student_step", "note": ""})
+        if convertible:  # the student's blocks run the --backend path (auto: what they take when sampling)
+            with torch.no_grad():
+                probe = torch.empty(1, 1, 1, 2, device=device, dtype=tdtype)
+                chosen = backends.resolve("stage", probe, None if backend == "auto" else backend)
+            rows.append({**base, "operator": "student_step", "note": "", "backend": chosen})
         try:
             step_flops = meta_step_flops(m, r)
             guess = est.seconds("step", step_flops)
@@ -333,6 +344,9 @@ def _step_latency(m, res, kspec, resolutions, repeats, warmup, device, tdtype, e
             say("building teacher and student")
             try:
                 teacher, student = _build_step_models(m, res, kspec, device, tdtype)
+                for mod in (student.modules() if student is not None else ()):
+                    if hasattr(mod, "backend") and hasattr(mod, "stages"):  # a ΔConvBlock
+                        mod.backend = None if backend == "auto" else backend
             except (RuntimeError, MemoryError) as exc:
                 for row in rows:
                     row["note"] = f"failed to build: {str(exc).splitlines()[0][:120]}"

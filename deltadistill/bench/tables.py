@@ -9,7 +9,7 @@ from deltadistill import flops as cost_model
 from deltadistill.bench.runner import BenchResult
 
 
-_OP_LABEL = {**cost_model.OPERATOR_NAMES, "deltaconv": "ΔConvBlock (reference)", "deltaconv_triton": "ΔConvBlock (Triton)",
+_OP_LABEL = {**cost_model.OPERATOR_NAMES, "deltaconv": "ΔConvBlock (reference)", "deltaconv_triton": "ΔConvBlock (Triton)", "deltaconv_cpu": "ΔConvBlock (CPU kernel)",
              "teacher_step": "teacher step", "student_step": "student step",
              "self_attention": "self-attention (SDPA)"}
 

@@ -1,0 +1,253 @@
+"""A compiled CPU kernel for the ΔConvBlock's depth-wise stage, the ``cpu`` backend of :mod:`deltadistill.ops`.
+
+Why: on CPUs whose matrix units run the block's 1×1 projections near their peak (AVX-512 Xeons:
+~360 GFLOP/s on two cores), oneDNN's channels-last depth-wise convolution runs at ~60 GFLOP/s
+and the block sits at ~2× its matmul floor (``benchmarks/RESULTS.md``, "ΔConvBlock on CPU
+against its floor"). ``cpu_kernel.c`` is a direct convolution vectorised over channels, with the
+gate (x1·σ(x2) or x1·x2·s) fused into its epilogue, so that the stage writes C'/2 channels once
+instead of C' channels and then C'/2.
+
+How: ``cpu_kernel.c`` packs each block of 16 (AVX-512; else 8) channels into a zero-padded contiguous
+plane, then accumulates 2×8 output vectors per tile in registers (see its header). The C file beside
+this module is compiled at first use with the system C compiler
+(``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -march=native``) into a cache folder
+(``$DELTADISTILL_CACHE``, else ``~/.cache/deltadistill``), keyed by the source, the flags and the
+CPU, and called through :mod:`ctypes` (which releases the GIL), the channel blocks (or, for few
+blocks, the rows) split over ``torch.get_num_threads()`` threads. No compiler, a failed build or ``ATTNPROBE_BACKEND=reference``:
+the PyTorch reference runs instead (a warning says why, once).
+
+Where oneDNN's own kernel is faster (small K on some shapes), the ``cpu`` backend keeps it: each
+shape is timed both ways once, on its first call (see ``kernel_is_faster``).
+
+Scope: forward only, fp32, CPU tensors, and only where no gradient is recorded
+(``torch.no_grad()``/``inference_mode``: sampling, evaluation, benchmarks). Training takes the
+reference path, whose backward autograd provides. The kernel is tested against a float64
+PyTorch convolution (``tests/test_cpu_kernel.py``).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = ["SOURCE", "available", "kernel_is_faster", "library_path", "dwconv_nhwc_cpu", "stage_cpu", "upsample_add_cpu",
+           "usable"]
+
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler has no -march=native
+_MODES = {None: 0, "scaled": 1, "sigmoid": 2}
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags (Linux), else the platform."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DELTADISTILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "deltadistill")
+    return Path(root) / "cpu_kernel"
+
+
+def _build(cc: str) -> Path:
+    """Compile ``SOURCE`` (cached); the path of the shared library. Raises RuntimeError with the reason."""
+    src = SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()])).hexdigest()[:16]
+        out = _cache_dir() / f"dwstage-{key}.so"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)], capture_output=True,
+                                 text=True, timeout=120)
+            if run.returncode == 0:
+                os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
+                return out
+            errors.append(f"{' '.join(flags)}: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{' '.join(flags)}: {exc}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("; ".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """The loaded kernel, or None (with one warning saying why)."""
+    cc = _compiler()
+    if cc is None:
+        warnings.warn("no C compiler found (set CC); the ΔConvBlock runs its PyTorch reference on the CPU")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (RuntimeError, OSError) as exc:
+        warnings.warn(f"the CPU kernel did not build ({exc}); the ΔConvBlock runs its PyTorch reference on the CPU")
+        return None
+    fn = lib.dw_stage
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 4
+    fn.restype = ctypes.c_int
+    up = lib.upsample_add
+    up.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 8
+    up.restype = ctypes.c_int
+    return fn, int(lib.dw_lanes()), up
+
+
+def library_path() -> Path | None:
+    """Where the compiled kernel lies (building it if needed), or None where it cannot be built."""
+    cc = _compiler()
+    if cc is None or _library() is None:
+        return None
+    return _build(cc)
+
+
+def available() -> bool:
+    """The kernel is compiled and loaded (builds it on first call)."""
+    return _library() is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Capability check of the ``cpu`` backend: an fp32 CPU tensor, no gradient recorded, kernel built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and available()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="dwstage")
+        return _pool
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str | None, scale: float) -> torch.Tensor:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        raise TypeError("the CPU kernel takes fp32 tensors; use backend='reference' for other dtypes")
+    b, h, w, c = x.shape
+    k = weight.shape[-1]
+    if weight.shape != (c, k, k) or k % 2 == 0:
+        raise ValueError(f"weight must be [C, K, K] with odd K for C = {c}, got {tuple(weight.shape)}")
+    if mode is not None and c % 2:
+        raise ValueError(f"the gate splits channels in halves; C = {c} is odd")
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available (no C compiler, or the build failed); use backend='reference'")
+    fn, lanes, _ = lib
+    x = x.detach().contiguous()
+    wt = weight.detach().permute(1, 2, 0).contiguous()  # [K, K, C]: one vector of taps per (i, j)
+    bias = None if bias is None else bias.detach().contiguous()
+    out = x.new_empty(b, h, w, c // 2 if mode else c)
+    if out.numel() == 0:
+        return out
+    args = (x.data_ptr(), wt.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            b, h, w, c, k, _MODES[mode], float(scale))
+    blocks = -(-out.shape[-1] // lanes)  # channel blocks of `lanes` output channels
+    threads = torch.get_num_threads()
+    if threads == 1:
+        parts = [(0, h, 0, blocks)]
+    elif blocks % threads == 0 or blocks >= 4 * threads:  # whole channel blocks per thread: no halo packed twice
+        step = -(-blocks // threads)
+        parts = [(0, h, k, min(blocks, k + step)) for k in range(0, blocks, step)]
+    else:  # few blocks: split the rows instead
+        step = -(-h // min(threads, h))
+        parts = [(r, min(h, r + step), 0, blocks) for r in range(0, h, step)]
+    if any(_parallel(fn, args, parts)):
+        raise MemoryError("the CPU kernel could not allocate its packing buffer")
+    return out
+
+
+def _parallel(fn, args, parts) -> list[int]:
+    """``fn(*args, *part)`` for each part, on the pool's threads (ctypes releases the GIL); return codes."""
+    if len(parts) == 1:
+        return [fn(*args, *parts[0])]
+    return [f.result() for f in [_executor().submit(fn, *args, *part) for part in parts]]
+
+
+def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out += up_{H×W}(y)`` in place (bilinear, align_corners=False), y [B, h, w, C], out [B, H, W, C]; returns out."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available (no C compiler, or the build failed); use backend='reference'")
+    if y.dtype != torch.float32 or out.dtype != torch.float32 or not out.is_contiguous():
+        raise TypeError("upsample_add takes fp32 tensors and a contiguous output")
+    b, h, w, c = out.shape
+    if y.ndim != 4 or y.shape[0] != b or y.shape[-1] != c:
+        raise ValueError(f"cannot add a {tuple(y.shape)} grid into {tuple(out.shape)}")
+    y = y.detach().contiguous()
+    rows = b * h
+    step = -(-rows // max(1, min(torch.get_num_threads(), rows)))
+    _parallel(lib[2], (y.data_ptr(), out.data_ptr(), b, y.shape[1], y.shape[2], h, w, c),
+              [(r, min(rows, r + step)) for r in range(0, rows, step)])
+    return out
+
+
+def dwconv_nhwc_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Depth-wise K×K convolution, 'same' zero padding: [B, H, W, C] → [B, H, W, C] (always the kernel)."""
+    return _run(x, weight, bias, None, 1.0)
+
+
+def stage_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str = "scaled",
+              scale: float = 1.0) -> torch.Tensor:
+    """One pyramid stage after its pooling: depth-wise conv → gate (fused), [B, H, W, C] → [B, H, W, C/2]
+    (always the kernel)."""
+    if mode not in ("scaled", "sigmoid"):
+        raise ValueError(f"unknown gate {mode!r}; choose 'scaled' or 'sigmoid'")
+    return _run(x, weight, bias, mode, scale)
+
+
+# The kernel is not faster everywhere: oneDNN has specialised code for small kernels (on a 2-core AVX-512 Xeon the
+# kernel wins 1.3–2.8× at K = 13 and loses up to 2× at K ≤ 9 on some shapes; benchmarks/RESULTS.md). So the ``cpu``
+# backend times both paths on the first call of each shape (three interleaved calls each, median) and keeps the
+# faster one for that shape and thread count, as cuDNN's benchmark mode does. DELTADISTILL_CPU_AUTOTUNE=0: always the kernel.
+_CHOICE: dict[tuple, bool] = {}
+
+
+def _autotune() -> bool:
+    return os.environ.get("DELTADISTILL_CPU_AUTOTUNE", "1") != "0"
+
+
+def kernel_is_faster(key: tuple, kernel, reference) -> bool:
+    """For this shape ``key`` (and thread count): is ``kernel()`` faster than ``reference()``? Timed on first use."""
+    if not _autotune():
+        return True
+    key = (*key, torch.get_num_threads())
+    if key not in _CHOICE:
+        seconds: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(3):
+            for which, fn in ((True, kernel), (False, reference)):
+                t0 = time.perf_counter()
+                fn()
+                seconds[which].append(time.perf_counter() - t0)
+        _CHOICE[key] = statistics.median(seconds[True]) <= statistics.median(seconds[False])
+    return _CHOICE[key]
+
+

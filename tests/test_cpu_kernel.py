@@ -1,0 +1,224 @@
+"""The compiled CPU stage kernel (``deltadistill.cpu_kernel``) against float64 PyTorch, and its dispatch."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnprobe.core import backends
+from deltadistill import cpu_kernel, ops
+from deltadistill.block import DeltaConvBlock
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler here to build the CPU kernel")
+
+
+def _conv64(x, w, b):
+    c, k = w.shape[0], w.shape[-1]
+    y = F.conv2d(x.double().permute(0, 3, 1, 2), w.double()[:, None], None if b is None else b.double(),
+                 padding=k // 2, groups=c)
+    return y.permute(0, 2, 3, 1)
+
+
+def _gate64(y, mode, scale):
+    y1, y2 = y.chunk(2, dim=-1)
+    return y1 * y2 * scale if mode == "scaled" else y1 * torch.sigmoid(y2)
+
+
+# (B, H, W, C, K): channel counts off the vector width (20, 34, 36), grids smaller than the kernel,
+# odd grids, rows and columns on both sides of the register tile (W = 16, K = 3 and W = 20, K = 11:
+# a tile of 8 columns whose last tap ends exactly on the grid's edge), and the PixArt/SD stage shapes.
+SHAPES = [(1, 7, 9, 20, 3), (2, 13, 11, 36, 5), (1, 16, 16, 48, 13), (1, 5, 5, 32, 13), (1, 3, 2, 34, 9),
+          (2, 17, 23, 64, 7), (2, 6, 16, 24, 3), (1, 11, 20, 32, 11), (1, 32, 32, 160, 9), (1, 16, 16, 576, 13)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_depthwise_convolution_matches_float64(shape, with_bias):
+    b, h, w, c, k = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x, wt = torch.randn(b, h, w, c, generator=g), torch.randn(c, k, k, generator=g) / k
+    bias = torch.randn(c, generator=g) if with_bias else None
+    got = cpu_kernel.dwconv_nhwc_cpu(x, wt, bias)
+    ref = _conv64(x, wt, bias)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode,scale", [("scaled", 0.37), ("sigmoid", 1.0)])
+def test_fused_stage_matches_float64(shape, mode, scale):
+    b, h, w, c, k = shape
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    x, wt, bias = torch.randn(b, h, w, c, generator=g), torch.randn(c, k, k, generator=g) / k, torch.randn(c, generator=g)
+    got = cpu_kernel.stage_cpu(x, wt, bias, mode, scale)
+    ref = _gate64(_conv64(x, wt, bias), mode, scale)
+    assert got.shape == (b, h, w, c // 2)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test (the kernel splits its work over that many threads)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("shape", [(2, 13, 11, 36, 5), (1, 16, 16, 48, 13), (1, 16, 16, 576, 13), (1, 2, 9, 160, 9)])
+def test_work_split_over_threads_matches_float64(shape, n_threads, threads):
+    """Channel blocks per thread (many blocks, or a multiple of the threads) and rows per thread (few blocks)."""
+    threads(n_threads)
+    b, h, w, c, k = shape
+    g = torch.Generator().manual_seed(11 + sum(shape))
+    x, wt, bias = torch.randn(b, h, w, c, generator=g), torch.randn(c, k, k, generator=g) / k, torch.randn(c, generator=g)
+    torch.testing.assert_close(cpu_kernel.dwconv_nhwc_cpu(x, wt, bias).double(), _conv64(x, wt, bias), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(cpu_kernel.stage_cpu(x, wt, bias, "sigmoid").double(),
+                               _gate64(_conv64(x, wt, bias), "sigmoid", 1.0), rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_sigmoid_gate_is_exact_far_into_both_tails():
+    """The kernel's own exp: σ of ±100 (clamped range) and of everything in between, to float precision."""
+    c = 32
+    x = torch.zeros(1, 1, 401, c)
+    x[..., c // 2:] = torch.linspace(-100, 100, 401)[None, None, :, None]  # x2, the gate's argument
+    x[..., : c // 2] = 1.0  # x1
+    wt = torch.zeros(c, 3, 3)
+    wt[:, 1, 1] = 1.0  # identity convolution
+    got = cpu_kernel.stage_cpu(x, wt, None, "sigmoid", 1.0)
+    ref = torch.sigmoid(x[..., c // 2:].double())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=5e-7, atol=1e-30)
+
+
+@needs_kernel
+@pytest.mark.parametrize("src,dst", [((32, 32), (64, 64)), ((4, 4), (16, 16)), ((4, 6), (7, 11)), ((1, 1), (3, 5)),
+                                     ((8, 9), (8, 9)), ((7, 5), (13, 9))])
+def test_fused_upsample_add_matches_float64(src, dst, threads):
+    """out += bilinear(y) against F.interpolate in float64: 2× and 4× (the pyramid's stages), odd grids of the ceil
+    pooling, a 1×1 source and equal sizes."""
+    threads(2)
+    g = torch.Generator().manual_seed(sum(src) + sum(dst))
+    y, out = torch.randn(2, *src, 40, generator=g), torch.randn(2, *dst, 40, generator=g)
+    ref = out.double() + F.interpolate(y.double().permute(0, 3, 1, 2), size=dst, mode="bilinear",
+                                       align_corners=False).permute(0, 2, 3, 1)
+    target = out.clone()
+    assert cpu_kernel.upsample_add_cpu(y, target) is target  # in place
+    # fp32 source coordinates (PyTorch's CPU rule, too) put the weights ~1e-7 off the float64 ones
+    torch.testing.assert_close(target.double(), ref, rtol=1e-5, atol=3e-6)
+    with pytest.raises(ValueError, match="cannot add"):
+        cpu_kernel.upsample_add_cpu(y[..., :8], out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("gate,pool,scales,grid", [("sigmoid", "ceil", (1, 0.5), (16, 16)),
+                                                    ("scaled", "ceil", (1, 0.5, 0.25), (13, 11)),
+                                                    ("sigmoid", "ceil", (0.5, 0.25), (12, 12)),
+                                                    ("sigmoid", "adaptive", (1, 0.5), (7, 9))])
+def test_block_forward_on_the_cpu_kernel_equals_the_reference(gate, pool, scales, grid, monkeypatch):
+    monkeypatch.setenv("DELTADISTILL_CPU_AUTOTUNE", "0")  # the kernel on every shape, not the faster of the two
+    torch.manual_seed(0)
+    block = DeltaConvBlock(48, 5, scales=scales, gate=gate, pool=pool).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+        z = torch.randn(2, *grid, 48)
+        assert backends.resolve("stage", z) == "cpu"
+        got = block(z)
+        block.backend = "reference"
+        ref = block(z)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_auto_takes_the_kernel_only_where_no_gradient_is_recorded():
+    x = torch.randn(1, 8, 8, 16)
+    assert backends.resolve("stage", x) == "reference"  # grad mode on: training needs autograd
+    with torch.no_grad():
+        assert backends.resolve("stage", x) == "cpu"
+        assert backends.resolve("stage", x.double()) == "reference"
+        assert backends.resolve("stage", x, "reference") == "reference"
+        assert backends.resolve("upsample", x, "cpu") == "reference"  # no compiled upsample: PyTorch's
+    with pytest.raises(RuntimeError, match="no gradient recorded"):
+        backends.resolve("stage", x, "cpu")
+
+
+@needs_kernel
+def test_kernel_refuses_what_it_cannot_compute():
+    with pytest.raises(TypeError, match="fp32"):
+        cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 8).double(), torch.randn(8, 3, 3).double())
+    with pytest.raises(ValueError, match="odd K"):
+        cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 8), torch.randn(8, 4, 4))
+    with pytest.raises(ValueError, match="odd"):
+        cpu_kernel.stage_cpu(torch.randn(1, 4, 4, 7), torch.randn(7, 3, 3), None, "sigmoid")
+    with pytest.raises(ValueError, match="unknown gate"):
+        cpu_kernel.stage_cpu(torch.randn(1, 4, 4, 8), torch.randn(8, 3, 3), None, "relu")
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """A kernel cache of its own and a forgotten build, restored afterwards."""
+    monkeypatch.setenv("DELTADISTILL_CACHE", str(tmp_path))
+    cpu_kernel._library.cache_clear()
+    yield tmp_path
+    cpu_kernel._library.cache_clear()
+
+
+@pytest.mark.parametrize("how", ["no compiler", "broken compiler"])
+def test_without_a_working_compiler_the_reference_runs(fresh_kernel, monkeypatch, how):
+    if how == "no compiler":
+        monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    else:
+        monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/bin/false")
+    with pytest.warns(UserWarning, match="PyTorch reference"):
+        assert not cpu_kernel.available()
+    block = DeltaConvBlock(16, 3, gate="sigmoid").eval()
+    z = torch.randn(1, 6, 6, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per call
+        assert backends.resolve("stage", z) == "reference"
+        assert torch.isfinite(block(z)).all()
+        with pytest.raises(RuntimeError, match="cannot run"):
+            ops.stage(z[..., :8], torch.randn(8, 3, 3), None, "sigmoid", backend="cpu")
+    assert not list(fresh_kernel.rglob("*.so"))
+
+
+@needs_kernel
+def test_the_build_is_cached_by_source_and_cpu(fresh_kernel):
+    first = cpu_kernel.library_path()
+    assert first is not None and first.parent.parent == fresh_kernel
+    stamp = first.stat().st_mtime_ns
+    cpu_kernel._library.cache_clear()
+    assert cpu_kernel.library_path() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in fresh_kernel.rglob("*")] == ["cpu_kernel", first.name]  # no temporary left behind
+
+
+@needs_kernel
+def test_autotune_keeps_the_faster_path_per_shape(monkeypatch):
+    """The first call of a shape times both paths and remembers the faster; later calls take it without timing."""
+    monkeypatch.setattr(cpu_kernel, "_CHOICE", {})
+    calls = []
+    slow_kernel = cpu_kernel.stage_cpu
+
+    def kernel(*a, **k):  # a kernel made slow on purpose
+        calls.append("kernel")
+        import time
+        time.sleep(0.01)
+        return slow_kernel(*a, **k)
+
+    monkeypatch.setattr(cpu_kernel, "stage_cpu", kernel)
+    x, w = torch.randn(1, 8, 8, 32), torch.randn(32, 5, 5)
+    with torch.no_grad():
+        first = ops.stage(x, w, None, "sigmoid", backend="cpu")
+        assert calls == ["kernel"] * 3  # timed three times, then the reference chosen
+        again = ops.stage(x, w, None, "sigmoid", backend="cpu")
+    assert calls == ["kernel"] * 3 and len(cpu_kernel._CHOICE) == 1 and not next(iter(cpu_kernel._CHOICE.values()))
+    ref = ops.stage_reference(x, w, None, "sigmoid")
+    torch.testing.assert_close(first, ref)
+    torch.testing.assert_close(again, ref)

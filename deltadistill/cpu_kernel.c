@@ -8,19 +8,20 @@
    plane [rows + K - 1 + RB - 1][W + K - 1 + TW - 1][VL]: contiguous, so that the K×K taps read
    neighbouring cache lines instead of lines one row (a multiple of 4 KiB for the usual grids) apart,
    which all fall in the same L1 set; and padded, so that no tap needs a bounds check. Each tile keeps
-   RB×TW output vectors in registers; each input vector loaded serves the RB output rows over it. */
+   RB×TW output vectors in registers; with RB > 1 each input vector loaded serves the RB output rows over it. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__)  /* 32 vector registers: tiles of one row × 16 columns */
 #define VL 16
-#define TW 8
-#else
+#define TW 16
+#define RB 1
+#else  /* 16 vector registers (AVX2) or fewer: tiles of 2 rows × 4 columns */
 #define VL 8
 #define TW 4
-#endif
 #define RB 2
+#endif
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4), may_alias));
 
 /* exp(x), vectorisable: x = n·ln2 + r with |r| ≤ ln2/2, a degree-7 Taylor series in r (relative error

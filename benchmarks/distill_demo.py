@@ -239,6 +239,7 @@ def main(argv=None) -> dict:
         (out / "rows.json").write_text(json.dumps(list({**measured, **{r["variant"]: r for r in rows}}.values()),
                                                   indent=1, default=float))
         r = rows[-1]
+        r.setdefault("machine", machine_label(args))  # where this row was trained and timed
         print(f"{name}: {r['distilled']['psnr_db']:.2f} dB, SSIM {r['distilled']['ssim']:.3f}, "
               f"accuracy {r['distilled']['accuracy']}, {r['train_seconds']:.0f} s", flush=True)
         result = summarise(_ordered(kept + rows), args, analyze_s, argv, earlier)
@@ -250,6 +251,10 @@ def main(argv=None) -> dict:
             write_section(result)
     print(table(result))
     return result
+
+
+def machine_label(args) -> str:
+    return args.machine or f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU, torch threads {args.threads}"
 
 
 def _earlier_rows(out: Path) -> list:
@@ -269,7 +274,7 @@ def summarise(rows, args, analyze_s, argv, earlier=None) -> dict:
     commands = list(dict.fromkeys(commands))  # a rerun of the same command (e.g. --reuse-rows) is listed once
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": args.machine or f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU, torch threads {args.threads}",
+        "machine": machine_label(args),
         "command": commands[0],
         "commands": commands,
         "evaluation": {"prompts": args.eval_prompts or 14, "seeds": args.eval_seeds, "steps": args.eval_steps},
@@ -539,7 +544,11 @@ def _change_clause(rows: dict, after: str, before: str, title: str, what: str, u
     text += f", SSIM {a['ssim']:.3f} → {b['ssim']:.3f}"
     if a.get("accuracy") is not None and b.get("accuracy") is not None:
         text += f", accuracy {a['accuracy']:.0%} → {b['accuracy']:.0%}"
-    text += f", training {old['train_seconds']:.0f} → {new['train_seconds']:.0f} s on the same machine"
+    same = old.get("machine") is not None and old.get("machine") == new.get("machine")
+    text += (f", training {old['train_seconds']:.0f} → {new['train_seconds']:.0f} s"
+             + (" on the same machine" if same else
+                f" ({old['machine']} → {new['machine']})" if old.get("machine") and new.get("machine") else
+                " (the earlier row's machine was not recorded; compare times only on one machine)"))
     undone = [(k, rows[k]) for k in undoing if k in rows and base_of(rows[k], rows) is new]
     if undone:
         text += (". Each change undone alone: " + "; ".join(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -119,6 +120,18 @@ def table(rows, markdown: bool) -> str:
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body])
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest vector extension (Linux), else the architecture."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return f"{platform.machine()} CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.machine())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    isa = "AVX-512" + (" and AMX" if "amx_tile" in flags else "") if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{os.cpu_count()}-core {name}" + (f" ({isa})" if isa else "")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -130,11 +143,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [measure(*shape, args.repeats) for shape in SHAPES]
-    print(f"{date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"{date.today()}, {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"fp32, batch 1, median of {args.repeats} interleaved rounds")
     print(table(rows, args.markdown))
     if args.json:
-        meta = {"date": str(date.today()), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        meta = {"date": str(date.today()), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
                 "torch": torch.__version__, "repeats": args.repeats}
         with open(args.json, "w") as fh:
             json.dump({**meta, "rows": rows}, fh, indent=1)

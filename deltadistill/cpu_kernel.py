@@ -75,15 +75,22 @@ def _cache_dir() -> Path:
     return Path(root) / "cpu_kernel"
 
 
-def _build(cc: str) -> Path:
-    """Compile ``SOURCE`` (cached); the path of the shared library. Raises RuntimeError with the reason."""
+def _build(cc: str, flag_sets=_FLAG_SETS) -> Path:
+    """Compile ``SOURCE`` (cached); the path of the shared library. Raises RuntimeError with the reason.
+
+    A flag set that failed once is remembered (``.failed`` beside the library it would have been), so
+    that later processes go straight to the next one."""
     src = SOURCE.read_bytes()
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_id().encode()])).hexdigest()[:16]
         out = _cache_dir() / f"dwstage-{key}.so"
+        failed = out.with_suffix(".failed")
         if out.exists():
             return out
+        if failed.exists():
+            errors.append(f"{' '.join(flags)}: failed before ({failed})")
+            continue
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
@@ -94,6 +101,7 @@ def _build(cc: str) -> Path:
                 os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
                 return out
             errors.append(f"{' '.join(flags)}: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
+            failed.write_text(run.stderr)
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(f"{' '.join(flags)}: {exc}")
         finally:
@@ -110,10 +118,15 @@ def _library():
         warnings.warn("no C compiler found (set CC); the ΔConvBlock runs its PyTorch reference on the CPU")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        return _load(_build(cc))
     except (RuntimeError, OSError) as exc:
         warnings.warn(f"the CPU kernel did not build ({exc}); the ΔConvBlock runs its PyTorch reference on the CPU")
         return None
+
+
+def _load(path: Path):
+    """(dw_stage, its lanes per channel block, upsample_add) of a built library."""
+    lib = ctypes.CDLL(str(path))
     fn = lib.dw_stage
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 4
     fn.restype = ctypes.c_int
@@ -149,16 +162,35 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str | None, scale: float) -> torch.Tensor:
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
-        raise TypeError("the CPU kernel takes fp32 tensors; use backend='reference' for other dtypes")
+def _forget_pool() -> None:
+    """In a forked child: the parent's worker threads do not exist there, so start a new pool when needed."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _check_cpu_fp32(*tensors) -> None:
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise TypeError(f"the CPU kernel takes fp32 CPU tensors, got a {t.device.type} {t.dtype} tensor; "
+                            "use backend='reference'")
+
+
+def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str | None, scale: float,
+         lib=None) -> torch.Tensor:
+    _check_cpu_fp32(x, weight, bias)
     b, h, w, c = x.shape
     k = weight.shape[-1]
     if weight.shape != (c, k, k) or k % 2 == 0:
         raise ValueError(f"weight must be [C, K, K] with odd K for C = {c}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (c,):
+        raise ValueError(f"bias must be [C] = [{c}], got {tuple(bias.shape)}")
     if mode is not None and c % 2:
         raise ValueError(f"the gate splits channels in halves; C = {c} is odd")
-    lib = _library()
+    lib = lib or _library()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available (no C compiler, or the build failed); use backend='reference'")
     fn, lanes, _ = lib
@@ -176,7 +208,7 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode:
         parts = [(0, h, 0, blocks)]
     elif blocks % threads == 0 or blocks >= 4 * threads:  # whole channel blocks per thread: no halo packed twice
         step = -(-blocks // threads)
-        parts = [(0, h, k, min(blocks, k + step)) for k in range(0, blocks, step)]
+        parts = [(0, h, j, min(blocks, j + step)) for j in range(0, blocks, step)]
     else:  # few blocks: split the rows instead
         step = -(-h // min(threads, h))
         parts = [(r, min(h, r + step), 0, blocks) for r in range(0, h, step)]
@@ -197,11 +229,16 @@ def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available (no C compiler, or the build failed); use backend='reference'")
-    if y.dtype != torch.float32 or out.dtype != torch.float32 or not out.is_contiguous():
-        raise TypeError("upsample_add takes fp32 tensors and a contiguous output")
+    _check_cpu_fp32(y, out)
+    if not out.is_contiguous():
+        raise TypeError("upsample_add writes into a contiguous output")
     b, h, w, c = out.shape
     if y.ndim != 4 or y.shape[0] != b or y.shape[-1] != c:
         raise ValueError(f"cannot add a {tuple(y.shape)} grid into {tuple(out.shape)}")
+    if out.numel() == 0:
+        return out
+    if y.shape[1] == 0 or y.shape[2] == 0:
+        raise ValueError(f"cannot resize an empty {tuple(y.shape)} grid to {h}×{w}")
     y = y.detach().contiguous()
     rows = b * h
     step = -(-rows // max(1, min(torch.get_num_threads(), rows)))

@@ -382,7 +382,8 @@ def count_measured(module, inputs, by_op: bool = False):
     args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
     from attnprobe.core import backends
 
-    with counter, torch.no_grad(), backends.preferring("reference"):  # PyTorch ops only: compiled kernels are not seen
+    # PyTorch ops only (compiled kernels are invisible to the counter), whatever backend a module asks for
+    with counter, torch.no_grad(), backends.preferring("reference", over_explicit=True):
         module(*args, **kwargs)
     total = int(counter.get_total_flops())
     if by_op:

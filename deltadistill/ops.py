@@ -154,6 +154,7 @@ def upsample_add(out, y, backend: str | None = None):
         fused = backends.resolve("upsample_add", y, backend) == "cpu"
     except RuntimeError:  # e.g. backend="triton": the fused op exists only on the CPU
         fused = False
+    fused = fused and out.is_contiguous() and out.dtype == y.dtype and out.device == y.device
     if fused:
         return backends.call("upsample_add", y, out, backend="cpu")
     return out.add_(upsample_bilinear_nhwc(y, tuple(out.shape[1:3]), backend=backend))

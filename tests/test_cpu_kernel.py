@@ -30,7 +30,8 @@ def _gate64(y, mode, scale):
 # odd grids, rows and columns on both sides of the register tile (W = 16, K = 3 and W = 20, K = 11:
 # a tile of 8 columns whose last tap ends exactly on the grid's edge), and the PixArt/SD stage shapes.
 SHAPES = [(1, 7, 9, 20, 3), (2, 13, 11, 36, 5), (1, 16, 16, 48, 13), (1, 5, 5, 32, 13), (1, 3, 2, 34, 9),
-          (2, 17, 23, 64, 7), (2, 6, 16, 24, 3), (1, 11, 20, 32, 11), (1, 32, 32, 160, 9), (1, 16, 16, 576, 13)]
+          (2, 17, 23, 64, 7), (2, 6, 16, 24, 3), (1, 11, 20, 32, 11), (1, 32, 32, 160, 9), (1, 16, 16, 576, 13),
+          (1, 1, 7, 32, 3), (2, 5, 1, 32, 5), (2, 3, 4, 48, 7)]  # a single row or column; a batch smaller than K
 
 
 @needs_kernel
@@ -159,6 +160,14 @@ def test_kernel_refuses_what_it_cannot_compute():
         cpu_kernel.stage_cpu(torch.randn(1, 4, 4, 7), torch.randn(7, 3, 3), None, "sigmoid")
     with pytest.raises(ValueError, match="unknown gate"):
         cpu_kernel.stage_cpu(torch.randn(1, 4, 4, 8), torch.randn(8, 3, 3), None, "relu")
+    with pytest.raises(ValueError, match="bias must be"):  # would read past the bias
+        cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 32), torch.randn(32, 3, 3), torch.randn(16))
+    with pytest.raises(TypeError, match="CPU tensors"):
+        cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 8), torch.randn(8, 3, 3, device="meta"))
+    out = torch.zeros(1, 0, 4, 8)
+    assert cpu_kernel.upsample_add_cpu(torch.randn(1, 2, 2, 8), out) is out  # nothing to write
+    with pytest.raises(ValueError, match="empty"):
+        cpu_kernel.upsample_add_cpu(torch.randn(1, 0, 3, 8), torch.zeros(1, 4, 4, 8))
 
 
 @pytest.fixture
@@ -222,3 +231,91 @@ def test_autotune_keeps_the_faster_path_per_shape(monkeypatch):
     ref = ops.stage_reference(x, w, None, "sigmoid")
     torch.testing.assert_close(first, ref)
     torch.testing.assert_close(again, ref)
+
+
+@needs_kernel
+def test_the_build_without_avx512_matches_float64(fresh_kernel, threads):
+    """The portable build (no -march: 8 lanes, tiles of 2 rows × 4 columns) on shapes with an odd number of rows per
+    thread, partial channel blocks and both work splits."""
+    cc = cpu_kernel._compiler()
+    lib = cpu_kernel._load(cpu_kernel._build(cc, flag_sets=(["-O3"],)))
+    assert lib[1] == 8 or lib[1] == 16  # 16 only where the compiler targets AVX-512 by default
+    for n_threads in (1, 2, 3):
+        threads(n_threads)
+        for b, h, w, c, k in [(2, 7, 9, 36, 5), (1, 13, 11, 48, 13), (1, 5, 6, 20, 3), (2, 3, 4, 160, 9)]:
+            g = torch.Generator().manual_seed(b + h + w + c + k)
+            x, wt, bias = torch.randn(b, h, w, c, generator=g), torch.randn(c, k, k, generator=g) / k, torch.randn(c, generator=g)
+            ref = _conv64(x, wt, bias)
+            torch.testing.assert_close(cpu_kernel._run(x, wt, bias, None, 1.0, lib=lib).double(), ref, rtol=1e-5, atol=2e-6)
+            torch.testing.assert_close(cpu_kernel._run(x, wt, bias, "sigmoid", 1.0, lib=lib).double(),
+                                       _gate64(ref, "sigmoid", 1.0), rtol=1e-5, atol=2e-6)
+
+
+def _convolve_in_child(queue, x, w, ref):
+    torch.set_num_threads(2)  # two parts: the kernel's thread pool, nothing of PyTorch's own (OpenMP) threads
+    queue.put(float((cpu_kernel.dwconv_nhwc_cpu(x, w).double() - ref).abs().max()))
+
+
+@needs_kernel
+def test_a_forked_child_runs_the_kernel_on_its_own_threads(threads):
+    """The parent's pool threads do not survive fork(); the child must start its own, not wait on them."""
+    import multiprocessing
+
+    threads(2)
+    cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 8, 8, 64), torch.randn(64, 3, 3))  # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    x, w = torch.randn(1, 8, 8, 64), torch.randn(64, 3, 3)
+    child = ctx.Process(target=_convolve_in_child, args=(queue, x, w, _conv64(x, w, None)))
+    child.start()
+    child.join(30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert queue.get(timeout=5) < 1e-4
+
+
+@needs_kernel
+def test_flop_counting_sees_the_reference_whatever_the_block_asks_for(monkeypatch):
+    from deltadistill import flops as fl
+
+    x = torch.randn(1, 16, 16, 48)
+    auto = fl.count_measured(DeltaConvBlock(48, 13).eval(), x)
+    assert auto == fl.deltaconv_flops((16, 16), 48, 13).matmul  # convolutions counted once (no autotune timing)
+    assert fl.count_measured(DeltaConvBlock(48, 13, backend="cpu").eval(), x) == auto
+
+
+def test_preferring_stays_in_its_own_thread():
+    import threading
+
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+    x = torch.randn(1, 4, 4, 8)
+
+    def other():
+        inside.wait(10)
+        seen["other"] = backends._choice(None)
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with backends.preferring("reference"):
+        inside.set()
+        done.wait(10)
+        seen["here"] = backends._choice(None)
+        assert backends._choice("triton") == "triton"  # an explicit choice wins, unless asked otherwise
+        with backends.preferring("reference", over_explicit=True):
+            assert backends.resolve("stage", x, "triton") == "reference"
+    t.join()
+    assert seen["here"] == "reference" and seen["other"] == backends._choice(None)
+
+
+@needs_kernel
+def test_fused_upsample_add_falls_back_for_a_strided_output():
+    y = torch.randn(1, 4, 4, 16)
+    out = torch.randn(1, 8, 8, 16).transpose(1, 2)  # not contiguous: the fused pass cannot write it in place
+    ref = out.clone() + ops.upsample_bilinear_nhwc_reference(y, (8, 8))
+    with torch.no_grad():
+        got = ops.upsample_add(out, y)
+    torch.testing.assert_close(got, ref)

@@ -20,6 +20,7 @@ imported only when a GPU path is possible, and a broken Triton install never bre
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 import warnings
@@ -104,27 +105,29 @@ def implementations(op: str) -> dict[str, Callable]:
     return {name: impl.fn for name, impl in _OPS[op].items()}
 
 
-_OVERRIDE: list[str] = []  # innermost `preferring(...)` first
+_OVERRIDE: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("attnprobe_backend", default=None)
 
 
 @contextlib.contextmanager
-def preferring(choice: str):
-    """Within the block, calls without an explicit ``backend=`` resolve as if ``ATTNPROBE_BACKEND=choice``
-    (e.g. ``"reference"`` where every operator must be a PyTorch op: FLOP counting)."""
+def preferring(choice: str, *, over_explicit: bool = False):
+    """Within the block (this thread or task only), calls without an explicit ``backend=`` resolve as if
+    ``ATTNPROBE_BACKEND=choice``; with ``over_explicit=True`` calls with one do too (FLOP counting, which must
+    see every operator as a PyTorch op, uses ``preferring("reference", over_explicit=True)``)."""
     if choice not in CHOICES:
         raise ValueError(f"unknown backend {choice!r}; choose {', '.join(CHOICES)}")
-    _OVERRIDE.insert(0, choice)
+    token = _OVERRIDE.set((choice, over_explicit))
     try:
         yield
     finally:
-        _OVERRIDE.remove(choice)
+        _OVERRIDE.reset(token)
 
 
 def _choice(backend: str | None) -> str:
-    if backend is not None:
+    override = _OVERRIDE.get()
+    if override is not None and (backend is None or override[1]):
+        choice = override[0]
+    elif backend is not None:
         choice = backend
-    elif _OVERRIDE:
-        choice = _OVERRIDE[0]
     else:
         choice = os.environ.get(ENV)
         if choice is None and os.environ.get("DELTADISTILL_BACKEND"):

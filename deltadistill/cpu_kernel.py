@@ -8,13 +8,14 @@ gate (x1·σ(x2) or x1·x2·s) fused into its epilogue, so that the stage writes
 instead of C' channels and then C'/2.
 
 How: ``cpu_kernel.c`` packs each block of 16 (AVX-512; else 8) channels into a zero-padded contiguous
-plane, then accumulates 2×8 output vectors per tile in registers (see its header). The C file beside
-this module is compiled at first use with the system C compiler
-(``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -march=native``) into a cache folder
+plane, then accumulates a tile of output vectors in registers (1 row × 16 columns with AVX-512, else
+2 × 4; see its header). The C file beside this module is compiled at first use with the system C
+compiler (``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -march=native``) into a cache folder
 (``$DELTADISTILL_CACHE``, else ``~/.cache/deltadistill``), keyed by the source, the flags and the
 CPU, and called through :mod:`ctypes` (which releases the GIL), the channel blocks (or, for few
-blocks, the rows) split over ``torch.get_num_threads()`` threads. No compiler, a failed build or ``ATTNPROBE_BACKEND=reference``:
-the PyTorch reference runs instead (a warning says why, once).
+blocks, the rows) split over ``torch.get_num_threads()`` threads. No compiler or a failed build:
+the PyTorch reference runs instead (a warning says why, once); ``ATTNPROBE_BACKEND=reference``
+chooses it.
 
 Where oneDNN's own kernel is faster (small K on some shapes), the ``cpu`` backend keeps it: each
 shape is timed both ways once, on its first call (see ``kernel_is_faster``).

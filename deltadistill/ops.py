@@ -203,7 +203,7 @@ def stage_cpu(x, weight, bias, mode="scaled", scale=1.0, pool=None, size=None):
         return cpu_kernel.stage_cpu(x, weight, bias, mode, scale)
 
     def reference():
-        return gate_reference(dwconv_nhwc_reference(x, weight, bias), mode, scale)
+        return stage_reference(x, weight, bias, mode, scale)
 
     return (kernel if cpu_kernel.kernel_is_faster(("stage", *x.shape, weight.shape[-1], mode), kernel, reference)
             else reference)()

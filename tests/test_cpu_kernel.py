@@ -319,3 +319,26 @@ def test_fused_upsample_add_falls_back_for_a_strided_output():
     with torch.no_grad():
         got = ops.upsample_add(out, y)
     torch.testing.assert_close(got, ref)
+
+
+@needs_kernel
+def test_dwconv_op_dispatches_to_the_kernel_without_gradients():
+    x, w, b = torch.randn(1, 9, 9, 32), torch.randn(32, 5, 5), torch.randn(32)
+    with torch.no_grad():
+        assert backends.resolve("dwconv", x) == "cpu"
+        got = ops.dwconv_nhwc(x, w, b, backend="cpu")
+    torch.testing.assert_close(got.double(), _conv64(x, w, b), rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_bench_refuses_the_cpu_backend_where_it_cannot_run():
+    from typer.testing import CliRunner
+
+    from deltadistill.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-pixart", "--resolutions", "32", "--latency",
+                                      "--backend", "cpu", "--dtype", "fp16"])
+    assert result.exit_code == 2 and "--backend cpu needs" in result.output
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny-pixart", "--resolutions", "32", "--latency",
+                                      "--backend", "gpu"])
+    assert result.exit_code == 2 and "unknown backend" in result.output

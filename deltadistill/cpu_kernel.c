@@ -2,8 +2,8 @@
    ΔConvBlock's gate optionally fused into its epilogue. Compiled at first use by
    deltadistill/cpu_kernel.py (gcc/clang, -O3 -march=native) and called through ctypes.
 
-   Layout: X [B, H, W, C] contiguous, Wt [K, K, C] (the tap-major transpose of the [C, K, K] weight),
-   bias [C] or NULL. Work is split over channel blocks of VL lanes and over output rows, so that the
+   Layout: X [B, H, W, C] contiguous, Wt [C, K, K] (the module's own weight; each channel block copies its
+   taps into a tap-major [K·K][VL] buffer first), bias [C] or NULL. Work is split over channel blocks of VL lanes and over output rows, so that the
    caller can hand each thread a part. Per channel block the input is first packed into a zero-padded
    plane [rows + K - 1 + RB - 1][W + K - 1 + TW - 1][VL]: contiguous, so that the K×K taps read
    neighbouring cache lines instead of lines one row (a multiple of 4 KiB for the usual grids) apart,
@@ -98,29 +98,25 @@ static inline __attribute__((always_inline)) void tile(const float* P, const flo
    of VL output channels (the last block may be partial). Returns 0, or -1 if out of memory. */
 int dw_stage(const float* X, const float* Wt, const float* Bi, float* O, int B, int H, int W, int C, int K,
              int mode, float scale, int h0, int h1, int k0, int k1) {
-  int p = K / 2, half = C / 2, Co = mode ? half : C, span = mode ? half : C;
+  int p = K / 2, half = C / 2, Co = mode ? half : C, span = mode ? half : C, KK = K * K;
   int rows = h1 - h0, nrows = rows + 2 * p + RB - 1, Wp = W + 2 * p + TW - 1;
-  size_t plane = (size_t)nrows * Wp * VL;
-  float* P = aligned_alloc(64, ((plane * (mode ? 2 : 1) * sizeof(float)) + 63) / 64 * 64);
+  size_t plane = (size_t)nrows * Wp * VL, taps = (size_t)KK * VL;
+  /* the packed planes (one per gate half) and the blocks' taps, [K·K][VL] each */
+  float* P = aligned_alloc(64, (((plane + taps) * (mode ? 2 : 1) * sizeof(float)) + 63) / 64 * 64);
   if (!P) return -1;
   float* P2 = P + plane;
+  float* Wk1 = P + plane * (mode ? 2 : 1);
+  float* Wk2 = Wk1 + taps;
   for (int k = k0; k < k1; k++) {
     int c0 = k * VL, lanes = span - c0 < VL ? span - c0 : VL;
     vf b1, b2;
     for (int l = 0; l < VL; l++) { b1[l] = (Bi && l < lanes) ? Bi[c0 + l] : 0.0f; b2[l] = (Bi && mode && l < lanes) ? Bi[c0 + half + l] : 0.0f; }
-    /* a partial block reads its taps from a copy padded to VL lanes */
-    float* Wk1 = NULL; float* Wk2 = NULL;
-    const float* w1 = Wt; const float* w2 = Wt; int wc = C, o1 = c0, o2 = c0 + half;
-    if (lanes < VL) {
-      Wk1 = calloc((size_t)K * K * VL * 2, sizeof(float));
-      if (!Wk1) { free(P); return -1; }
-      Wk2 = Wk1 + (size_t)K * K * VL;
-      for (int t = 0; t < K * K; t++) {
-        memcpy(Wk1 + (size_t)t * VL, Wt + (size_t)t * C + c0, lanes * sizeof(float));
-        if (mode) memcpy(Wk2 + (size_t)t * VL, Wt + (size_t)t * C + c0 + half, lanes * sizeof(float));
+    /* tap-major copies of the block's weights; the lanes past the last channel are zeros */
+    for (int l = 0; l < VL; l++)
+      for (int t = 0; t < KK; t++) {
+        Wk1[(size_t)t * VL + l] = l < lanes ? Wt[(size_t)(c0 + l) * KK + t] : 0.0f;
+        if (mode) Wk2[(size_t)t * VL + l] = l < lanes ? Wt[(size_t)(c0 + half + l) * KK + t] : 0.0f;
       }
-      w1 = Wk1; w2 = Wk2; wc = VL; o1 = 0; o2 = 0;
-    }
     for (int n = 0; n < B; n++) {
       const float* xb = X + (long)n * H * W * C;
       pack(P, xb, H, W, C, p, h0, nrows, Wp, c0, lanes);
@@ -128,8 +124,8 @@ int dw_stage(const float* X, const float* Wt, const float* Bi, float* O, int B, 
       for (int h = 0; h < rows; h += RB) {
         for (int x0 = 0; x0 < W; x0 += TW) {
           vf a1[RB][TW], a2[RB][TW];
-          tile(P, w1, Wp, K, wc, h, x0, o1, a1, b1);
-          if (mode) tile(P2, w2, Wp, K, wc, h, x0, o2, a2, b2);
+          tile(P, Wk1, Wp, K, VL, h, x0, 0, a1, b1);
+          if (mode) tile(P2, Wk2, Wp, K, VL, h, x0, 0, a2, b2);
           for (int q = 0; q < RB && h + q < rows; q++) {
             float* orow = O + ((long)n * H + h0 + h + q) * W * Co;
             for (int t = 0; t < TW && x0 + t < W; t++) {
@@ -144,7 +140,6 @@ int dw_stage(const float* X, const float* Wt, const float* Bi, float* O, int B, 
         }
       }
     }
-    free(Wk1);
   }
   free(P);
   return 0;
@@ -179,3 +174,25 @@ int upsample_add(const float* S, float* O, int B, int hs, int ws, int H, int W, 
   }
   return 0;
 }
+
+#ifdef _OPENMP
+/* The parts of one call on the process's OpenMP team: PyTorch's own threads when PyTorch (built with GNU
+   OpenMP) is loaded first, as deltadistill/cpu_kernel.py makes sure; they are awake right after PyTorch's
+   matmuls, where threads of a pool of ours would have to wait for them to stop spinning.
+   parts[4i .. 4i+3] = h0, h1, k0, k1 of dw_stage; parts[2i .. 2i+1] = r0, r1 of upsample_add. */
+int dw_stage_parts(const float* X, const float* Wt, const float* Bi, float* O, int B, int H, int W, int C, int K,
+                   int mode, float scale, int n, const int* parts) {
+  int rc = 0;
+#pragma omp parallel for num_threads(n) schedule(static, 1) reduction(| : rc)
+  for (int i = 0; i < n; i++)
+    rc |= dw_stage(X, Wt, Bi, O, B, H, W, C, K, mode, scale, parts[4 * i], parts[4 * i + 1], parts[4 * i + 2],
+                   parts[4 * i + 3]);
+  return rc;
+}
+
+int upsample_add_parts(const float* S, float* O, int B, int hs, int ws, int H, int W, int C, int n, const int* parts) {
+#pragma omp parallel for num_threads(n) schedule(static, 1)
+  for (int i = 0; i < n; i++) upsample_add(S, O, B, hs, ws, H, W, C, parts[2 * i], parts[2 * i + 1]);
+  return 0;
+}
+#endif

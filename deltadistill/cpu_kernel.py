@@ -10,10 +10,15 @@ instead of C' channels and then C'/2.
 How: ``cpu_kernel.c`` packs each block of 16 (AVX-512; else 8) channels into a zero-padded contiguous
 plane, then accumulates a tile of output vectors in registers (1 row × 16 columns with AVX-512, else
 2 × 4; see its header). The C file beside this module is compiled at first use with the system C
-compiler (``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -march=native``) into a cache folder
+compiler (``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -march=native -fopenmp``) into a cache folder
 (``$DELTADISTILL_CACHE``, else ``~/.cache/deltadistill``), keyed by the source, the flags and the
 CPU, and called through :mod:`ctypes` (which releases the GIL), the channel blocks (or, for few
-blocks, the rows) split over ``torch.get_num_threads()`` threads. No compiler or a failed build:
+blocks, the rows) split over ``torch.get_num_threads()`` threads. The threads are PyTorch's own
+OpenMP team where the library shares PyTorch's OpenMP runtime (a GNU OpenMP build of PyTorch,
+loaded first: the library's ``libgomp.so.1`` resolves to PyTorch's). That matters: right after
+PyTorch's matmuls its OpenMP threads spin for a while, so threads of a pool of our own would wait
+for the cores (the block at PixArt 32² took 11.5 ms with a pool, 9.6 ms on PyTorch's team).
+Elsewhere (no OpenMP, or another runtime) a pool of Python threads runs the parts. No compiler or a failed build:
 the PyTorch reference runs instead (a warning says why, once); ``ATTNPROBE_BACKEND=reference``
 chooses it.
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import hashlib
 import os
 import platform
@@ -41,6 +47,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -48,10 +55,12 @@ __all__ = ["SOURCE", "available", "kernel_is_faster", "library_path", "dwconv_nh
            "usable"]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
-_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler has no -march=native
+# the first that builds: OpenMP and the host's vector units; the host's units; portable
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 _MODES = {None: 0, "scaled": 1, "sigmoid": 2}
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_forked = False  # in a forked child: GNU OpenMP's team is not usable there (PyTorch's own ops hang in it too)
 
 
 def _compiler() -> str | None:
@@ -125,16 +134,48 @@ def _library():
         return None
 
 
-def _load(path: Path):
-    """(dw_stage, its lanes per channel block, upsample_add) of a built library."""
+class _Lib(NamedTuple):
+    """A loaded kernel: its entry points, and the lanes of a channel block (16 with AVX-512, else 8)."""
+
+    stage: object  # dw_stage(..., h0, h1, k0, k1): one part
+    lanes: int
+    upsample_add: object  # upsample_add(..., r0, r1): one part
+    stage_parts: object | None  # dw_stage_parts(..., n, parts): n parts on PyTorch's OpenMP team; None: use a pool
+    upsample_add_parts: object | None
+
+
+_STAGE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float]
+_UPSAMPLE_ARGS = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 6
+
+
+def _load(path: Path) -> _Lib:
     lib = ctypes.CDLL(str(path))
-    fn = lib.dw_stage
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 4
-    fn.restype = ctypes.c_int
-    up = lib.upsample_add
-    up.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 8
-    up.restype = ctypes.c_int
-    return fn, int(lib.dw_lanes()), up
+    entries = {}
+    for name, args in (("dw_stage", _STAGE_ARGS + [ctypes.c_int] * 4), ("upsample_add", _UPSAMPLE_ARGS + [ctypes.c_int] * 2),
+                       ("dw_stage_parts", _STAGE_ARGS + [ctypes.c_int, ctypes.c_void_p]),
+                       ("upsample_add_parts", _UPSAMPLE_ARGS + [ctypes.c_int, ctypes.c_void_p])):
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        entries[name] = fn
+    team = _shares_torch_openmp()
+    return _Lib(entries["dw_stage"], int(lib.dw_lanes()), entries["upsample_add"],
+                entries["dw_stage_parts"] if team else None, entries["upsample_add_parts"] if team else None)
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux; empty where /proc is not readable)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {ln.split()[-1] for ln in maps.splitlines() if re.search(r"/lib(gomp|i?omp5?)[^/]*\.so", ln)}
+
+
+def _shares_torch_openmp() -> bool:
+    """PyTorch runs on OpenMP and exactly one OpenMP runtime is loaded: a library built with ``-fopenmp`` then
+    runs its parallel regions on PyTorch's own threads. Anything else (two runtimes, another platform): no."""
+    return "OpenMP" in torch.__config__.parallel_info() and len(_openmp_runtimes()) == 1
 
 
 def library_path() -> Path | None:
@@ -164,9 +205,10 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _forget_pool() -> None:
-    """In a forked child: the parent's worker threads do not exist there, so start a new pool when needed."""
-    global _pool, _lock
-    _pool, _lock = None, threading.Lock()
+    """In a forked child: the parent's worker threads do not exist there, so start a new pool when needed, and
+    leave the OpenMP team alone (a child of a parent that used it waits forever on its first parallel region)."""
+    global _pool, _lock, _forked
+    _pool, _lock, _forked = None, threading.Lock(), True
 
 
 if hasattr(os, "register_at_fork"):
@@ -194,16 +236,15 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode:
     lib = lib or _library()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available (no C compiler, or the build failed); use backend='reference'")
-    fn, lanes, _ = lib
     x = x.detach().contiguous()
-    wt = weight.detach().permute(1, 2, 0).contiguous()  # [K, K, C]: one vector of taps per (i, j)
+    wt = weight.detach().contiguous()  # [C, K, K]; the kernel copies each block's taps tap-major
     bias = None if bias is None else bias.detach().contiguous()
     out = x.new_empty(b, h, w, c // 2 if mode else c)
     if out.numel() == 0:
         return out
     args = (x.data_ptr(), wt.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
             b, h, w, c, k, _MODES[mode], float(scale))
-    blocks = -(-out.shape[-1] // lanes)  # channel blocks of `lanes` output channels
+    blocks = -(-out.shape[-1] // lib.lanes)  # channel blocks of `lanes` output channels
     threads = torch.get_num_threads()
     if threads == 1:
         parts = [(0, h, 0, blocks)]
@@ -213,16 +254,20 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode:
     else:  # few blocks: split the rows instead
         step = -(-h // min(threads, h))
         parts = [(r, min(h, r + step), 0, blocks) for r in range(0, h, step)]
-    if any(_parallel(fn, args, parts)):
+    if _parallel(lib.stage, lib.stage_parts, args, parts):
         raise MemoryError("the CPU kernel could not allocate its packing buffer")
     return out
 
 
-def _parallel(fn, args, parts) -> list[int]:
-    """``fn(*args, *part)`` for each part, on the pool's threads (ctypes releases the GIL); return codes."""
+def _parallel(fn, fn_parts, args, parts) -> bool:
+    """``fn(*args, *part)`` for each part: on PyTorch's OpenMP team through ``fn_parts`` where there is one, else on
+    the pool's threads (ctypes releases the GIL). True if any part failed."""
     if len(parts) == 1:
-        return [fn(*args, *parts[0])]
-    return [f.result() for f in [_executor().submit(fn, *args, *part) for part in parts]]
+        return bool(fn(*args, *parts[0]))
+    if fn_parts is not None and not _forked:
+        flat = [v for part in parts for v in part]
+        return bool(fn_parts(*args, len(parts), (ctypes.c_int * len(flat))(*flat)))
+    return any(f.result() for f in [_executor().submit(fn, *args, *part) for part in parts])
 
 
 def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -243,7 +288,7 @@ def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     y = y.detach().contiguous()
     rows = b * h
     step = -(-rows // max(1, min(torch.get_num_threads(), rows)))
-    _parallel(lib[2], (y.data_ptr(), out.data_ptr(), b, y.shape[1], y.shape[2], h, w, c),
+    _parallel(lib.upsample_add, lib.upsample_add_parts, (y.data_ptr(), out.data_ptr(), b, y.shape[1], y.shape[2], h, w, c),
               [(r, min(rows, r + step)) for r in range(0, rows, step)])
     return out
 

@@ -1,6 +1,7 @@
 """The compiled CPU stage kernel (``deltadistill.cpu_kernel``) against float64 PyTorch, and its dispatch."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -252,13 +253,14 @@ def test_the_build_without_avx512_matches_float64(fresh_kernel, threads):
 
 
 def _convolve_in_child(queue, x, w, ref):
-    torch.set_num_threads(2)  # two parts: the kernel's thread pool, nothing of PyTorch's own (OpenMP) threads
+    torch.set_num_threads(2)  # two parts; the tensors are too small for PyTorch's own ops to go parallel
     queue.put(float((cpu_kernel.dwconv_nhwc_cpu(x, w).double() - ref).abs().max()))
 
 
 @needs_kernel
 def test_a_forked_child_runs_the_kernel_on_its_own_threads(threads):
-    """The parent's pool threads do not survive fork(); the child must start its own, not wait on them."""
+    """Neither the parent's pool threads nor its OpenMP team work after fork() (GNU OpenMP waits forever in a child
+    whose parent used its team); the child must run the kernel on threads of its own."""
     import multiprocessing
 
     threads(2)
@@ -274,6 +276,37 @@ def test_a_forked_child_runs_the_kernel_on_its_own_threads(threads):
         child.kill()
     assert not alive and child.exitcode == 0
     assert queue.get(timeout=5) < 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_the_openmp_team_and_the_pool_give_the_same_bits(n_threads, threads, monkeypatch):
+    """Where the kernel runs its parts on PyTorch's OpenMP team, each part computes what it computes on the pool."""
+    lib = cpu_kernel._library()
+    if lib.stage_parts is None:
+        pytest.skip("the kernel does not share an OpenMP runtime with PyTorch here")
+    threads(n_threads)
+    g = torch.Generator().manual_seed(n_threads)
+    for b, h, w, c, k in [(1, 16, 16, 576, 13), (2, 13, 11, 36, 5), (1, 9, 40, 64, 7)]:  # both work splits
+        x, wt, bias = torch.randn(b, h, w, c, generator=g), torch.randn(c, k, k, generator=g) / k, torch.randn(c, generator=g)
+        y, out = torch.randn(b, (h + 1) // 2, (w + 1) // 2, c, generator=g), torch.randn(b, h, w, c, generator=g)
+        team = (cpu_kernel.stage_cpu(x, wt, bias, "sigmoid"), cpu_kernel.upsample_add_cpu(y, out.clone()))
+        monkeypatch.setattr(cpu_kernel, "_forked", True)  # what a forked child does: the pool
+        pool = (cpu_kernel.stage_cpu(x, wt, bias, "sigmoid"), cpu_kernel.upsample_add_cpu(y, out.clone()))
+        monkeypatch.setattr(cpu_kernel, "_forked", False)
+        assert torch.equal(team[0], pool[0]) and torch.equal(team[1], pool[1])
+        torch.testing.assert_close(team[0].double(), _gate64(_conv64(x, wt, bias), "sigmoid", 1.0), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="PyTorch runs on GNU OpenMP on Linux only")
+@needs_kernel
+def test_the_kernel_loads_no_second_openmp_runtime():
+    """The library's libgomp.so.1 must resolve to PyTorch's (two runtimes = two thread teams fighting for the cores)."""
+    assert cpu_kernel.available()
+    runtimes = cpu_kernel._openmp_runtimes()
+    assert len(runtimes) == 1 and "torch" in next(iter(runtimes)), runtimes
+    assert cpu_kernel._library().stage_parts is not None  # and the kernel uses that team
 
 
 @needs_kernel

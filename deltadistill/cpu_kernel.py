@@ -8,7 +8,7 @@ gate (x1·σ(x2) or x1·x2·s) fused into its epilogue, so that the stage writes
 instead of C' channels and then C'/2.
 
 How: ``cpu_kernel.c`` packs each block of 16 (AVX-512; else 8) channels into a zero-padded contiguous
-plane, then accumulates a tile of output vectors in registers (1 row × 16 columns with AVX-512, else
+plane, then accumulates a tile of output vectors in registers (1 row × 8 columns with AVX-512, else
 2 × 4; see its header). The C file beside this module is compiled at first use with the system C
 compiler (``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -march=native -fopenmp``) into a cache folder
 (``$DELTADISTILL_CACHE``, else ``~/.cache/deltadistill``), keyed by the source, the flags and the

@@ -148,6 +148,61 @@ int dw_stage(const float* X, const float* Wt, const float* Bi, float* O, int B, 
 
 int dw_lanes(void) { return VL; }
 
+/* The weight gradient of the depth-wise convolution (training, deltadistill/cpu_kernel.py's autograd function):
+   dW[c, i, j] = Σ_{n, y, x} X[n, y + i − p, x + j − p, c] · G[n, y, x, c] (zero outside the image), written into
+   dW [C, K, K] for the channel blocks [k0, k1) over the images [n0, n1). Per block and image the input is packed as
+   in dw_stage; for each tap row i the K taps of that row accumulate in registers over the whole image (at most
+   JT of them at a time), so every product is one load and one FMA. Returns 0, or -1 if out of memory. */
+#define JT 16
+int dw_weight_grad(const float* X, const float* G, float* dW, int B, int H, int W, int C, int K, int n0, int n1,
+                   int k0, int k1) {
+  (void)B;
+  int p = K / 2, KK = K * K, nrows = H + 2 * p, Wp = W + 2 * p;
+  size_t plane = (size_t)nrows * Wp * VL, gplane = (size_t)H * W * VL;
+  float* P = aligned_alloc(64, (((plane + gplane + (size_t)KK * VL) * sizeof(float)) + 63) / 64 * 64);
+  if (!P) return -1;
+  float* Gp = P + plane;          /* the block's gradient, packed [H][W][VL] */
+  float* acc = Gp + gplane;       /* the block's taps, [K·K][VL] */
+  for (int k = k0; k < k1; k++) {
+    int c0 = k * VL, lanes = C - c0 < VL ? C - c0 : VL;
+    memset(acc, 0, (size_t)KK * VL * sizeof(float));
+    for (int n = n0; n < n1; n++) {
+      const float* xb = X + (long)n * H * W * C;
+      const float* gb = G + (long)n * H * W * C;
+      pack(P, xb, H, W, C, p, 0, nrows, Wp, c0, lanes);
+      for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) {
+          float* dst = Gp + ((long)y * W + x) * VL;
+          const float* src = gb + ((long)y * W + x) * C + c0;
+          if (lanes == VL) *(vf*)dst = *(const vf*)src;
+          else { memset(dst, 0, VL * sizeof(float)); memcpy(dst, src, lanes * sizeof(float)); }
+        }
+      for (int i = 0; i < K; i++)
+        for (int j0 = 0; j0 < K; j0 += JT) {
+          int nj = K - j0 < JT ? K - j0 : JT;
+          vf a[JT];
+          for (int j = 0; j < JT; j++) a[j] = (vf){0};
+          for (int y = 0; y < H; y++) {
+            const float* prow = P + ((long)(y + i) * Wp + j0) * VL;
+            const float* grow = Gp + (long)y * W * VL;
+            for (int x = 0; x < W; x++) {
+              vf g = *(const vf*)(grow + (long)x * VL);
+              if (nj == JT)
+                for (int j = 0; j < JT; j++) a[j] += *(const vf*)(prow + (long)(x + j) * VL) * g;
+              else
+                for (int j = 0; j < nj; j++) a[j] += *(const vf*)(prow + (long)(x + j) * VL) * g;
+            }
+          }
+          for (int j = 0; j < nj; j++) *(vf*)(acc + ((long)i * K + j0 + j) * VL) += a[j];
+        }
+    }
+    for (int l = 0; l < lanes; l++)
+      for (int t = 0; t < KK; t++) dW[(size_t)(c0 + l) * KK + t] = acc[(size_t)t * VL + l];
+  }
+  free(P);
+  return 0;
+}
+
 /* out[n, y, x, :] += bilinear(S)[n, y, x, :], S [B, hs, ws, C] resized to out [B, H, W, C] with
    align_corners=False, PyTorch's rule: source coordinate (d + ½)·(in/out) − ½, clamped at 0. Output rows
    [r0, r1) of the B·H rows. The coarse stage's projection joins the output in one pass instead of two. */
@@ -188,6 +243,16 @@ int dw_stage_parts(const float* X, const float* Wt, const float* Bi, float* O, i
   for (int i = 0; i < n; i++)
     rc |= dw_stage(X, Wt, Bi, O, B, H, W, C, K, mode, scale, parts[4 * i], parts[4 * i + 1], parts[4 * i + 2],
                    parts[4 * i + 3]);
+  return rc;
+}
+
+int dw_weight_grad_parts(const float* X, const float* G, float* dW, int B, int H, int W, int C, int K, int n,
+                        const int* parts, long stride) {
+  int rc = 0;
+#pragma omp parallel for num_threads(n) schedule(static, 1) reduction(| : rc)
+  for (int i = 0; i < n; i++)
+    rc |= dw_weight_grad(X, G, dW + stride * i, B, H, W, C, K, parts[4 * i], parts[4 * i + 1], parts[4 * i + 2],
+                         parts[4 * i + 3]);
   return rc;
 }
 

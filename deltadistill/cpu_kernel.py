@@ -25,19 +25,21 @@ chooses it.
 Where oneDNN's own kernel is faster (small K on some shapes), the ``cpu`` backend keeps it: each
 shape is timed both ways once, on its first call (see ``kernel_is_faster``).
 
-Scope: forward only, fp32, CPU tensors, and only where no gradient is recorded
-(``torch.no_grad()``/``inference_mode``: sampling, evaluation, benchmarks). Training takes the
-reference path, whose backward autograd provides. The kernel is tested against a float64
-PyTorch convolution (``tests/test_cpu_kernel.py``).
+Scope: fp32 CPU tensors. Without a gradient recorded (sampling, evaluation, benchmarks) the stage runs
+fused (convolution and gate); the coarse stage's upsample-add likewise. With one (training) the
+convolution has a backward (:mod:`deltadistill.ops`): its input gradient is the same kernel on the output
+gradient with the flipped taps, and its weight gradient ``dw_weight_grad`` (oneDNN's took 5-11× the
+forward's time at K ≥ 9 on the demo's shapes, and most of a regression step); the gate, pooling and
+resizing stay PyTorch's. Each is tested against float64 PyTorch (``tests/test_cpu_kernel.py``).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import re
 import hashlib
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -51,8 +53,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SOURCE", "available", "kernel_is_faster", "library_path", "dwconv_nhwc_cpu", "stage_cpu", "upsample_add_cpu",
-           "usable"]
+__all__ = ["SOURCE", "available", "kernel_is_faster", "library_path", "dwconv_nhwc_cpu", "dwconv_weight_grad_cpu",
+           "stage_cpu", "trainable", "upsample_add_cpu", "usable"]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # the first that builds: OpenMP and the host's vector units; the host's units; portable
@@ -142,10 +144,13 @@ class _Lib(NamedTuple):
     upsample_add: object  # upsample_add(..., r0, r1): one part
     stage_parts: object | None  # dw_stage_parts(..., n, parts): n parts on PyTorch's OpenMP team; None: use a pool
     upsample_add_parts: object | None
+    weight_grad: object  # dw_weight_grad(..., n0, n1, k0, k1): one part
+    weight_grad_parts: object | None  # dw_weight_grad_parts(..., n, parts, stride)
 
 
 _STAGE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float]
 _UPSAMPLE_ARGS = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 6
+_GRAD_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
 
 
 def _load(path: Path) -> _Lib:
@@ -153,14 +158,17 @@ def _load(path: Path) -> _Lib:
     entries = {}
     for name, args in (("dw_stage", _STAGE_ARGS + [ctypes.c_int] * 4), ("upsample_add", _UPSAMPLE_ARGS + [ctypes.c_int] * 2),
                        ("dw_stage_parts", _STAGE_ARGS + [ctypes.c_int, ctypes.c_void_p]),
-                       ("upsample_add_parts", _UPSAMPLE_ARGS + [ctypes.c_int, ctypes.c_void_p])):
+                       ("upsample_add_parts", _UPSAMPLE_ARGS + [ctypes.c_int, ctypes.c_void_p]),
+                       ("dw_weight_grad", _GRAD_ARGS + [ctypes.c_int] * 4),
+                       ("dw_weight_grad_parts", _GRAD_ARGS + [ctypes.c_int, ctypes.c_void_p, ctypes.c_long])):
         fn = getattr(lib, name, None)
         if fn is not None:
             fn.argtypes, fn.restype = args, ctypes.c_int
         entries[name] = fn
     team = _shares_torch_openmp()
     return _Lib(entries["dw_stage"], int(lib.dw_lanes()), entries["upsample_add"],
-                entries["dw_stage_parts"] if team else None, entries["upsample_add_parts"] if team else None)
+                entries["dw_stage_parts"] if team else None, entries["upsample_add_parts"] if team else None,
+                entries["dw_weight_grad"], entries["dw_weight_grad_parts"] if team else None)
 
 
 def _openmp_runtimes() -> set[str]:
@@ -192,8 +200,15 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Capability check of the ``cpu`` backend: an fp32 CPU tensor, no gradient recorded, kernel built."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and available()
+    """Capability check of the ``cpu`` backend's inference-only ops: an fp32 CPU tensor, no gradient recorded,
+    kernel built."""
+    return trainable(x) and not torch.is_grad_enabled()
+
+
+def trainable(x: torch.Tensor) -> bool:
+    """Capability check of the ``cpu`` backend's ops with a backward (the depth-wise convolution and the stage): an
+    fp32 CPU tensor, kernel built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -259,15 +274,19 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode:
     return out
 
 
-def _parallel(fn, fn_parts, args, parts) -> bool:
+def _parallel(fn, fn_parts, args, parts, out_stride: int | None = None) -> bool:
     """``fn(*args, *part)`` for each part: on PyTorch's OpenMP team through ``fn_parts`` where there is one, else on
-    the pool's threads (ctypes releases the GIL). True if any part failed."""
+    the pool's threads (ctypes releases the GIL). True if any part failed. ``out_stride`` (floats; the weight gradient
+    only): part i writes to ``args[2] + i·out_stride`` (its own partial sum where > 0)."""
     if len(parts) == 1:
         return bool(fn(*args, *parts[0]))
     if fn_parts is not None and not _forked:
         flat = [v for part in parts for v in part]
-        return bool(fn_parts(*args, len(parts), (ctypes.c_int * len(flat))(*flat)))
-    return any(f.result() for f in [_executor().submit(fn, *args, *part) for part in parts])
+        extra = () if out_stride is None else (out_stride,)
+        return bool(fn_parts(*args, len(parts), (ctypes.c_int * len(flat))(*flat), *extra))
+    calls = [(*args[:2], args[2] + 4 * out_stride * i, *args[3:], *part) if out_stride else (*args, *part)
+             for i, part in enumerate(parts)]
+    return any(f.result() for f in [_executor().submit(fn, *call) for call in calls])
 
 
 def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -291,6 +310,34 @@ def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     _parallel(lib.upsample_add, lib.upsample_add_parts, (y.data_ptr(), out.data_ptr(), b, y.shape[1], y.shape[2], h, w, c),
               [(r, min(rows, r + step)) for r in range(0, rows, step)])
     return out
+
+
+def dwconv_weight_grad_cpu(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, lib=None) -> torch.Tensor:
+    """The depth-wise convolution's weight gradient, [C, K, K]: Σ over images and pixels of the input under each tap
+    times the output gradient (x and grad [B, H, W, C], fp32 CPU)."""
+    _check_cpu_fp32(x, grad)
+    if x.shape != grad.shape or x.ndim != 4 or kernel_size % 2 == 0:
+        raise ValueError(f"input {tuple(x.shape)} and gradient {tuple(grad.shape)} must match, K odd (got {kernel_size})")
+    lib = lib or _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernel is not available (no C compiler, or the build failed); use backend='reference'")
+    b, h, w, c = x.shape
+    k = kernel_size
+    x, grad = x.detach().contiguous(), grad.detach().contiguous()
+    blocks, threads = -(-c // lib.lanes), torch.get_num_threads()
+    if threads == 1 or b == 1 or blocks >= 2 * threads or blocks % threads == 0:  # channel blocks per thread
+        step = -(-blocks // min(threads, blocks))
+        parts, stride = [(0, b, j, min(blocks, j + step)) for j in range(0, blocks, step)], 0
+    else:  # few channel blocks: images per thread, each into its own partial sum
+        step = -(-b // min(threads, b))
+        parts, stride = [(n, min(b, n + step), 0, blocks) for n in range(0, b, step)], c * k * k
+    out = x.new_zeros(len(parts) if stride else 1, c, k, k)
+    if b * h * w == 0:
+        return out[0]
+    args = (x.data_ptr(), grad.data_ptr(), out.data_ptr(), b, h, w, c, k)
+    if _parallel(lib.weight_grad, lib.weight_grad_parts, args, parts, stride):
+        raise MemoryError("the CPU kernel could not allocate its packing buffer")
+    return out.sum(0) if stride else out[0]
 
 
 def dwconv_nhwc_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

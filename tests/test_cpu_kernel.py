@@ -62,6 +62,26 @@ def test_fused_stage_matches_float64(shape, mode, scale):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6)
 
 
+def _grads64(x, w, b, g):
+    """Gradients of Σ g·conv(x) with respect to x, w and b, in float64."""
+    x, w = x.double().requires_grad_(), w.double().requires_grad_()
+    b = None if b is None else b.double().requires_grad_()
+    (_conv64(x, w, b) * g.double()).sum().backward()
+    return x.grad, w.grad, None if b is None else b.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_weight_gradient_matches_float64(shape):
+    b, h, w, c, k = shape
+    g = torch.Generator().manual_seed(3 + sum(shape))
+    x, grad = torch.randn(b, h, w, c, generator=g), torch.randn(b, h, w, c, generator=g)
+    got = cpu_kernel.dwconv_weight_grad_cpu(x, grad, k)
+    ref = _grads64(x, torch.zeros(c, k, k), None, grad)[1]
+    assert got.shape == (c, k, k)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 @pytest.fixture
 def threads():
     """Set torch's thread count for one test (the kernel splits its work over that many threads)."""
@@ -139,16 +159,20 @@ def test_block_forward_on_the_cpu_kernel_equals_the_reference(gate, pool, scales
 
 
 @needs_kernel
-def test_auto_takes_the_kernel_only_where_no_gradient_is_recorded():
+def test_auto_takes_the_kernel_and_keeps_the_inference_only_op_out_of_training():
     x = torch.randn(1, 8, 8, 16)
-    assert backends.resolve("stage", x) == "reference"  # grad mode on: training needs autograd
+    assert backends.resolve("stage", x) == "cpu"  # the stage has a backward
+    assert backends.resolve("upsample_add", x) == "reference"  # in place, no backward: inference only
     with torch.no_grad():
         assert backends.resolve("stage", x) == "cpu"
+        assert backends.resolve("upsample_add", x) == "cpu"
         assert backends.resolve("stage", x.double()) == "reference"
         assert backends.resolve("stage", x, "reference") == "reference"
         assert backends.resolve("upsample", x, "cpu") == "reference"  # no compiled upsample: PyTorch's
     with pytest.raises(RuntimeError, match="no gradient recorded"):
-        backends.resolve("stage", x, "cpu")
+        backends.resolve("upsample_add", x, "cpu")
+    with pytest.raises(RuntimeError, match="fp32 CPU tensor"):
+        backends.resolve("stage", x.double(), "cpu")
 
 
 @needs_kernel
@@ -276,6 +300,63 @@ def test_a_forked_child_runs_the_kernel_on_its_own_threads(threads):
         child.kill()
     assert not alive and child.exitcode == 0
     assert queue.get(timeout=5) < 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_weight_gradient_work_splits_match_float64(n_threads, threads):
+    """Channel blocks per thread (many blocks) and images per thread with partial sums (few blocks, a batch)."""
+    threads(n_threads)
+    for b, h, w, c, k in [(5, 9, 7, 36, 5), (4, 8, 8, 160, 9), (1, 6, 5, 20, 3), (3, 4, 4, 16, 13)]:
+        g = torch.Generator().manual_seed(b * h + c + k)
+        x, grad = torch.randn(b, h, w, c, generator=g), torch.randn(b, h, w, c, generator=g)
+        ref = _grads64(x, torch.zeros(c, k, k), None, grad)[1]
+        torch.testing.assert_close(cpu_kernel.dwconv_weight_grad_cpu(x, grad, k).double(), ref, rtol=1e-5,
+                                   atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 13, 11, 36, 5), (2, 16, 16, 96, 13), (1, 3, 2, 34, 9), (3, 8, 8, 96, 3)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_the_convolution_backward_matches_float64(shape, with_bias, autotune, monkeypatch):
+    """The cpu backend's convolution with a gradient recorded: input, weight and bias gradients, always on the kernel
+    (autotune off) and on whichever of kernel and oneDNN the per-shape timing picked."""
+    monkeypatch.setenv("DELTADISTILL_CPU_AUTOTUNE", autotune)
+    b, h, w, c, k = shape
+    g = torch.Generator().manual_seed(11 + sum(shape))
+    x, wt = torch.randn(b, h, w, c, generator=g), torch.randn(c, k, k, generator=g) / k
+    bias = torch.randn(c, generator=g) if with_bias else None
+    grad = torch.randn(b, h, w, c, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, wt) + ((bias,) if with_bias else ())]
+    out = ops.dwconv_nhwc(*leaves[:2], leaves[2] if with_bias else None, backend="cpu")
+    assert out.grad_fn is not None and "DepthwiseConvCPU" in type(out.grad_fn).__name__
+    (out * grad).sum().backward()
+    for got, ref in zip([t.grad for t in leaves], _grads64(x, wt, bias, grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kw", [{"gate": "sigmoid"}, {"gate": "scaled", "pool": "adaptive"},
+                                {"gate": "scaled", "scales": (1, 0.5, 0.25), "dw_bias": False}])
+def test_a_training_step_on_the_kernel_matches_the_reference(kw, monkeypatch):
+    """Every parameter's gradient through the whole block (pooling, gate and resizing by autograd around the compiled
+    convolution), on an odd grid with a batch, against the reference backend."""
+    monkeypatch.setenv("DELTADISTILL_CPU_AUTOTUNE", "0")  # the kernel, whatever it would time at
+    torch.manual_seed(5)
+    block = DeltaConvBlock(48, 7, **kw)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1)
+    z, target = torch.randn(3, 11, 9, 48), torch.randn(3, 11, 9, 48)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        block.backend = backend
+        block.zero_grad()
+        torch.nn.functional.mse_loss(block(z), target).backward()
+        grads[backend] = {n: p.grad.clone() for n, p in block.named_parameters()}
+    for name, ref in grads["reference"].items():
+        torch.testing.assert_close(grads["cpu"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @needs_kernel

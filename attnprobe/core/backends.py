@@ -9,8 +9,8 @@ check ``usable(tensor) -> bool``. The choice is made here and only here (:func:`
 1. an explicit ``backend=`` argument wins (``"reference"``, ``"triton"``, ``"cpu"`` or ``"auto"``);
 2. otherwise the environment variable ``ATTNPROBE_BACKEND`` (same values; default ``auto``);
 3. ``auto`` takes the fastest registered implementation whose capability check passes for the
-   tensor (``triton``: Triton installed and a CUDA tensor; ``cpu``: a built kernel, an fp32 CPU
-   tensor and no gradient recorded), else ``reference``.
+   tensor (``triton``: Triton installed and a CUDA tensor; ``cpu``: a built kernel and an fp32 CPU
+   tensor, and for the inference-only ``upsample_add`` no gradient recorded), else ``reference``.
 
 Asking for ``triton`` or ``cpu`` where it cannot run raises with the reason; ``cpu`` asked of an op
 that has no compiled kernel runs the reference. Kernel modules register
@@ -157,7 +157,8 @@ def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
                     " (needs `pip install triton` and a CUDA device, or TRITON_INTERPRET=1 for tests)")
             raise RuntimeError(f"backend {choice!r} requested for {op!r} but it has no such implementation{need}")
         if impl.usable is not None and not impl.usable(x):
-            need = ("a C compiler, an fp32 CPU tensor and no gradient recorded (torch.no_grad())" if choice == "cpu"
+            need = ("a C compiler and an fp32 CPU tensor, and for an inference-only op no gradient recorded "
+                    "(torch.no_grad())" if choice == "cpu"
                     else "CUDA tensors, or TRITON_INTERPRET=1 for tests")
             raise RuntimeError(f"backend {choice!r} cannot run {op!r} on a {x.device.type} {x.dtype} tensor here "
                                f"(it needs {need})")

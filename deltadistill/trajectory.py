@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["Trajectories", "TrajectoryMemoryError", "cfg_pairs", "check_memory", "guided", "join_states",
            "record_trajectories", "regression_loss", "replay", "sampler_output"]
@@ -287,12 +286,11 @@ def regression_loss(blocks: list, traj: Trajectories, idx: torch.Tensor, device=
         xg, yg = xb.reshape(b, grid[0], grid[1], c), yb.reshape(b, grid[0], grid[1], c)
         if symmetry:
             xg, yg = dihedral(xg, symmetry), dihedral(yg, symmetry)
-        pred = block(xg.contiguous())
-        loss = F.mse_loss(pred, yg)
-        if cfg_weight > 0:
+        diff = block(xg.contiguous()) - yg
+        loss = diff.square().mean()
+        if cfg_weight > 0:  # guided() is linear: guided(pred) − guided(y) = guided(pred − y)
             h = b // 2
-            loss = loss + cfg_weight * F.mse_loss(guided(pred[:h], pred[h:], traj.guidance),
-                                                  guided(yg[:h], yg[h:], traj.guidance))
+            loss = loss + cfg_weight * guided(diff[:h], diff[h:], traj.guidance).square().mean()
         parts.append(float(loss.detach()))
         total = total + loss
     return total, parts

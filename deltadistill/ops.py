@@ -6,7 +6,7 @@ channels-last in memory, with no copy; on this CPU, torch 2.13, oneDNN's channel
 convolution is 7-15× faster than a contiguous NCHW input at C' = 576, K = 13, and 1.4× slower at
 C' = 160, K = 9, so channels-last is kept throughout) and, where a GPU and Triton are present, a ``triton``
 implementation in :mod:`deltadistill.kernels`; ``dwconv`` and ``stage`` also have a ``cpu`` one, a
-compiled C kernel for inference on the CPU (:mod:`deltadistill.cpu_kernel`). Which one runs is decided by
+compiled C kernel for the CPU, with a backward (:mod:`deltadistill.cpu_kernel`). Which one runs is decided by
 :mod:`attnprobe.core.backends` (``backend=`` argument, else ``ATTNPROBE_BACKEND``, else auto).
 
 Ops: ``dwconv`` (depth-wise K×K, 'same' zero padding), ``avgpool2`` (2×2, stride 2, ceil mode),

@@ -281,6 +281,25 @@ def test_cpu_block_floor_script_on_a_small_shape():
     assert len(md) == 3 and md[2].count("|") == 14 and "8²" in md[2]
 
 
+def test_cpu_train_step_script_on_a_small_shape():
+    import sys
+    from pathlib import Path
+
+    from deltadistill import cpu_kernel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import cpu_train_step
+    finally:
+        sys.path.pop(0)
+    row = cpu_train_step.measure("tiny", 32, (3, 9), 2, 6, 1)
+    assert row["ms"]["reference"] > 0 and row["batch"] == 2 and row["kernel_sizes"] == [3, 9]
+    if cpu_kernel.available():
+        assert row["ms"]["cpu"] > 0 and row["grad_rel_diff"] < 1e-4  # the two backends' gradients agree
+    md = cpu_train_step.table([row], markdown=True).splitlines()
+    assert len(md) == 3 and md[2].count("|") == 7 and "2 × 2 × 6²" in md[2]
+
+
 def _distill_demo():
     """benchmarks/distill_demo.py as a module (benchmarks/ is not a package)."""
     import sys

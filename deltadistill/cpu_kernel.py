@@ -54,7 +54,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["SOURCE", "available", "kernel_is_faster", "library_path", "dwconv_nhwc_cpu", "dwconv_weight_grad_cpu",
-           "stage_cpu", "trainable", "upsample_add_cpu", "usable"]
+           "autotuning", "stage_cpu", "trainable", "upsample_add_cpu", "usable"]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # the first that builds: OpenMP and the host's vector units; the host's units; portable
@@ -361,13 +361,14 @@ def stage_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 _CHOICE: dict[tuple, bool] = {}
 
 
-def _autotune() -> bool:
+def autotuning() -> bool:
+    """False where ``DELTADISTILL_CPU_AUTOTUNE=0``: the kernel everywhere, untimed."""
     return os.environ.get("DELTADISTILL_CPU_AUTOTUNE", "1") != "0"
 
 
 def kernel_is_faster(key: tuple, kernel, reference) -> bool:
     """For this shape ``key`` (and thread count): is ``kernel()`` faster than ``reference()``? Timed on first use."""
-    if not _autotune():
+    if not autotuning():
         return True
     key = (*key, torch.get_num_threads())
     if key not in _CHOICE:

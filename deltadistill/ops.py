@@ -182,21 +182,31 @@ def stage(x, weight, bias=None, mode: str = "scaled", scale: float = 1.0, pool: 
 # faster for the shape at hand, timed once per shape; else the reference above. With a gradient recorded
 # (training) the stage is pool → convolution → gate with only the convolution compiled: its backward
 # computes the weight gradient in the kernel (oneDNN's takes 5-11× longer at K ≥ 9 on the demo's shapes).
+# Training does not time: which path runs there is a fixed rule, so that a run repeats bit for bit (a timed
+# choice can differ between processes, and the two paths round differently).
 # ----------------------------------------------------------------------------------------------
 
+TRAIN_MIN_K = 5  # training: the kernel from K = 5 up; oneDNN at K = 3, where its weight gradient is faster
 
-def _dwconv_forward(x, weight, bias=None):
+
+def _pick(key, kernel, reference, timed: bool, k: int):
+    if timed:
+        return kernel if cpu_kernel.kernel_is_faster(key, kernel, reference) else reference
+    return kernel if k >= TRAIN_MIN_K or not cpu_kernel.autotuning() else reference
+
+
+def _dwconv_forward(x, weight, bias=None, timed: bool = True):
     def kernel():
         return cpu_kernel.dwconv_nhwc_cpu(x, weight, bias)
 
     def reference():
         return dwconv_nhwc_reference(x, weight, bias)
 
-    return (kernel if cpu_kernel.kernel_is_faster(("dwconv", *x.shape, weight.shape[-1]), kernel, reference)
-            else reference)()
+    k = weight.shape[-1]
+    return _pick(("dwconv", *x.shape, k), kernel, reference, timed, k)()
 
 
-def _dwconv_weight_grad(x, grad, weight):
+def _dwconv_weight_grad(x, grad, weight, timed: bool = True):
     c, k = weight.shape[0], weight.shape[-1]
 
     def kernel():
@@ -207,7 +217,7 @@ def _dwconv_weight_grad(x, grad, weight):
             grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight.reshape(c, 1, k, k), None, (1, 1), (k // 2, k // 2),
             (1, 1), False, (0, 0), c, [False, True, False])[1].reshape(c, k, k)
 
-    return (kernel if cpu_kernel.kernel_is_faster(("dwconv_wgrad", *x.shape, k), kernel, reference) else reference)()
+    return _pick(("dwconv_wgrad", *x.shape, k), kernel, reference, timed, k)()
 
 
 class _DepthwiseConvCPU(torch.autograd.Function):
@@ -218,15 +228,15 @@ class _DepthwiseConvCPU(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _dwconv_forward(x, weight, bias)
+        return _dwconv_forward(x, weight, bias, timed=False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        gx = _dwconv_forward(grad, weight.flip(1, 2)) if ctx.needs_input_grad[0] else None
-        gw = _dwconv_weight_grad(x, grad, weight) if ctx.needs_input_grad[1] else None
+        gx = _dwconv_forward(grad, weight.flip(1, 2), timed=False) if ctx.needs_input_grad[0] else None
+        gw = _dwconv_weight_grad(x, grad, weight, timed=False) if ctx.needs_input_grad[1] else None
         gb = grad.sum(dim=(0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 

@@ -360,6 +360,23 @@ def test_a_training_step_on_the_kernel_matches_the_reference(kw, monkeypatch):
 
 
 @needs_kernel
+def test_training_picks_its_path_by_rule_not_by_timing(monkeypatch):
+    """A timed choice can differ between processes, and the paths round differently: training must repeat bit for bit.
+    So with a gradient recorded nothing is timed: the kernel from K = TRAIN_MIN_K up, oneDNN below."""
+    def no_timing(*a, **k):
+        raise AssertionError("training timed a path")
+
+    monkeypatch.setattr(cpu_kernel, "kernel_is_faster", no_timing)
+    picked = []
+    real = cpu_kernel.dwconv_weight_grad_cpu
+    monkeypatch.setattr(cpu_kernel, "dwconv_weight_grad_cpu", lambda *a, **k: picked.append(a[2]) or real(*a, **k))
+    for k in (3, ops.TRAIN_MIN_K, 9):
+        x, w = torch.randn(2, 8, 8, 32, requires_grad=True), torch.randn(32, k, k, requires_grad=True)
+        (ops.dwconv_nhwc(x, w, backend="cpu") ** 2).sum().backward()
+    assert picked == [ops.TRAIN_MIN_K, 9]  # K = 3: oneDNN's weight gradient
+
+
+@needs_kernel
 @pytest.mark.parametrize("n_threads", [2, 3])
 def test_the_openmp_team_and_the_pool_give_the_same_bits(n_threads, threads, monkeypatch):
     """Where the kernel runs its parts on PyTorch's OpenMP team, each part computes what it computes on the pool."""

@@ -410,6 +410,10 @@ def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
     [d_row] = distill_demo.migrate([row("final", 20.3, "2026-12-06d", distill_demo.FINAL, eps=0.042)])
     assert d_row["variant"] == "recipe_2026_12_06d" and d_row["changes"] == {**distill_demo.FINAL, "steps": 900}
     by["recipe_2026_12_06d"] = d_row
+    # and one more: the 2026-12-07 final becomes recipe_2026_12_07, between the night's row and today's final
+    [e_row] = distill_demo.migrate([row("final", 20.4, "2026-12-07", distill_demo.FINAL, eps=0.041)])
+    assert e_row["variant"] == "recipe_2026_12_07" and e_row["changes"] == {**distill_demo.FINAL, "steps": 1200}
+    by["recipe_2026_12_07"] = e_row
     assert distill_demo.base_of(by["recipe_2026_12_06b"], by) is c_row
     assert distill_demo.base_of(c_row, by) is by["final"] and distill_demo.base_of(d_row, by) is by["final"]
     by["finetune_seeds_4"] = row("finetune_seeds_4", 20.4, "2026-12-06c", eps=0.047)
@@ -419,9 +423,11 @@ def test_distill_demo_reads_rows_of_an_earlier_preset_against_that_preset():
     text = distill_demo.verdict(result)
     assert "+0.10 dB against the 2026-12-06b recipe it was measured on" in text  # scaled_gate: 19.5 against 19.4
     # every change of the preset, each against the preset before it
-    assert all(f"PSNR {a} → {b} dB" in text for a, b in (("20.30", "20.50"), ("20.20", "20.30"), ("19.40", "20.20"),
+    assert all(f"PSNR {a} → {b} dB" in text for a, b in (("20.40", "20.50"), ("20.30", "20.40"), ("20.20", "20.30"),
+                                                         ("19.40", "20.20"),
                                                          ("19.30", "19.40"), ("19.00", "19.30")))
-    assert "guided ε error 0.0840 → 0.0800 (-5%)" in text and "guided ε error 0.0900 → 0.0840 (-7%)" in text
+    assert "guided ε error 0.0820 → 0.0800 (-2%)" in text and "guided ε error 0.0840 → 0.0820 (-2%)" in text
+    assert "guided ε error 0.0900 → 0.0840 (-7%)" in text
     assert "guided ε error 0.1000 → 0.0900 (-10%)" in text
     assert "undone alone: fine-tune on the regression's 4 samples per caption (not 16), 900 steps: ε error 0.0470, " \
            "guided 0.0940, 20.40 dB" in text  # the row that undoes the evening's change, with its guided error

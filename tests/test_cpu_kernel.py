@@ -189,6 +189,12 @@ def test_kernel_refuses_what_it_cannot_compute():
         cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 32), torch.randn(32, 3, 3), torch.randn(16))
     with pytest.raises(TypeError, match="CPU tensors"):
         cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 8), torch.randn(8, 3, 3, device="meta"))
+    with pytest.raises(ValueError, match="must match"):  # the weight gradient needs input and gradient alike
+        cpu_kernel.dwconv_weight_grad_cpu(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 5, 8), 3)
+    with pytest.raises(ValueError, match="K odd"):
+        cpu_kernel.dwconv_weight_grad_cpu(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8), 4)
+    with pytest.raises(TypeError, match="fp32"):
+        cpu_kernel.dwconv_weight_grad_cpu(torch.randn(1, 4, 4, 8).double(), torch.randn(1, 4, 4, 8).double(), 3)
     out = torch.zeros(1, 0, 4, 8)
     assert cpu_kernel.upsample_add_cpu(torch.randn(1, 2, 2, 8), out) is out  # nothing to write
     with pytest.raises(ValueError, match="empty"):
@@ -274,6 +280,9 @@ def test_the_build_without_avx512_matches_float64(fresh_kernel, threads):
             torch.testing.assert_close(cpu_kernel._run(x, wt, bias, None, 1.0, lib=lib).double(), ref, rtol=1e-5, atol=2e-6)
             torch.testing.assert_close(cpu_kernel._run(x, wt, bias, "sigmoid", 1.0, lib=lib).double(),
                                        _gate64(ref, "sigmoid", 1.0), rtol=1e-5, atol=2e-6)
+            gref = _grads64(x, wt, None, ref.float())[1]  # any gradient will do: the conv output itself
+            torch.testing.assert_close(cpu_kernel.dwconv_weight_grad_cpu(x, ref.float(), k, lib=lib).double(), gref,
+                                       rtol=1e-5, atol=1e-5 * float(gref.abs().max()))
 
 
 def _convolve_in_child(queue, x, w, ref):
@@ -394,6 +403,15 @@ def test_the_openmp_team_and_the_pool_give_the_same_bits(n_threads, threads, mon
         monkeypatch.setattr(cpu_kernel, "_forked", False)
         assert torch.equal(team[0], pool[0]) and torch.equal(team[1], pool[1])
         torch.testing.assert_close(team[0].double(), _gate64(_conv64(x, wt, bias), "sigmoid", 1.0), rtol=1e-5, atol=2e-6)
+    for b, c in [(4, 32), (6, 160)]:  # weight gradient: images per thread (partial sums), channel blocks per thread
+        x, grad = torch.randn(b, 7, 9, c, generator=g), torch.randn(b, 7, 9, c, generator=g)
+        team = cpu_kernel.dwconv_weight_grad_cpu(x, grad, 5)
+        monkeypatch.setattr(cpu_kernel, "_forked", True)
+        pool = cpu_kernel.dwconv_weight_grad_cpu(x, grad, 5)
+        monkeypatch.setattr(cpu_kernel, "_forked", False)
+        assert torch.equal(team, pool)
+        ref = _grads64(x, torch.zeros(c, 5, 5), None, grad)[1]
+        torch.testing.assert_close(pool.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),

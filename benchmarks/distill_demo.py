@@ -59,9 +59,11 @@ VARIANTS = {
     "recipe_2026_12_06b": RECIPE_1206B,
     "finetune_seeds_4": {**RECIPE_1206C, "finetune_seeds": 4},  # 900 steps on the regression's trajectories only
     "finetune_1200": {**RECIPE_1206D, "steps": 1200},  # the change the preset took on 2026-12-07, measured before it
-    "finetune_700": {**RECIPE_1206C, "steps": 700},
+    "finetune_700": {**RECIPE_1206C, "steps": 700},  # 700 fine-tune steps on the 2026-12-06c preset (16 samples)
     "finetune_1600": {**RECIPE_1207, "steps": 1600},  # measured on the 2026-12-07 preset
-    "finetune_2400": {**RECIPE_1207, "steps": 2400},  # the change the preset took on 2026-12-07b, measured before it  # 700 fine-tune steps on the 2026-12-06c preset (16 samples)
+    "finetune_2400": {**RECIPE_1207, "steps": 2400},  # the change the preset took on 2026-12-07b, measured before it
+    "regress_600_ft_3000": {**FINAL, "regress_steps": 600, "steps": 3000},  # the same ~20 minutes split otherwise
+    "finetune_4800": {**FINAL, "steps": 4800},  # past the budget: does more fine-tuning still pay?
     "recipe_2026_12_06": RECIPE_1206,
     "recipe_2026_12_04": BEFORE,
     "previous": {"recipe": "noised", "steps": 300, "lr": 2e-3, "warmup": 10, "lr_schedule": "cosine",
@@ -100,6 +102,8 @@ DESCRIPTIONS = {
     "finetune_700": "700 fine-tune steps instead of 900",
     "finetune_1600": "1,600 fine-tune steps instead of 1,200",
     "finetune_2400": "2,400 fine-tune steps instead of 1,200",
+    "regress_600_ft_3000": "600 regression steps and 3,000 fine-tune steps instead of 1,200 and 2,400 (the same time)",
+    "finetune_4800": "4,800 fine-tune steps instead of 2,400 (past the ~20-minute budget)",
     "recipe_2026_12_06": "the toolkit recipe of 2026-12-06: no guided term in the regression, guided-output weight 0.25 "
                          "(measured before the fine-tune put each CFG pair in the sampler's order)",
     "recipe_2026_12_04": "the toolkit recipe until 2026-12-04: gate x1·x2/√C', no symmetries, 600 regression steps",

@@ -275,10 +275,12 @@ def test_cpu_block_floor_script_on_a_small_shape():
 
     row = cpu_block_floor.measure("tiny", 32, 4, 3, 8, True, 2)
     assert set(row["ms"]) == {"sdpa", "concat", "block", "kernel", "floor"} and all(v > 0 for v in row["ms"].values())
+    assert set(row["ms_warm"]) == set(row["ms"]) and all(v > 0 for v in row["ms_warm"].values())  # back to back
+    assert 0 < row["kernel_over_floor_warm"] < float("inf")
     assert row["kernel_rel_error"] < 1e-5  # the CPU kernel's block computes the reference's output
     assert row["flops_ratio"] == pytest.approx(fl.self_attention_flops(64, 32, 4).total / fl.deltaconv_flops((8, 8), 32, 3).total)
     md = cpu_block_floor.table([row], markdown=True).splitlines()
-    assert len(md) == 3 and md[2].count("|") == 14 and "8²" in md[2]
+    assert len(md) == 3 and md[2].count("|") == 15 and "8²" in md[2]
 
 
 def test_cpu_train_step_script_on_a_small_shape():

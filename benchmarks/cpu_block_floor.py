@@ -21,8 +21,8 @@ follows the same one; median over rounds, after one warm-up round), and each cal
   work of the block as the paper writes it; the current block does less than this).
 
 Columns: SA ÷ ΔConv (reference, and with the CPU kernel), the analytic FLOPs ratio of
-:mod:`deltadistill.flops`, and each ΔConv path ÷ the floor; the last, the kernel ÷ the floor back to back. Random weights (speed does not depend
-on values).
+:mod:`deltadistill.flops`, and each ΔConv path ÷ the floor; the last, the kernel ÷ the floor back to
+back. Random weights (speed does not depend on values).
 """
 from __future__ import annotations
 

@@ -52,6 +52,13 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def round_order(names: list, r: int) -> list:
+    """The operators of round ``r`` in a random order, seeded by ``r`` (the same rounds every run)."""
+    order = list(names)
+    random.Random(r).shuffle(order)
+    return order
+
+
 def measure(label, c, heads, k, grid, qkv_bias, repeats):
     import torch
     import torch.nn.functional as F
@@ -97,9 +104,7 @@ def measure(label, c, heads, k, grid, qkv_bias, repeats):
             # each op timed twice: right after another op (a random order per round: what ran before changed the
             # floor's time at SD1.5 level 0 from 2.7 to 3.8 ms on a 2-core Xeon, through the caches), then at once
             # again ("back to back": its own data in the caches, the same state for every op)
-            order = names[:]
-            random.Random(r).shuffle(order)
-            for name in order:
+            for name in round_order(names, r):
                 for into in (times, warm):
                     t0 = time.perf_counter()
                     cases[name]()

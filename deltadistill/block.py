@@ -26,7 +26,10 @@ channel and its weights sum to one, so it keeps constants such as biases), so
 ``y = Σ_s up_{H×W}( W_s · gate(…) )``: each coarse stage is projected at its own resolution
 (a quarter of the pixels for s = ½) and then resized, and ``proj_out``'s bias and the global
 branch are added once, in the first term. For the default scales (1, ½) this removes 3/16 of the
-block's projection FLOPs.
+block's projection FLOPs. Where the compiled CPU kernel runs the block (:func:`ops.folds_biases`), the
+biases ride in its passes instead of the matmuls (PyTorch adds a matmul's bias in a pass of its own):
+``proj_in``'s as each stage packs its input (pooling averages, so it commutes with the add; the
+convolution's zero padding stays zero), ``proj_out``'s with the global branch in the upsample-add.
 
 All primitives go through :mod:`deltadistill.ops` (the single backend dispatch point: PyTorch
 reference anywhere, Triton on CUDA when available); ``backend=`` forces one.
@@ -209,23 +212,29 @@ class DeltaConvBlock(nn.Module):
         b, h, w, _ = z.shape
         half = self.inter_dim // 2
         out = None
-        # full-resolution stages first, so that the output is born from a projection with its bias
+        order = sorted(range(len(self.stages)), key=lambda i: self.stages[i].level)
+        # the CPU kernel adds the bias in its first upsample-add pass (PyTorch's matmul would add it in a pass of
+        # its own); elsewhere the output is born from a projection with its bias, full-resolution stages first
+        late = len(order) > 1 and self.stages[order[0]].level == 0 and ops.folds_biases(z, self.backend)
         feats = self._stages(z)
-        for i in sorted(range(len(self.stages)), key=lambda i: self.stages[i].level):
-            y = _linear(feats[i], self.proj_out.weight[:, i * half:(i + 1) * half], bias if out is None else None)
+        for i in order:
+            y = _linear(feats[i], self.proj_out.weight[:, i * half:(i + 1) * half], bias if out is None and not late else None)
             if out is None and self.stages[i].level > 0:  # no full-resolution stage: the output starts resized
                 out = ops.upsample_bilinear_nhwc(y, (h, w), backend=self.backend).contiguous()
             elif out is None:
                 out = y.contiguous()
-            else:  # out += up_{H×W}(y): one fused pass with the CPU kernel
-                out = ops.upsample_add(out, y, backend=self.backend)  # [B, H, W, C]
+            else:  # out += up_{H×W}(y) (+ the bias, once): one fused pass with the CPU kernel
+                out = ops.upsample_add(out, y, backend=self.backend, bias=bias if late else None)  # [B, H, W, C]
+                late = False
         return out  # [B, H, W, C]
 
     def _stages(self, z: torch.Tensor) -> list[torch.Tensor]:
         """``gate(dwconv_K(pool_s(x)))`` per stage at its own resolution, each [B, h_s, w_s, C'/2]."""
         h, w = z.shape[1:3]
         be, mode, scale = self.backend, self.gate, self.gate_scale
-        x = self.proj_in(z)  # [B, H, W, C']
+        # with the CPU kernel proj_in's bias is added while each stage packs its input, not in a pass of its own
+        in_bias = self.proj_in.bias if ops.folds_biases(z, be) else None
+        x = self.proj_in(z) if in_bias is None else F.linear(z, self.proj_in.weight)  # [B, H, W, C'] (+ in_bias)
         feats = []
         for stage in self.stages:
             xp, pool, size = x, None, None
@@ -236,7 +245,8 @@ class DeltaConvBlock(nn.Module):
             elif stage.level > 0:
                 pool, size = "adaptive", ops.adaptive_size(h, w, stage.level)  # (⌊H·s⌋, ⌊W·s⌋)
             # [pool →] conv → gate, fused on GPU: [B, h_k, w_k, C'/2]
-            feats.append(ops.stage(xp, stage.weight, stage.bias, mode, scale, pool=pool, size=size, backend=be))
+            feats.append(ops.stage(xp, stage.weight, stage.bias, mode, scale, pool=pool, size=size, backend=be,
+                                   in_bias=in_bias))
         return feats
 
     def _pyramid(self, z: torch.Tensor) -> torch.Tensor:

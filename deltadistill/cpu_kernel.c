@@ -44,9 +44,11 @@ static inline float gate1(int mode, float a, float g, float scale) {
   return mode == 1 ? a * g * scale : a / (1.0f + exp_approx(-g));
 }
 
-/* the packed plane of one channel block: P[ρ][x][l] = X[h0 - p + ρ][x - p][c + l], zero outside the image
-   (rows ρ < nrows, columns x < Wp; lanes past the block's channels are zeros) */
-static void pack(float* P, const float* xb, int H, int W, int C, int p, int h0, int nrows, int Wp, int c, int lanes) {
+/* the packed plane of one channel block: P[ρ][x][l] = X[h0 - p + ρ][x - p][c + l] + ib[l], zero outside the image
+   (rows ρ < nrows, columns x < Wp; lanes past the block's channels are zeros). ib: the block's input bias (the
+   projection's bias before the stage, added here instead of in a pass of its own), or zeros. */
+static void pack(float* P, const float* xb, int H, int W, int C, int p, int h0, int nrows, int Wp, int c, int lanes,
+                 vf ib) {
   for (int rho = 0; rho < nrows; rho++) {
     int h = h0 - p + rho;
     if (h < 0 || h >= H) { memset(P + (long)rho * Wp * VL, 0, (size_t)Wp * VL * sizeof(float)); continue; }
@@ -55,11 +57,10 @@ static void pack(float* P, const float* xb, int H, int W, int C, int p, int h0, 
     const float* src = xb + (long)h * W * C + c;
     float* dst = P + ((long)rho * Wp + p) * VL;
     if (lanes == VL)
-      for (int x = 0; x < W; x++) *(vf*)(dst + (long)x * VL) = *(const vf*)(src + (long)x * C);
-    else {  /* a partial block: the lanes past the last channel are zeros */
-      memset(dst, 0, (size_t)W * VL * sizeof(float));
-      for (int x = 0; x < W; x++) memcpy(dst + (long)x * VL, src + (long)x * C, lanes * sizeof(float));
-    }
+      for (int x = 0; x < W; x++) *(vf*)(dst + (long)x * VL) = *(const vf*)(src + (long)x * C) + ib;
+    else  /* a partial block: the lanes past the last channel are zeros */
+      for (int x = 0; x < W; x++)
+        for (int l = 0; l < VL; l++) dst[(long)x * VL + l] = l < lanes ? src[(long)x * C + l] + ib[l] : 0.0f;
   }
 }
 
@@ -95,10 +96,11 @@ static inline __attribute__((always_inline)) void tile(const float* P, const flo
 }
 
 /* mode 0: out[.., C] = conv; 1: out[.., C/2] = x1·x2·scale; 2: out[.., C/2] = x1·σ(x2), x1 and x2 the first
-   and second half of the convolved channels. Output rows [h0, h1) of every image, channel blocks [k0, k1)
-   of VL output channels (the last block may be partial). Returns 0, or -1 if out of memory. */
-int dw_stage(const float* X, const float* Wt, const float* Bi, float* O, int B, int H, int W, int C, int K,
-             int mode, float scale, int h0, int h1, int k0, int k1) {
+   and second half of the convolved channels. The input is X + Ib (Ib [C] or NULL: the preceding projection's bias,
+   so that the projection need not add it), zero outside the image. Output rows [h0, h1) of every image, channel
+   blocks [k0, k1) of VL output channels (the last block may be partial). Returns 0, or -1 if out of memory. */
+int dw_stage(const float* X, const float* Wt, const float* Bi, const float* Ib, float* O, int B, int H, int W, int C,
+             int K, int mode, float scale, int h0, int h1, int k0, int k1) {
   int p = K / 2, half = C / 2, Co = mode ? half : C, span = mode ? half : C, KK = K * K;
   int rows = h1 - h0, nrows = rows + 2 * p + RB - 1, Wp = W + 2 * p + TW - 1;
   size_t plane = (size_t)nrows * Wp * VL, taps = (size_t)KK * VL;
@@ -110,8 +112,13 @@ int dw_stage(const float* X, const float* Wt, const float* Bi, float* O, int B, 
   float* Wk2 = Wk1 + taps;
   for (int k = k0; k < k1; k++) {
     int c0 = k * VL, lanes = span - c0 < VL ? span - c0 : VL;
-    vf b1, b2;
-    for (int l = 0; l < VL; l++) { b1[l] = (Bi && l < lanes) ? Bi[c0 + l] : 0.0f; b2[l] = (Bi && mode && l < lanes) ? Bi[c0 + half + l] : 0.0f; }
+    vf b1, b2, i1, i2;
+    for (int l = 0; l < VL; l++) {
+      b1[l] = (Bi && l < lanes) ? Bi[c0 + l] : 0.0f;
+      b2[l] = (Bi && mode && l < lanes) ? Bi[c0 + half + l] : 0.0f;
+      i1[l] = (Ib && l < lanes) ? Ib[c0 + l] : 0.0f;
+      i2[l] = (Ib && mode && l < lanes) ? Ib[c0 + half + l] : 0.0f;
+    }
     /* tap-major copies of the block's weights; the lanes past the last channel are zeros */
     for (int l = 0; l < VL; l++)
       for (int t = 0; t < KK; t++) {
@@ -120,8 +127,8 @@ int dw_stage(const float* X, const float* Wt, const float* Bi, float* O, int B, 
       }
     for (int n = 0; n < B; n++) {
       const float* xb = X + (long)n * H * W * C;
-      pack(P, xb, H, W, C, p, h0, nrows, Wp, c0, lanes);
-      if (mode) pack(P2, xb, H, W, C, p, h0, nrows, Wp, c0 + half, lanes);
+      pack(P, xb, H, W, C, p, h0, nrows, Wp, c0, lanes, i1);
+      if (mode) pack(P2, xb, H, W, C, p, h0, nrows, Wp, c0 + half, lanes, i2);
       for (int h = 0; h < rows; h += RB) {
         for (int x0 = 0; x0 < W; x0 += TW) {
           vf a1[RB][TW], a2[RB][TW];
@@ -169,7 +176,7 @@ int dw_weight_grad(const float* X, const float* G, float* dW, int B, int H, int 
     for (int n = n0; n < n1; n++) {
       const float* xb = X + (long)n * H * W * C;
       const float* gb = G + (long)n * H * W * C;
-      pack(P, xb, H, W, C, p, 0, nrows, Wp, c0, lanes);
+      pack(P, xb, H, W, C, p, 0, nrows, Wp, c0, lanes, (vf){0});
       for (int y = 0; y < H; y++)
         for (int x = 0; x < W; x++) {
           float* dst = Gp + ((long)y * W + x) * VL;
@@ -203,10 +210,12 @@ int dw_weight_grad(const float* X, const float* G, float* dW, int B, int H, int 
   return 0;
 }
 
-/* out[n, y, x, :] += bilinear(S)[n, y, x, :], S [B, hs, ws, C] resized to out [B, H, W, C] with
-   align_corners=False, PyTorch's rule: source coordinate (d + ½)·(in/out) − ½, clamped at 0. Output rows
-   [r0, r1) of the B·H rows. The coarse stage's projection joins the output in one pass instead of two. */
-int upsample_add(const float* S, float* O, int B, int hs, int ws, int H, int W, int C, int r0, int r1) {
+/* out[n, y, x, :] += bilinear(S)[n, y, x, :] + Bias[n, :], S [B, hs, ws, C] resized to out [B, H, W, C] with
+   align_corners=False, PyTorch's rule: source coordinate (d + ½)·(in/out) − ½, clamped at 0; Bias [B, C] or NULL.
+   Output rows [r0, r1) of the B·H rows. The coarse stage's projection (and the block's output bias, which the
+   full-resolution projection then need not add) joins the output in one pass instead of two. */
+int upsample_add(const float* S, const float* Bias, float* O, int B, int hs, int ws, int H, int W, int C, int r0,
+                 int r1) {
   (void)B;
   float sh = (float)hs / (float)H, sw = (float)ws / (float)W;
   for (int r = r0; r < r1; r++) {
@@ -225,7 +234,11 @@ int upsample_add(const float* S, float* O, int B, int hs, int ws, int H, int W, 
       const float* restrict c = S + (((long)n * hs + y1) * ws + x0) * C;
       const float* restrict d = S + (((long)n * hs + y1) * ws + x1) * C;
       float* restrict o = O + (((long)n * H + y) * W + x) * C;
-      for (int k = 0; k < C; k++) o[k] += ly0 * (lx0 * a[k] + lx1 * b[k]) + ly1 * (lx0 * c[k] + lx1 * d[k]);
+      if (Bias) {
+        const float* restrict e = Bias + (long)n * C;
+        for (int k = 0; k < C; k++) o[k] += ly0 * (lx0 * a[k] + lx1 * b[k]) + ly1 * (lx0 * c[k] + lx1 * d[k]) + e[k];
+      } else
+        for (int k = 0; k < C; k++) o[k] += ly0 * (lx0 * a[k] + lx1 * b[k]) + ly1 * (lx0 * c[k] + lx1 * d[k]);
     }
   }
   return 0;
@@ -236,12 +249,12 @@ int upsample_add(const float* S, float* O, int B, int hs, int ws, int H, int W, 
    OpenMP) is loaded first, as deltadistill/cpu_kernel.py makes sure; they are awake right after PyTorch's
    matmuls, where threads of a pool of ours would have to wait for them to stop spinning.
    parts[4i .. 4i+3] = h0, h1, k0, k1 of dw_stage; parts[2i .. 2i+1] = r0, r1 of upsample_add. */
-int dw_stage_parts(const float* X, const float* Wt, const float* Bi, float* O, int B, int H, int W, int C, int K,
-                   int mode, float scale, int n, const int* parts) {
+int dw_stage_parts(const float* X, const float* Wt, const float* Bi, const float* Ib, float* O, int B, int H, int W,
+                   int C, int K, int mode, float scale, int n, const int* parts) {
   int rc = 0;
 #pragma omp parallel for num_threads(n) schedule(static, 1) reduction(| : rc)
   for (int i = 0; i < n; i++)
-    rc |= dw_stage(X, Wt, Bi, O, B, H, W, C, K, mode, scale, parts[4 * i], parts[4 * i + 1], parts[4 * i + 2],
+    rc |= dw_stage(X, Wt, Bi, Ib, O, B, H, W, C, K, mode, scale, parts[4 * i], parts[4 * i + 1], parts[4 * i + 2],
                    parts[4 * i + 3]);
   return rc;
 }
@@ -256,9 +269,10 @@ int dw_weight_grad_parts(const float* X, const float* G, float* dW, int B, int H
   return rc;
 }
 
-int upsample_add_parts(const float* S, float* O, int B, int hs, int ws, int H, int W, int C, int n, const int* parts) {
+int upsample_add_parts(const float* S, const float* Bias, float* O, int B, int hs, int ws, int H, int W, int C, int n,
+                       const int* parts) {
 #pragma omp parallel for num_threads(n) schedule(static, 1)
-  for (int i = 0; i < n; i++) upsample_add(S, O, B, hs, ws, H, W, C, parts[2 * i], parts[2 * i + 1]);
+  for (int i = 0; i < n; i++) upsample_add(S, Bias, O, B, hs, ws, H, W, C, parts[2 * i], parts[2 * i + 1]);
   return 0;
 }
 #endif

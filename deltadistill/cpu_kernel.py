@@ -26,7 +26,8 @@ Where oneDNN's own kernel is faster (small K on some shapes), the ``cpu`` backen
 shape is timed both ways once, on its first call (see ``kernel_is_faster``).
 
 Scope: fp32 CPU tensors. Without a gradient recorded (sampling, evaluation, benchmarks) the stage runs
-fused (convolution and gate); the coarse stage's upsample-add likewise. With one (training) the
+fused (convolution and gate); the coarse stage's upsample-add likewise; and the block's projection biases
+ride in those passes (``in_bias`` of the stage, ``bias`` of the upsample-add) instead of passes of their own. With one (training) the
 convolution has a backward (:mod:`deltadistill.ops`): its input gradient is the same kernel on the output
 gradient with the flipped taps, and its weight gradient ``dw_weight_grad`` (oneDNN's took 5-11× the
 forward's time at K ≥ 9 on the demo's shapes, and most of a regression step); the gate, pooling and
@@ -148,8 +149,8 @@ class _Lib(NamedTuple):
     weight_grad_parts: object | None  # dw_weight_grad_parts(..., n, parts, stride)
 
 
-_STAGE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float]
-_UPSAMPLE_ARGS = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 6
+_STAGE_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float]
+_UPSAMPLE_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
 _GRAD_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5
 
 
@@ -238,14 +239,15 @@ def _check_cpu_fp32(*tensors) -> None:
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str | None, scale: float,
-         lib=None) -> torch.Tensor:
-    _check_cpu_fp32(x, weight, bias)
+         lib=None, in_bias: torch.Tensor | None = None) -> torch.Tensor:
+    _check_cpu_fp32(x, weight, bias, in_bias)
     b, h, w, c = x.shape
     k = weight.shape[-1]
     if weight.shape != (c, k, k) or k % 2 == 0:
         raise ValueError(f"weight must be [C, K, K] with odd K for C = {c}, got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (c,):
-        raise ValueError(f"bias must be [C] = [{c}], got {tuple(bias.shape)}")
+    for name, v in (("bias", bias), ("in_bias", in_bias)):
+        if v is not None and v.shape != (c,):
+            raise ValueError(f"{name} must be [C] = [{c}], got {tuple(v.shape)}")
     if mode is not None and c % 2:
         raise ValueError(f"the gate splits channels in halves; C = {c} is odd")
     lib = lib or _library()
@@ -254,10 +256,12 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode:
     x = x.detach().contiguous()
     wt = weight.detach().contiguous()  # [C, K, K]; the kernel copies each block's taps tap-major
     bias = None if bias is None else bias.detach().contiguous()
+    in_bias = None if in_bias is None else in_bias.detach().contiguous()
     out = x.new_empty(b, h, w, c // 2 if mode else c)
     if out.numel() == 0:
         return out
-    args = (x.data_ptr(), wt.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+    args = (x.data_ptr(), wt.data_ptr(), None if bias is None else bias.data_ptr(),
+            None if in_bias is None else in_bias.data_ptr(), out.data_ptr(),
             b, h, w, c, k, _MODES[mode], float(scale))
     blocks = -(-out.shape[-1] // lib.lanes)  # channel blocks of `lanes` output channels
     threads = torch.get_num_threads()
@@ -289,12 +293,13 @@ def _parallel(fn, fn_parts, args, parts, out_stride: int | None = None) -> bool:
     return any(f.result() for f in [_executor().submit(fn, *call) for call in calls])
 
 
-def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out += up_{H×W}(y)`` in place (bilinear, align_corners=False), y [B, h, w, C], out [B, H, W, C]; returns out."""
+def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += up_{H×W}(y) (+ bias[b])`` in place (bilinear, align_corners=False), y [B, h, w, C], out [B, H, W, C],
+    bias per image [B, C] or None; returns out."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU kernel is not available (no C compiler, or the build failed); use backend='reference'")
-    _check_cpu_fp32(y, out)
+    _check_cpu_fp32(y, out, bias)
     if not out.is_contiguous():
         raise TypeError("upsample_add writes into a contiguous output")
     b, h, w, c = out.shape
@@ -304,10 +309,14 @@ def upsample_add_cpu(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out
     if y.shape[1] == 0 or y.shape[2] == 0:
         raise ValueError(f"cannot resize an empty {tuple(y.shape)} grid to {h}×{w}")
+    if bias is not None and bias.shape != (b, c):
+        raise ValueError(f"bias must be [B, C] = [{b}, {c}], got {tuple(bias.shape)}")
     y = y.detach().contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
     rows = b * h
     step = -(-rows // max(1, min(torch.get_num_threads(), rows)))
-    _parallel(lib.upsample_add, lib.upsample_add_parts, (y.data_ptr(), out.data_ptr(), b, y.shape[1], y.shape[2], h, w, c),
+    _parallel(lib.upsample_add, lib.upsample_add_parts,
+              (y.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), b, y.shape[1], y.shape[2], h, w, c),
               [(r, min(rows, r + step)) for r in range(0, rows, step)])
     return out
 
@@ -346,12 +355,12 @@ def dwconv_nhwc_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def stage_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str = "scaled",
-              scale: float = 1.0) -> torch.Tensor:
+              scale: float = 1.0, in_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One pyramid stage after its pooling: depth-wise conv → gate (fused), [B, H, W, C] → [B, H, W, C/2]
-    (always the kernel)."""
+    (always the kernel). ``in_bias`` [C]: the stage convolves ``x + in_bias`` (added while packing, no pass of its own)."""
     if mode not in ("scaled", "sigmoid"):
         raise ValueError(f"unknown gate {mode!r}; choose 'scaled' or 'sigmoid'")
-    return _run(x, weight, bias, mode, scale)
+    return _run(x, weight, bias, mode, scale, in_bias=in_bias)
 
 
 # The kernel is not faster everywhere: oneDNN has specialised code for small kernels (on a 2-core AVX-512 Xeon the

@@ -52,12 +52,15 @@ def test_depthwise_convolution_matches_float64(shape, with_bias):
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode,scale", [("scaled", 0.37), ("sigmoid", 1.0)])
-def test_fused_stage_matches_float64(shape, mode, scale):
+@pytest.mark.parametrize("with_in_bias", [False, True])
+def test_fused_stage_matches_float64(shape, mode, scale, with_in_bias):
+    """With ``in_bias`` the stage convolves x + in_bias (zero outside the image: the bias is not convolved there)."""
     b, h, w, c, k = shape
     g = torch.Generator().manual_seed(7 + sum(shape))
     x, wt, bias = torch.randn(b, h, w, c, generator=g), torch.randn(c, k, k, generator=g) / k, torch.randn(c, generator=g)
-    got = cpu_kernel.stage_cpu(x, wt, bias, mode, scale)
-    ref = _gate64(_conv64(x, wt, bias), mode, scale)
+    in_bias = torch.randn(c, generator=g) if with_in_bias else None
+    got = cpu_kernel.stage_cpu(x, wt, bias, mode, scale, in_bias=in_bias)
+    ref = _gate64(_conv64(x if in_bias is None else x.double() + in_bias.double(), wt, bias), mode, scale)
     assert got.shape == (b, h, w, c // 2)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6)
 
@@ -134,8 +137,14 @@ def test_fused_upsample_add_matches_float64(src, dst, threads):
     assert cpu_kernel.upsample_add_cpu(y, target) is target  # in place
     # fp32 source coordinates (PyTorch's CPU rule, too) put the weights ~1e-7 off the float64 ones
     torch.testing.assert_close(target.double(), ref, rtol=1e-5, atol=3e-6)
+    bias = torch.randn(2, 40, generator=g)  # per image: the block's output bias with its global branch
+    target = out.clone()
+    cpu_kernel.upsample_add_cpu(y, target, bias)
+    torch.testing.assert_close(target.double(), ref + bias.double()[:, None, None, :], rtol=1e-5, atol=3e-6)
     with pytest.raises(ValueError, match="cannot add"):
         cpu_kernel.upsample_add_cpu(y[..., :8], out)
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu_kernel.upsample_add_cpu(y, out, bias[0])
 
 
 @needs_kernel
@@ -152,10 +161,47 @@ def test_block_forward_on_the_cpu_kernel_equals_the_reference(gate, pool, scales
             p.normal_(0, 0.2)
         z = torch.randn(2, *grid, 48)
         assert backends.resolve("stage", z) == "cpu"
+        assert ops.folds_biases(z)  # proj_in's bias added as the stages pack, proj_out's in the upsample-add
         got = block(z)
         block.backend = "reference"
         ref = block(z)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pool", [None, "ceil", "adaptive"])
+def test_stage_with_an_input_bias_is_the_stage_of_the_biased_input_on_every_path(pool, monkeypatch):
+    """ops.stage(x, in_bias=b) = stage(x + b): the kernel without gradients, its training path, the reference, and
+    the gradient reaches b; pooling averages, so it commutes with the add."""
+    monkeypatch.setenv("DELTADISTILL_CPU_AUTOTUNE", "0")
+    g = torch.Generator().manual_seed(5)
+    x, wt, bias, b = (torch.randn(2, 9, 7, 32, generator=g), torch.randn(32, 5, 5, generator=g) / 5,
+                      torch.randn(32, generator=g), torch.randn(32, generator=g))
+    size = (4, 3) if pool == "adaptive" else None
+    ref = ops.stage(x + b, wt, bias, "sigmoid", 1.0, pool=pool, size=size, backend="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(ops.stage(x, wt, bias, "sigmoid", 1.0, pool=pool, size=size, backend="cpu", in_bias=b),
+                                   ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ops.stage(x, wt, bias, "sigmoid", 1.0, pool=pool, size=size, backend="reference",
+                                         in_bias=b), ref)
+    bg = b.clone().requires_grad_()
+    got = ops.stage(x, wt, bias, "sigmoid", 1.0, pool=pool, size=size, backend="cpu", in_bias=bg)
+    torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    br = b.clone().requires_grad_()
+    ops.stage(x + br, wt, bias, "sigmoid", 1.0, pool=pool, size=size, backend="reference").sum().backward()
+    torch.testing.assert_close(bg.grad, br.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_upsample_add_with_a_bias_is_the_same_on_the_kernel_and_the_reference():
+    g = torch.Generator().manual_seed(6)
+    y, out, bias = torch.randn(2, 4, 5, 24, generator=g), torch.randn(2, 8, 9, 24, generator=g), torch.randn(2, 24, generator=g)
+    with torch.no_grad():
+        got = ops.upsample_add(out.clone(), y, backend="cpu", bias=bias)
+    ref = ops.upsample_add(out.clone(), y, backend="reference", bias=bias)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ops.upsample_add(out.clone(), y, backend="reference") + bias[:, None, None, :], ref)
 
 
 @needs_kernel

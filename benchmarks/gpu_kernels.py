@@ -21,6 +21,14 @@ Sections (all timings: ``triton.testing.do_bench``, median, milliseconds):
               same q, k (v = k).
 
 Without a GPU the script prints a message and exits with status 0.
+
+    python benchmarks/gpu_kernels.py --smoke              # no GPU needed: a test of this script
+
+``--smoke`` runs every section on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set by
+the script before any kernel is imported), at tiny shapes, in fp32 only (the interpreter's bf16
+arithmetic is not faithful), timed by a wall clock: its numbers say nothing about a GPU, but every line
+of the script runs, so that the first GPU run does not fail on the script itself
+(``tests/test_bench.py`` runs it).
 """
 from __future__ import annotations
 
@@ -40,7 +48,21 @@ def _fail_soft(msg: str) -> None:
     sys.exit(0)
 
 
+SMOKE = False  # --smoke: CPU, Triton's interpreter, a wall clock
+
+
 def _bench(fn, warmup=25, rep=100) -> float:
+    if SMOKE:  # one warm-up call and two timed ones: enough to run the code, not to time it
+        import statistics
+        import time
+
+        fn()
+        ts = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(ts)
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
@@ -67,7 +89,7 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_checks(dev, quick: bool = False) -> list[list]:
+def run_checks(dev, quick: bool = False, dtypes=(torch.float32, torch.bfloat16)) -> list[list]:
     from deltadistill import ops
 
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -91,7 +113,7 @@ def run_checks(dev, quick: bool = False) -> list[list]:
                      "ok" if ok else "FAIL"])
 
     bsz, h, w_, c, k = (1, 9, 11, 24, 5) if quick else (2, 37, 45, 200, 13)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         x, w, b = torch.randn(bsz, h, w_, c), torch.randn(c, k, k) / k, torch.randn(c)
         check("dwconv K=13", lambda be, x, w, b: ops.dwconv_nhwc(x, w, b, backend=be), [x, w, b], dtype)
         check("dwconv K=3", lambda be, x, w, b: ops.dwconv_nhwc(x, w, b, backend=be),
@@ -99,13 +121,14 @@ def run_checks(dev, quick: bool = False) -> list[list]:
         check("avgpool2", lambda be, x: ops.avgpool2_nhwc(x, backend=be), [x], dtype)
         check("upsample", lambda be, x: ops.upsample_bilinear_nhwc(x, (2 * h + 1, 2 * w_ - 1), backend=be), [x], dtype)
         check("gate sigmoid", lambda be, x: ops.gate(x, "sigmoid", backend=be), [x], dtype)
-        check("stage (pool)", lambda be, x, w, b: ops.stage(x, w, b, "scaled", 0.1, pool=True, backend=be), [x, w, b], dtype)
-        check("stage (full)", lambda be, x, w, b: ops.stage(x, w, b, "sigmoid", 1.0, pool=False, backend=be), [x, w, b],
+        check("stage (pool)", lambda be, x, w, b: ops.stage(x, w, b, "scaled", 0.1, pool="ceil", backend=be), [x, w, b],
+              dtype)
+        check("stage (full)", lambda be, x, w, b: ops.stage(x, w, b, "sigmoid", 1.0, pool=None, backend=be), [x, w, b],
               dtype)
 
     from attnprobe.kernels.ringmass import ring_mass_attention, ring_mass_attention_reference
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         torch.manual_seed(0)
         grid = (5, 7) if quick else (24, 40)
         n = grid[0] * grid[1]
@@ -142,7 +165,7 @@ def _make_block(dim, k, backend, dev, dtype):
 def run_block(dev, args) -> list[list]:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    dtype = torch.bfloat16
+    dtype = args.dtype
     dim, k, bsz = args.dim, args.kernel, args.batch
     tri = _make_block(dim, k, "triton", dev, dtype)
     ref = _make_block(dim, k, "reference", dev, dtype)
@@ -182,8 +205,8 @@ def run_block(dev, args) -> list[list]:
 
 
 def copy_bandwidth(dev) -> float:
-    """Measured device copy bandwidth in GB/s (read + write of a 1 GiB bf16 tensor)."""
-    x = torch.empty(512 * 1024 * 1024, device=dev, dtype=torch.bfloat16)
+    """Measured device copy bandwidth in GB/s (read + write of a 1 GiB bf16 tensor; 1 MiB with --smoke)."""
+    x = torch.empty((1 if SMOKE else 512) * 1024 * 1024, device=dev, dtype=torch.bfloat16)
     ms = _bench(lambda: torch.empty_like(x).copy_(x))
     return 2 * x.numel() * x.element_size() / ms / 1e6
 
@@ -192,7 +215,7 @@ def run_dwconv(dev, args, copy_gbs) -> list[list]:
     from deltadistill.kernels.dwconv import dwconv_launch, dwconv_wgrad, tap_major
     from deltadistill import ops
 
-    dtype = torch.bfloat16
+    dtype = args.dtype
     c = int(args.dim * 0.5)  # the block's inner width C·ρ
     k = args.kernel
     rows = []
@@ -223,7 +246,7 @@ def run_ringmass(dev, args) -> list[list]:
 
     from attnprobe.kernels.ringmass import ring_mass_attention, ring_mass_attention_reference
 
-    dtype = torch.bfloat16
+    dtype = args.dtype
     heads, d = 16, 72
     rows = []
     for side in args.ring_grids:
@@ -257,7 +280,12 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["checks", "block", "dwconv", "ringmass"])
     ap.add_argument("--json", type=Path, help="also write all tables to this JSON file")
     ap.add_argument("--quick", action="store_true", help="small correctness shapes (smoke test)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="no GPU: run every section on the CPU in Triton's interpreter, tiny shapes, fp32 (tests the script)")
     args = ap.parse_args(argv)
+    args.dtype = torch.bfloat16
+    if args.smoke:
+        return _smoke(args)
 
     if not torch.cuda.is_available():
         _fail_soft("No CUDA GPU is visible: the Triton kernel benchmark needs one. "
@@ -273,10 +301,34 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     print(f"# Triton kernel benchmark on {name} (torch {torch.__version__}, triton {triton.__version__})\n")
-    out = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "args": vars(args) | {"json": None}}
+    return _sections(args, dev, name, triton.__version__)
+
+
+def _smoke(args) -> int:
+    """--smoke: the sections on the CPU, in Triton's interpreter, at tiny shapes, in fp32."""
+    global SMOKE
+    import sys as _sys
+
+    if any(m.startswith("deltadistill.kernels") or m.startswith("attnprobe.kernels") for m in _sys.modules):
+        raise SystemExit("--smoke must set TRITON_INTERPRET=1 before the kernels are imported; run the script afresh")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton
+    except ImportError:
+        _fail_soft("Triton is not installed: `pip install triton` (or the project's [triton] extra) and rerun.")
+    SMOKE = True
+    args.dim, args.batch, args.quick, args.dtype = 32, 1, True, torch.float32
+    args.grids, args.ring_grids, args.ring_ref_max = [8], [4], 4
+    print("# --smoke: CPU, Triton's interpreter, tiny shapes, fp32; the times say nothing about a GPU\n")
+    return _sections(args, torch.device("cpu"), "cpu (smoke, TRITON_INTERPRET=1)", triton.__version__)
+
+
+def _sections(args, dev, name, triton_version) -> int:
+    out = {"device": name, "torch": torch.__version__, "triton": triton_version,
+           "args": vars(args) | {"json": None, "dtype": str(args.dtype)}}
 
     if "checks" not in args.skip:
-        rows = run_checks(dev, args.quick)
+        rows = run_checks(dev, args.quick, dtypes=(torch.float32,) if SMOKE else (torch.float32, torch.bfloat16))
         print(_md_table("Correctness vs PyTorch reference (max error / max |ref|)",
                         ["op", "dtype", "forward", "grads (worst)", "status"], rows))
         out["checks"] = rows
@@ -285,17 +337,17 @@ def main(argv=None) -> int:
     if "block" not in args.skip:
         rows = run_block(dev, args)
         print(_md_table(
-            f"ΔConvBlock(C={args.dim}, K={args.kernel}) vs diffusers Attention (SDPA), B={args.batch}, bf16 (ms)",
+            f"ΔConvBlock(C={args.dim}, K={args.kernel}) vs diffusers Attention (SDPA), B={args.batch}, {_dt(args)} (ms)",
             ["grid", "N", "fwd triton", "fwd reference", "fwd SDPA attn", "ref/triton", "attn/triton",
              "f+b triton", "f+b reference", "f+b SDPA attn", "ref/triton", "attn/triton", "fwd rel err"],
             rows))
         out["block"] = rows
     if "dwconv" not in args.skip:
         copy_gbs = copy_bandwidth(dev)
-        print(f"Measured copy bandwidth (torch copy_ of 1 GiB): {copy_gbs:.0f} GB/s\n")
+        print(f"Measured copy bandwidth (torch copy_ of {'1 MiB' if SMOKE else '1 GiB'}): {copy_gbs:.0f} GB/s\n")
         rows = run_dwconv(dev, args, copy_gbs)
         print(_md_table(
-            f"Depth-wise conv kernel, K={args.kernel}, B={args.batch}, bf16 (ms; bandwidth = 2·|x| bytes / fwd time)",
+            f"Depth-wise conv kernel, K={args.kernel}, B={args.batch}, {_dt(args)} (ms; bandwidth = 2·|x| bytes / fwd time)",
             ["grid", "C", "fwd", "dgrad", "wgrad", "reference fwd (cuDNN)", "fwd GB/s", "fraction of copy BW",
              "fwd TFLOP/s"],
             rows))
@@ -304,14 +356,18 @@ def main(argv=None) -> int:
     if "ringmass" not in args.skip:
         rows = run_ringmass(dev, args)
         print(_md_table(
-            f"Ring mass (all queries, 16 heads, d=72, B={args.batch}, bf16) (ms)",
+            f"Ring mass (all queries, 16 heads, d=72, B={args.batch}, {_dt(args)}) (ms)",
             ["grid", "N", "triton", "reference", "SDPA fwd", "ref/triton", "triton/SDPA", "max abs err"],
             rows))
         out["ringmass"] = rows
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
         print(f"wrote {args.json}")
-    return 0
+    return 1 if any(r[-1] == "FAIL" for r in out.get("checks", [])) else 0  # a failed check fails the run
+
+
+def _dt(args) -> str:
+    return str(args.dtype).replace("torch.", "")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """deltadistill.flops (analytic counts, checked by hand and against FlopCounterMode) and the bench."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -528,3 +529,38 @@ def test_guided_error_script_reads_evaluate_folders(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "new.json").exists()
+
+
+def test_gpu_kernels_script_runs_every_section_in_smoke_mode(tmp_path):
+    """The GPU benchmark has never had a GPU here; ``--smoke`` runs all of it on the CPU in Triton's interpreter (tiny
+    shapes, fp32), so that the script itself cannot be what fails on the first GPU. Every check must pass and every
+    section must write its rows."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "smoke.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets it itself
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_kernels.py"), "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert {"checks", "block", "dwconv", "ringmass"} <= set(res) and res["args"]["dtype"] == "torch.float32"
+    assert len(res["checks"]) == 8 and all(r[-1] == "ok" for r in res["checks"]), res["checks"]
+    assert [r[0] for r in res["block"]] == ["8x8"] and float(res["block"][0][-1]) < 1e-4  # triton block = reference
+    assert [r[0] for r in res["dwconv"]] == ["8x8"] and [r[0] for r in res["ringmass"]] == ["4x4"]
+    assert all(isinstance(v, float) and v > 0 for v in res["block"][0][2:5] + res["dwconv"][0][2:6])
+    assert "FAILED" not in run.stdout and "Ring mass" in run.stdout
+
+
+def test_gpu_kernels_script_fails_the_run_when_a_check_fails(monkeypatch, capsys):
+    gpu = _benchmark("gpu_kernels")
+    args = argparse.Namespace(skip=["block", "dwconv", "ringmass"], quick=True, json=None, dtype=torch.float32)
+    monkeypatch.setattr(gpu, "run_checks", lambda dev, quick, dtypes: [["dwconv K=13", "float32", "1e-1", "1e-1", "FAIL"]])
+    assert gpu._sections(args, torch.device("cpu"), "cpu", "-") == 1
+    assert "Some checks FAILED" in capsys.readouterr().out
+    monkeypatch.setattr(gpu, "run_checks", lambda dev, quick, dtypes: [["dwconv K=13", "float32", "1e-7", "1e-7", "ok"]])
+    assert gpu._sections(args, torch.device("cpu"), "cpu", "-") == 0

@@ -94,7 +94,8 @@ def run_checks(dev, quick: bool = False, dtypes=(torch.float32, torch.bfloat16))
 
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
     rows = []
-    # the fp32 references must really be fp32 (cuDNN convolutions default to TF32)
+    # the fp32 references must really be fp32 (cuDNN convolutions default to TF32); restored at the end
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -140,7 +141,7 @@ def run_checks(dev, quick: bool = False, dtypes=(torch.float32, torch.bfloat16))
         err = (got - ref).abs().max().item()
         rows.append([f"ring_mass (joint, {grid[0]}x{grid[1]})", str(dtype).replace("torch.", ""), f"{err:.2e} abs", "-",
                      "ok" if err <= (1e-5 if dtype == torch.float32 else 2e-3) else "FAIL"])
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return rows
 
 
@@ -258,7 +259,8 @@ def run_ringmass(dev, args) -> list[list]:
         t_s = _bench(lambda: F.scaled_dot_product_attention(q, k, k))
         if side <= args.ring_ref_max:
             t_r = _bench(lambda: ring_mass_attention_reference(q, k, (side, side), qi), warmup=1, rep=20)
-            err = (ring_mass_attention(q, k, (side, side), qi) - ring_mass_attention_reference(q, k, (side, side), qi))
+            err = (ring_mass_attention(q, k, (side, side), qi, backend="triton")
+                   - ring_mass_attention_reference(q, k, (side, side), qi))
             err = f"{err.abs().max().item():.1e}"
         else:
             t_r, err = float("nan"), "-"

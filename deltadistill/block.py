@@ -233,7 +233,9 @@ class DeltaConvBlock(nn.Module):
         h, w = z.shape[1:3]
         be, mode, scale = self.backend, self.gate, self.gate_scale
         # with the CPU kernel proj_in's bias is added while each stage packs its input, not in a pass of its own
-        in_bias = self.proj_in.bias if ops.folds_biases(z, be) else None
+        # (not where proj_in is wrapped or hooked, e.g. by an adapter: then it runs as the module it is)
+        plain = type(self.proj_in) is nn.Linear and not (self.proj_in._forward_hooks or self.proj_in._forward_pre_hooks)
+        in_bias = self.proj_in.bias if plain and ops.folds_biases(z, be) else None
         x = self.proj_in(z) if in_bias is None else F.linear(z, self.proj_in.weight)  # [B, H, W, C'] (+ in_bias)
         feats = []
         for stage in self.stages:

@@ -149,9 +149,12 @@ def upsample_bilinear_nhwc(x, size, backend: str | None = None):
 
 
 def folds_biases(x, backend: str | None = None) -> bool:
-    """Whether the CPU kernel runs this block (fp32 CPU, no gradient recorded, kernel built): there the projections'
-    biases ride in its passes (``stage(in_bias=)``, ``upsample_add(bias=)``) rather than in the matmuls, where
-    PyTorch adds a bias as a pass of its own over the output (0.19 ms of a 0.82 ms projection at SD1.5's level 0)."""
+    """Whether the CPU kernel runs this block (fp32 CPU, no gradient recorded, no CPU autocast, kernel built): there
+    the projections' biases ride in its passes (``stage(in_bias=)``, ``upsample_add(bias=)``) rather than in the
+    matmuls, where PyTorch adds a bias as a pass of its own over the output (0.19 ms of a 0.82 ms projection at SD1.5's
+    level 0). Under autocast the projections return bf16 and the kernel would not run: nothing is folded there."""
+    if torch.is_autocast_enabled("cpu"):
+        return False
     try:
         return backends.resolve("upsample_add", x, backend) == "cpu"
     except RuntimeError:  # e.g. backend="triton": the fused op exists only on the CPU
@@ -275,8 +278,8 @@ def stage_cpu(x, weight, bias, mode="scaled", scale=1.0, pool=None, size=None, i
     def reference():
         return stage_reference(x if in_bias is None else x + in_bias, weight, bias, mode, scale)
 
-    return (kernel if cpu_kernel.kernel_is_faster(("stage", *x.shape, weight.shape[-1], mode), kernel, reference)
-            else reference)()
+    key = ("stage", *x.shape, weight.shape[-1], mode, in_bias is not None)  # with in_bias the reference adds a pass
+    return (kernel if cpu_kernel.kernel_is_faster(key, kernel, reference) else reference)()
 
 
 backends.register("upsample_add", "cpu", cpu_kernel.usable)(cpu_kernel.upsample_add_cpu)

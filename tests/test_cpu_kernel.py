@@ -194,6 +194,45 @@ def test_stage_with_an_input_bias_is_the_stage_of_the_biased_input_on_every_path
 
 
 @needs_kernel
+def test_stage_with_an_input_bias_where_the_timing_picks_the_reference(monkeypatch):
+    """The ``cpu`` stage keeps PyTorch's path where that timed faster; with in_bias it must add the bias itself."""
+    monkeypatch.setattr(cpu_kernel, "kernel_is_faster", lambda key, kernel, reference: False)
+    g = torch.Generator().manual_seed(8)
+    x, wt, bias, b = (torch.randn(1, 6, 10, 32, generator=g), torch.randn(32, 3, 3, generator=g) / 3,
+                      torch.randn(32, generator=g), torch.randn(32, generator=g))
+    with torch.no_grad():
+        got = ops.stage(x, wt, bias, "sigmoid", 1.0, pool="ceil", backend="cpu", in_bias=b)
+    ref = _gate64(_conv64(F.avg_pool2d((x + b).double().permute(0, 3, 1, 2), 2, ceil_mode=True).permute(0, 2, 3, 1),
+                          wt, bias), "sigmoid", 1.0)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_nothing_is_folded_under_autocast_or_around_a_hooked_projection(monkeypatch):
+    """Under CPU autocast the projections return bf16 (the kernel does not run): no folding; a hook or an adapter on
+    proj_in must still see proj_in run as a module, bias included."""
+    monkeypatch.setenv("DELTADISTILL_CPU_AUTOTUNE", "0")
+    torch.manual_seed(1)
+    block = DeltaConvBlock(48, 5, gate="sigmoid").eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+        z = torch.randn(2, 8, 8, 48)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not ops.folds_biases(z)
+        assert ops.folds_biases(z)
+        seen = []
+        handle = block.proj_in.register_forward_hook(lambda m, i, o: seen.append(o) or o + 1.0)
+        got = block(z)
+        block.backend = "reference"
+        ref = block(z)
+        handle.remove()
+        assert len(seen) == 2  # the hook ran on both paths
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert (got - block(z)).abs().max() > 1e-3  # and it mattered
+
+
+@needs_kernel
 def test_upsample_add_with_a_bias_is_the_same_on_the_kernel_and_the_reference():
     g = torch.Generator().manual_seed(6)
     y, out, bias = torch.randn(2, 4, 5, 24, generator=g), torch.randn(2, 8, 9, 24, generator=g), torch.randn(2, 24, generator=g)
@@ -201,7 +240,9 @@ def test_upsample_add_with_a_bias_is_the_same_on_the_kernel_and_the_reference():
         got = ops.upsample_add(out.clone(), y, backend="cpu", bias=bias)
     ref = ops.upsample_add(out.clone(), y, backend="reference", bias=bias)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ops.upsample_add(out.clone(), y, backend="reference") + bias[:, None, None, :], ref)
+    ref64 = out.double() + bias.double()[:, None, None, :] + F.interpolate(
+        y.double().permute(0, 3, 1, 2), size=(8, 9), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(got.double(), ref64, rtol=1e-5, atol=3e-6)
 
 
 @needs_kernel

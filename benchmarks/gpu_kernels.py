@@ -309,9 +309,7 @@ def main(argv=None) -> int:
 def _smoke(args) -> int:
     """--smoke: the sections on the CPU, in Triton's interpreter, at tiny shapes, in fp32."""
     global SMOKE
-    import sys as _sys
-
-    if any(m.startswith("deltadistill.kernels") or m.startswith("attnprobe.kernels") for m in _sys.modules):
+    if any(m.startswith("deltadistill.kernels") or m.startswith("attnprobe.kernels") for m in sys.modules):
         raise SystemExit("--smoke must set TRITON_INTERPRET=1 before the kernels are imported; run the script afresh")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

@@ -276,6 +276,13 @@ def test_kernel_refuses_what_it_cannot_compute():
         cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 32), torch.randn(32, 3, 3), torch.randn(16))
     with pytest.raises(TypeError, match="CPU tensors"):
         cpu_kernel.dwconv_nhwc_cpu(torch.randn(1, 4, 4, 8), torch.randn(8, 3, 3, device="meta"))
+    with pytest.raises(ValueError, match="in_bias must be"):  # the stage's input bias: one per channel
+        cpu_kernel.stage_cpu(torch.randn(1, 4, 4, 32), torch.randn(32, 3, 3), None, "sigmoid", in_bias=torch.randn(16))
+    with pytest.raises(TypeError, match="fp32"):
+        cpu_kernel.stage_cpu(torch.randn(1, 4, 4, 32), torch.randn(32, 3, 3), None, "sigmoid",
+                             in_bias=torch.randn(32).double())
+    with pytest.raises(TypeError, match="fp32"):
+        cpu_kernel.upsample_add_cpu(torch.randn(1, 2, 2, 8), torch.zeros(1, 4, 4, 8), torch.randn(1, 8).double())
     with pytest.raises(ValueError, match="must match"):  # the weight gradient needs input and gradient alike
         cpu_kernel.dwconv_weight_grad_cpu(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 5, 8), 3)
     with pytest.raises(ValueError, match="K odd"):

@@ -54,7 +54,7 @@ def analyze(
     seed: int = typer.Option(0, help="Seed of the first prompt; prompt i uses seed + i."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, fp16 or bf16."),
     device: str = typer.Option("auto", help="Torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:1, ... "
-                                            "Threads: OMP_WAIT_POLICY=PASSIVE unless set (steady on a busy CPU); OMP_NUM_THREADS caps them."),
+                                            "Threads: OMP_WAIT_POLICY=PASSIVE unless set (steady on a busy CPU), with a short spin when the CPU is idle at start; OMP_NUM_THREADS caps them."),
     threshold: float = typer.Option(0.8, help="τ: ERF = smallest odd K whose high-pass ASM reaches τ."),
     cutoff: float = typer.Option(0.1, help="Butterworth cut-off D0 in cycles per token (max ≈ 0.7)."),
     order: int = typer.Option(2, help="Butterworth order n."),

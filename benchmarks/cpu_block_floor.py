@@ -156,6 +156,9 @@ def cpu_name() -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    from attnprobe.core.cli import calm_threads, omp_wait_setting
+
+    calm_threads()  # the command lines' OpenMP waiting (before torch loads OpenMP; a value you set is kept)
     import torch
 
     from deltadistill import cpu_kernel
@@ -167,11 +170,11 @@ def main(argv=None):
     rows = [measure(*shape, args.repeats) for shape in SHAPES]
     print(f"{date.today()}, {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"fp32, batch 1, median of {args.repeats} interleaved rounds (each op timed after the one before it in a "
-          "random order per round, then back to back)")
+          f"random order per round, then back to back), threads wait by {omp_wait_setting()}")
     print(table(rows, args.markdown))
     if args.json:
         meta = {"date": str(date.today()), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
-                "torch": torch.__version__, "repeats": args.repeats,
+                "torch": torch.__version__, "repeats": args.repeats, "omp_wait": omp_wait_setting(),
                 "timing": "ms: each op once per round, rounds in a random order each (seeded); ms_warm: the same op "
                           "timed again at once (back to back); medians over rounds"}
         with open(args.json, "w") as fh:

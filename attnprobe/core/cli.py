@@ -23,7 +23,7 @@ import typer
 
 from attnprobe.core.errors import UserError
 
-__all__ = ["UsageError", "make_app", "command", "fail", "quiet_libraries", "calm_threads", "check_device", "debug_enabled",
+__all__ = ["UsageError", "make_app", "command", "fail", "quiet_libraries", "calm_threads", "omp_wait_setting", "check_device", "debug_enabled",
            "USER_ERRORS"]
 
 USER_ERRORS = (UserError, ValueError, OSError)  # OSError: missing/read-only files, a full disk ...
@@ -77,13 +77,71 @@ def command(fn):
     return wrapper
 
 
-def calm_threads() -> None:
-    """Thread settings that do not collapse when other jobs share the CPU (set before torch is imported).
+SPIN_WHEN_IDLE = 10_000  # GNU OpenMP spin iterations before a waiting thread sleeps (its own scale: ~0.1 ms)
+IDLE_BELOW = 0.25  # CPUs' worth of other work under which the machine counts as idle
 
-    OpenMP's busy-waiting made analysis 12× slower on a loaded machine; passive waiting costs
-    nothing when the machine is idle. A value the user set is kept.
+
+def _cpu_times(stat: str = "/proc/stat") -> tuple[int, int]:
+    """(total, idle) jiffies of all CPUs from the first line of ``/proc/stat`` (idle counts iowait; steal and
+    guest time count as busy: on a virtual machine the host is using the core, and guest time is inside user)."""
+    with open(stat) as f:
+        head, *fields = f.readline().split()
+    if head != "cpu" or len(fields) < 5:
+        raise ValueError(f"{stat}: not a Linux CPU time line")
+    v = [int(x) for x in fields[:8]]
+    return sum(v), v[3] + v[4]
+
+
+def busy_cpus(before: tuple[int, int], after: tuple[int, int], cpus: int) -> float | None:
+    """CPUs' worth of work between two :func:`_cpu_times` samples (None if no time passed)."""
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return cpus * (1 - idle / total) if total > 0 else None
+
+
+def cpu_busy(interval: float = 0.15, stat: str = "/proc/stat") -> float | None:
+    """CPUs' worth of work the whole machine did over ``interval`` seconds (None where ``/proc/stat`` is not).
+
+    Called while this process sleeps, so it measures the other processes.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import time
+
+    try:
+        before = _cpu_times(stat)
+        time.sleep(interval)
+        return busy_cpus(before, _cpu_times(stat), os.cpu_count() or 1)
+    except (OSError, ValueError):
+        return None
+
+
+def calm_threads(probe=cpu_busy) -> str:
+    """OpenMP waiting that neither collapses on a busy CPU nor wastes an idle one (set before torch is imported).
+
+    Busy-waiting OpenMP threads made analysis 12× slower when other jobs shared the cores (measured: 7× with
+    one busy-loop process beside it on 2 cores), so waiting is passive (``OMP_WAIT_POLICY=PASSIVE``). But on
+    an idle CPU passive waiting is not free: every parallel region wakes sleeping threads, and the demo's
+    analysis took 20 s against 17 s with a short spin (3 prompts, 2 cores), a small matmul 90 µs against 8 µs.
+    So when the machine is idle at start (other work under :data:`IDLE_BELOW` CPUs), GNU OpenMP (PyTorch's on
+    Linux) spins :data:`SPIN_WHEN_IDLE` iterations before sleeping; if a job starts later this costs up to
+    ~1.5× (one busy-loop process beside the demo's analysis), not the collapse of the default spin.
+    A value the user set for ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept. Returns what was chosen:
+    ``"user"``, ``"spin"`` or ``"passive"``.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return "user"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # every OpenMP runtime; GNU's spin count below overrides it
+    busy = probe()
+    if busy is not None and busy < IDLE_BELOW:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_WHEN_IDLE)
+        return "spin"
+    return "passive"
+
+
+def omp_wait_setting() -> str:
+    """How OpenMP threads wait in this process, in words (for the run metadata of timings)."""
+    spin, policy = os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY")
+    if spin is not None:
+        return f"GOMP_SPINCOUNT={spin}"
+    return f"OMP_WAIT_POLICY={policy}" if policy is not None else "the OpenMP runtime's default"
 
 
 def check_device(device: str) -> str:

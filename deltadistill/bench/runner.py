@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
+from attnprobe.core.cli import omp_wait_setting
 from deltadistill import cpu_kernel
 from deltadistill import flops as cost_model
 from deltadistill.bench.inputs import _load_model, default_resolutions, denoiser_inputs, meta_step_flops
@@ -131,6 +132,7 @@ def run_bench(
         "backend": backend, "repeats": repeats, "warmup": warmup, "max_seconds": max_seconds,
         "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "flops_convention": "1 multiply-add = 2 FLOPs; elementwise ops 1 FLOP each (deltadistill.flops)",
+        "omp_wait": omp_wait_setting(),
     })
     if hasattr(os, "getloadavg"):  # a busy shared CPU explains noisy timings
         load = os.getloadavg()[0]

@@ -112,7 +112,8 @@ def print_result(result: BenchResult, console) -> None:
         cap = (f"{meta['device']}, {meta['dtype']}; median of {meta['repeats']} calls after {meta['warmup']} warm-up; "
                "peak MB = memory allocated by the call (CUDA max allocated, or live tensor bytes on CPU); "
                "÷ floor = ΔConvBlock time ÷ its two 1×1 projections alone at the same shape (the matmul floor)"
-               + (f"; load average {meta['load_average_1min']} at start" if "load_average_1min" in meta else "") + ".")
+               + (f"; load average {meta['load_average_1min']} at start" if "load_average_1min" in meta else "")
+               + (f"; threads wait by {meta['omp_wait']}" if "omp_wait" in meta else "") + ".")
         console.print(_rich_table(f"Latency — {meta['model']}", h, rows, cap))
     for note in result.notes:
         console.print(f"[dim]note:[/] {note}", highlight=False)

@@ -39,7 +39,7 @@ from attnprobe.core.sites import AttnSite, select_sites
 from attnprobe.config import AnalysisConfig
 from attnprobe.estimators import far_radii
 from attnprobe.stats import (AUTO_QUERIES, DENSE_MAX_TOKENS, butterworth_filter, butterworth_highpass, highpass_operator,
-                             parse_queries, ring_mass)
+                             parse_queries, ring_distance, ring_sums)
 
 __all__ = ["capture", "Capture", "CaptureProcessor", "CaptureMissedError", "LayerAccumulator", "parse_queries",
            "select_sites", "AUTO_QUERIES"]
@@ -215,7 +215,6 @@ class LayerAccumulator:
         far_km = torch.zeros(len(self.far_radii), n, dtype=torch.float64, device=q.device)
         far_rows = torch.zeros_like(far_km)
         radii = torch.tensor(self.far_radii, device=q.device)
-        key_r, key_c = torch.arange(n, device=q.device) // grid[1], torch.arange(n, device=q.device) % grid[1]
         group = getattr(self.capture, "prompt", 0) % self.groups
         map_sum = None if self.map_sum is None else torch.zeros(len(positions), n, dtype=torch.float64, device=q.device)
         fused = self._use_ring_kernel(q, mask)
@@ -227,12 +226,12 @@ class LayerAccumulator:
             pos = positions[start : start + chunk]
             probs = self._softmax_rows(q, kf, q_off + pos, mask, scale)  # (B, heads, c, Nk)
             a = probs[..., k_off : k_off + n]  # (B, heads, c, N)
+            dist = ring_distance(grid, pos)  # (c, N): each key's ℓ∞ ring around each query
             if not fused:
-                ring += ring_mass(a, grid, pos).sum((0, 2), dtype=torch.float64)
+                ring += ring_sums(a, dist, max(grid))
             mass += a.sum(-1).sum((0, 2), dtype=torch.float64)
             key_mass += a.sum((0, 1, 2), dtype=torch.float64)
             # far field: what each key receives from queries beyond r0 (the prior's share, see report)
-            dist = torch.maximum((pos[:, None] // grid[1] - key_r).abs(), (pos[:, None] % grid[1] - key_c).abs())  # (c, N)
             far = (dist[None] > radii[:, None, None]).to(a.dtype)  # (F, c, N)
             per_key = a.sum((0, 1))  # (c, N) summed over batch and heads
             if map_sum is not None:
@@ -246,7 +245,7 @@ class LayerAccumulator:
             pos_part = lam.clamp(min=0)
             hp_pos += pos_part.sum(-1).sum((0, 2), dtype=torch.float64)
             binned = pos_part if self.highpass_mass == "positive" else lam.abs()
-            hp_ring += ring_mass(binned, grid, pos).sum((0, 2), dtype=torch.float64)
+            hp_ring += ring_sums(binned, dist, max(grid))
             del probs, a, lam, pos_part, binned
         self.ring[t] += ring.cpu().numpy()
         self.hp_ring[t] += hp_ring.cpu().numpy()

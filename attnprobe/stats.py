@@ -31,6 +31,8 @@ __all__ = [
     "query_positions",
     "box_mass",
     "ring_mass",
+    "ring_distance",
+    "ring_sums",
     "BORDERS",
     "butterworth_filter",
     "butterworth_highpass",
@@ -112,6 +114,26 @@ def ring_mass(maps: torch.Tensor, grid: tuple[int, int], positions: torch.Tensor
     """Mass per ℓ∞ ring distance: (..., Q, H*W) → (..., Q, R), R = max(H, W) (see module doc)."""
     box = box_mass(maps, grid, positions)
     return torch.cat([box[..., :1], box[..., 1:] - box[..., :-1]], dim=-1)
+
+
+def ring_distance(grid: tuple[int, int], positions: torch.Tensor) -> torch.Tensor:
+    """ℓ∞ ring of every key around each query: (Q, H*W) int64, max(|row − row_k|, |col − col_k|)."""
+    h, w = grid
+    rows, cols = _as_rows_cols(positions, grid)
+    keys = torch.arange(h * w, device=rows.device)
+    return torch.maximum((rows[:, None] - keys // w).abs(), (cols[:, None] - keys % w).abs())
+
+
+def ring_sums(maps: torch.Tensor, distance: torch.Tensor, rings: int) -> torch.Tensor:
+    """``ring_mass(maps).sum((0, 2))`` in float64 for maps (B, heads, Q, N): rings summed over batch and queries.
+
+    One pass that adds each key's mass to its ring (``distance`` from :func:`ring_distance`), instead of
+    integral images per map: the capture needs only these sums. Returns (heads, rings).
+    """
+    heads = maps.shape[1]
+    flat = maps.sum(0, dtype=torch.float64).reshape(heads, -1)  # (heads, Q·N)
+    out = torch.zeros(heads, rings, dtype=torch.float64, device=maps.device)
+    return out.index_add_(1, distance.reshape(-1).to(maps.device), flat)
 
 
 BORDERS = ("zero", "circular")

@@ -84,6 +84,9 @@ def main() -> None:
         grid, queries, model = args.worker
         print(json.dumps(worker(model, int(grid), queries, args.repeats, args.random_weights, args.border)))
         return
+    from attnprobe.core.cli import calm_threads, omp_wait_setting
+
+    calm_threads()  # the command lines' OpenMP waiting, inherited by the workers (a value you set is kept)
     rows = []
     for grid in (int(g) for g in args.grids.split(",")):
         for q in args.queries.split(","):
@@ -98,7 +101,7 @@ def main() -> None:
                   f"capture {r['capture_s'] * 1e3:8.1f} ms  ratio {r['ratio']:5.2f}x  extra peak {r['extra_peak_mb']:7.1f} MB",
                   flush=True)
     if args.markdown:
-        print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch threads default\n")
+        print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, torch threads default, threads wait by {omp_wait_setting()}\n")
         print("| model | border | token grid | queries | step without capture (ms) | with capture (ms) | ratio | extra peak RSS (MB) |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:

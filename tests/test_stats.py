@@ -8,7 +8,9 @@ from attnprobe.stats import (
     butterworth_highpass,
     effective_receptive_field,
     recommended_kernel_size,
+    ring_distance,
     ring_mass,
+    ring_sums,
 )
 
 
@@ -49,6 +51,28 @@ def test_ring_mass_all_queries_and_leading_dims():
     np.testing.assert_allclose(got[1, 2].numpy(), want, rtol=1e-10, atol=1e-12)
     # rings partition the row: they sum to the row mass (1 after softmax)
     np.testing.assert_allclose(got.sum(-1).numpy(), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("grid", [(5, 5), (4, 7), (9, 3)])
+def test_ring_sums_match_the_double_loop_summed(grid):
+    # the capture's one-pass sums: Σ over batch and queries of the ring masses, per head
+    g = torch.Generator().manual_seed(7 + sum(grid))
+    h, w = grid
+    positions = torch.randperm(h * w, generator=g)[:5]
+    dist = ring_distance(grid, positions)
+    assert dist.shape == (5, h * w) and dist.dtype == torch.int64
+    for qi, p in enumerate(positions.tolist()):
+        x, y = divmod(p, w)
+        assert dist[qi].tolist() == [max(abs(x - u), abs(y - v)) for u in range(h) for v in range(w)]
+    # (row, col) positions give the same rings as flat indices
+    assert torch.equal(ring_distance(grid, torch.stack([positions // w, positions % w], 1)), dist)
+    maps = torch.rand(3, 2, 5, h * w, generator=g)  # fp32 (B, heads, Q, N), as the capture passes them
+    got = ring_sums(maps, dist, max(grid))
+    assert got.dtype == torch.float64 and got.shape == (2, max(grid))
+    m64 = maps.double().numpy()
+    want = np.stack([sum(ring_mass_loop(m64[b, hd], grid, positions.tolist()).sum(0) for b in range(3))
+                     for hd in range(2)])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_ring_mass_float32_close_to_float64():

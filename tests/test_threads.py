@@ -9,13 +9,14 @@ import pytest
 
 from attnprobe.core import cli as core
 
-WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ATTNPROBE_OMP_AUTO", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for v in WAIT_VARS:
-        monkeypatch.delenv(v, raising=False)
+    for v in WAIT_VARS:  # set first, so that undoing restores the variable's absence too (nothing leaks)
+        monkeypatch.setenv(v, "unset-by-test")
+        monkeypatch.delenv(v)
     return monkeypatch
 
 
@@ -78,6 +79,20 @@ def test_user_setting_is_kept(clean_env, var, value):
     assert core.calm_threads(probe=lambda: called.append(1) or 0.0) == "user"
     assert os.environ[var] == value and not called
     assert all(os.environ.get(v) is None for v in WAIT_VARS if v != var)
+
+
+def test_a_parents_choice_is_decided_again(clean_env):
+    assert core.calm_threads(probe=lambda: 0.0) == "spin"  # a parent command line on an idle CPU ...
+    # ... whose child starts while the machine is busy: not taken for the user's setting
+    assert core.calm_threads(probe=lambda: 1.5) == "passive"
+    assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+@pytest.mark.parametrize("var", ["WORLD_SIZE", "LOCAL_WORLD_SIZE"])
+def test_ranks_of_a_distributed_launch_wait_passively(clean_env, var):
+    clean_env.setenv(var, "2")
+    assert core.calm_threads(probe=lambda: 0.0) == "passive"
+    assert "GOMP_SPINCOUNT" not in os.environ
 
 
 @pytest.mark.parametrize("module", ["attnprobe.cli", "deltadistill.cli"])

@@ -123,13 +123,20 @@ def calm_threads(probe=cpu_busy) -> str:
     So when the machine is idle at start (other work under :data:`IDLE_BELOW` CPUs), GNU OpenMP (PyTorch's on
     Linux) spins :data:`SPIN_WHEN_IDLE` iterations before sleeping; if a job starts later this costs up to
     ~1.5× (one busy-loop process beside the demo's analysis), not the collapse of the default spin.
-    A value the user set for ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept. Returns what was chosen:
-    ``"user"``, ``"spin"`` or ``"passive"``.
+    Ranks of a distributed launch (``LOCAL_WORLD_SIZE`` or ``WORLD_SIZE`` > 1) share the cores with each other,
+    so they wait passively. A value the user set for ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept; values this
+    function set in a parent process (marked by ``ATTNPROBE_OMP_AUTO``) are decided again. Returns what was
+    chosen: ``"user"``, ``"spin"`` or ``"passive"``.
     """
+    if os.environ.pop("ATTNPROBE_OMP_AUTO", None) == "1":  # inherited from a parent command line: decide here
+        for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            os.environ.pop(v, None)
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return "user"
+    os.environ["ATTNPROBE_OMP_AUTO"] = "1"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # every OpenMP runtime; GNU's spin count below overrides it
-    busy = probe()
+    ranks = max(int(x) if x.isdigit() else 1 for x in (os.environ.get(v, "").strip() for v in ("LOCAL_WORLD_SIZE", "WORLD_SIZE")))
+    busy = probe() if ranks == 1 else None
     if busy is not None and busy < IDLE_BELOW:
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_WHEN_IDLE)
         return "spin"

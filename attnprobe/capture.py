@@ -34,7 +34,7 @@ import torch
 
 from attnprobe.core import backends
 from attnprobe.core.errors import UserError
-from attnprobe.core.family import denoiser_of, family_of, find_self_attention
+from attnprobe.core.family import denoiser_of, family_of, find_self_attention, run_catching_projections
 from attnprobe.core.sites import AttnSite, select_sites
 from attnprobe.config import AnalysisConfig
 from attnprobe.estimators import far_radii
@@ -73,10 +73,11 @@ class CaptureProcessor:
                 call[name] = value
         if "hidden_states" not in call:
             raise RuntimeError(f"{self.layer.site.name}: processor {type(self.original).__name__} takes no hidden_states")
+        out, proj = run_catching_projections(self.family, attn, lambda: self.original(attn, *args, **kwargs))
         with torch.no_grad():
-            qk = self.family.query_key(self.layer.site, attn, call)
+            qk = self.family.query_key(self.layer.site, attn, call, **({"projected": proj} if proj else {}))
         self.layer.observe(qk.q, qk.k, qk.mask, qk.scale)
-        return self.original(attn, *args, **kwargs)
+        return out
 
 
 _WRAPPER_CLASSES: dict[type, type] = {}

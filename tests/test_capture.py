@@ -45,6 +45,33 @@ def test_capture_returns_identical_outputs_and_restores(alias, tiny_pipes):
             assert 0.0 < per_row < 1.0
 
 
+@pytest.mark.parametrize("alias", ["tiny-pixart", "tiny-sd15", "tiny-dit"])
+def test_capture_takes_q_k_from_the_processors_own_projections(alias, tiny_pipes, monkeypatch):
+    # plain processors' to_q/to_k outputs are caught, not recomputed: same sums, half the to_q calls
+    import attnprobe.capture as capture_module
+
+    pipe = tiny_pipes(alias)
+    den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    calls = []
+    hook = find_self_attention(den)[0].module.to_q.register_forward_hook(lambda *a: calls.append(1))
+    sums = []
+    try:
+        for recompute in (False, True):
+            if recompute:
+                monkeypatch.setattr(capture_module, "run_catching_projections", lambda fam, attn, run: (run(), None))
+            with capture(pipe, queries="all", steps=2) as cap:
+                _generate(pipe, alias)
+            sums.append({n: (a.ring, a.hp_ring, a.key_mass, a.far_key_mass) for n, a in cap.layers.items()})
+            calls.append(None)  # separates the two runs
+    finally:
+        hook.remove()
+    caught, recomputed = calls.index(None), len(calls) - calls.index(None) - 2
+    assert caught > 0 and recomputed == 2 * caught
+    for name, got in sums[0].items():
+        for a, b in zip(got, sums[1][name]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_capture_restores_on_error(tiny_pipes):
     pipe = tiny_pipes("tiny-pixart")
     sites = find_self_attention(pipe.transformer)

@@ -34,6 +34,7 @@ __all__ = [
     "Alias",
     "Family",
     "QueryKey",
+    "run_catching_projections",
     "families",
     "family_of",
     "family_named",
@@ -123,10 +124,12 @@ class Family:
         """The official recipe's kernel size for ``site`` (None: the table has no entry for it)."""
         return None
 
-    def query_key(self, site: AttnSite, attn, call: dict) -> QueryKey:
+    def query_key(self, site: AttnSite, attn, call: dict, projected=None) -> QueryKey:
         """Queries and keys of one processor call; ``call`` maps the processor's argument names
-        (``hidden_states``, ``encoder_hidden_states``, ``attention_mask``, ...) to values."""
-        return attention_query_key(attn, call["hidden_states"], call.get("attention_mask"))
+        (``hidden_states``, ``encoder_hidden_states``, ``attention_mask``, ...) to values. ``projected``:
+        the ``(to_q, to_k)`` outputs of the processor's own call where the capture caught them (families
+        that override this method are not given them)."""
+        return attention_query_key(attn, call["hidden_states"], call.get("attention_mask"), projected=projected)
 
     # -- geometry ---------------------------------------------------------------------------
     def patch(self, config) -> int:
@@ -208,12 +211,12 @@ class Family:
 # ----------------------------------------------------------------------------------------------
 
 
-def attention_query_key(attn, hidden_states: torch.Tensor, attention_mask=None, rotary=None) -> QueryKey:
+def attention_query_key(attn, hidden_states: torch.Tensor, attention_mask=None, rotary=None, projected=None) -> QueryKey:
     """q, k of a plain diffusers ``Attention`` used as self-attention (``AttnProcessor2_0`` and kin).
 
     Mirrors the processor: optional group norm, ``to_q``/``to_k``, split heads, ``norm_q``/``norm_k``,
     rotary embedding (HunyuanDiT), the prepared attention mask. hidden_states [B, N, C] (or
-    [B, C, H, W]).
+    [B, C, H, W]). ``projected``: ``(to_q(x), to_k(x))`` already computed (by the processor itself).
     """
     if getattr(attn, "spatial_norm", None) is not None:
         raise UnsupportedModelError("attention with a spatial norm (VAE attention) is not a supported self-attention site")
@@ -226,9 +229,12 @@ def attention_query_key(attn, hidden_states: torch.Tensor, attention_mask=None, 
     if mask is not None:
         mask = attn.prepare_attention_mask(mask, n, b)
         mask = mask.view(b, attn.heads, -1, mask.shape[-1])
-    if getattr(attn, "group_norm", None) is not None:
-        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-    q, k = attn.to_q(x), attn.to_k(x)
+    if projected is not None:
+        q, k = projected
+    else:
+        if getattr(attn, "group_norm", None) is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        q, k = attn.to_q(x), attn.to_k(x)
     d = k.shape[-1] // attn.heads
     q = q.view(b, -1, attn.heads, d).transpose(1, 2)  # [B, heads, N, d]
     k = k.view(b, -1, attn.heads, d).transpose(1, 2)
@@ -242,6 +248,27 @@ def attention_query_key(attn, hidden_states: torch.Tensor, attention_mask=None, 
         q = apply_rotary_emb(q, rotary)
         k = apply_rotary_emb(k, rotary)
     return QueryKey(q, k, mask)
+
+
+def run_catching_projections(family: Family, attn, run: Callable):
+    """``run()`` (a processor call on ``attn``), and its ``(to_q, to_k)`` outputs for :meth:`Family.query_key`.
+
+    Only where the family takes q, k as diffusers' plain processors do (it does not override ``query_key``) and
+    each projection ran exactly once; else None, and the caller recomputes them. Recomputing cost ~10% of a
+    PixArt-Σ XL step under capture.
+    """
+    caught: dict[str, list] = {"to_q": [], "to_k": []}
+    hooks = []
+    if type(family).query_key is Family.query_key:
+        hooks = [mod.register_forward_hook(lambda m, i, o, n=n: caught[n].append(o.detach()))
+                 for n in caught if isinstance(mod := getattr(attn, n, None), torch.nn.Module)]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    once = hooks and all(len(v) == 1 and torch.is_tensor(v[0]) for v in caught.values())
+    return out, ((caught["to_q"][0], caught["to_k"][0]) if once else None)
 
 
 def cross_channels(denoiser) -> int:

@@ -2,10 +2,11 @@
 
 ``with capture(pipe, queries="stride:2") as probe: pipe(...)`` wraps the attention processor of
 every self-attention site in a :class:`CaptureProcessor`. The wrapper calls the *original*
-processor, so the module's output is exactly what it was; before it does, it asks the model
-family's adapter for the layer's queries and keys (:meth:`attnprobe.core.family.Family.query_key`:
-the module's own projections, norms, rotary embeddings and text/image concatenation, computed
-from the very arguments the processor receives) and reduces them at once:
+processor, so the module's output is exactly what it was; then it asks the model family's
+adapter for the layer's queries and keys (:meth:`attnprobe.core.family.Family.query_key`: the
+module's own projections — caught from the processor's call where it is a plain one —, norms,
+rotary embeddings and text/image concatenation, from the very arguments the processor received)
+and reduces them at once:
 
     for each chunk of c queries:                      # c adapts to a memory budget
         P = softmax(q_c kᵀ · scale [+ mask])          # (B, heads, c, N_keys), fp32

@@ -236,6 +236,8 @@ def test_cli_bench_tiny_pixart(tmp_path):
         app = typer.Typer()
         app.callback()(lambda: None)
         register(app)
+    from attnprobe.core.cli import omp_wait_setting
+
     runner = CliRunner()
     out = tmp_path / "bench"
     result = runner.invoke(app, ["bench", "--model", "tiny-pixart", "--resolutions", "32", "--repeats", "1",
@@ -250,6 +252,8 @@ def test_cli_bench_tiny_pixart(tmp_path):
         assert "ΔConvBlock (CPU kernel)" in result.output
         assert {r["backend"] for r in data["latency"] if r["operator"] in ("deltaconv_cpu", "student_step")} == {"cpu"}
     assert "CPU" in data["meta"]["device"] and "None" not in result.output  # the device is named, on CPU too
+    # how OpenMP threads waited is recorded and printed with the timings
+    assert data["meta"]["omp_wait"] == omp_wait_setting() and f"threads wait by {omp_wait_setting()}" in " ".join(result.output.split())
     assert (out / "flops.csv").is_file() and (out / "latency.csv").is_file()
     bad = runner.invoke(app, ["bench", "--model", "pixart", "--resolutions", "500", "--flops"])  # not a multiple of 16
     assert bad.exit_code == 2 and "divisible" in bad.output

@@ -104,3 +104,8 @@ def test_set_before_torch_is_loaded(module):
             "import " + module + "\nprint(seen, os.environ.get('OMP_WAIT_POLICY'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[False]", "PASSIVE"]
+
+
+def test_a_malformed_world_size_is_not_a_launch(clean_env):
+    clean_env.setenv("WORLD_SIZE", "abc")  # not a number: no distributed launch, and no crash at import
+    assert core.calm_threads(probe=lambda: 0.0) == "spin"

@@ -135,12 +135,17 @@ def calm_threads(probe=cpu_busy) -> str:
         return "user"
     os.environ["ATTNPROBE_OMP_AUTO"] = "1"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # every OpenMP runtime; GNU's spin count below overrides it
-    ranks = max(int(x) if x.isdigit() else 1 for x in (os.environ.get(v, "").strip() for v in ("LOCAL_WORLD_SIZE", "WORLD_SIZE")))
-    busy = probe() if ranks == 1 else None
+    busy = probe() if _launch_ranks() == 1 else None
     if busy is not None and busy < IDLE_BELOW:
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_WHEN_IDLE)
         return "spin"
     return "passive"
+
+
+def _launch_ranks() -> int:
+    """Processes of a distributed launch (torchrun and accelerate set these variables), else 1."""
+    sizes = (os.environ.get(v, "").strip() for v in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"))
+    return max((int(x) for x in sizes if x.isdigit()), default=1)
 
 
 def omp_wait_setting() -> str:

@@ -34,6 +34,7 @@ import warnings
 import torch
 
 from attnprobe.core import backends
+from attnprobe.stats import ring_distance
 
 try:
     import triton
@@ -95,15 +96,12 @@ def ring_mass_attention_reference(
     bsz, heads = q.shape[:2]
     pos = query_index.to(device=q.device, dtype=torch.long)
     out = torch.zeros((bsz, heads, pos.numel(), r_max), dtype=acc_dtype, device=q.device)
-    key_pos = torch.arange(h * w, device=q.device)
-    u, v = key_pos // w, key_pos % w  # [HW] key row / column
     kf = k.to(acc_dtype)
     for c0 in range(0, pos.numel(), chunk):
         pc = pos[c0 : c0 + chunk]  # [c]
         qc = q[:, :, q_offset + pc].to(acc_dtype)  # [B, heads, c, d]
         a = torch.softmax(qc @ kf.transpose(-1, -2) * scale, dim=-1)[..., start : start + h * w]  # [B, heads, c, HW]
-        x, y = pc // w, pc % w
-        ring = torch.maximum((x[:, None] - u).abs(), (y[:, None] - v).abs())  # [c, HW]
+        ring = ring_distance((h, w), pc)  # [c, HW]
         out[:, :, c0 : c0 + chunk].scatter_add_(-1, ring.expand_as(a), a)
     return out
 

@@ -23,7 +23,8 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
   + ``cfg_w`` (0.25) × guided-output MSE (``out_w`` scales the first term; each CFG pair's rows in either
   order, as the recipe before 2026-12-06 afternoon, unless ``orient`` = 1: [cond; uncond], so that the guided
-  term is the sampler's u + w·(c − u)); ``reg_w`` adds the regression loss; ``early`` = a draws
+  term is the sampler's u + w·(c − u)); ``lowf`` = λ adds λ × the MSE of the guided difference averaged over
+  ``lowp`` × ``lowp`` (4) latent pixels (its coarse part, where a sample's layout lives); ``reg_w`` adds the regression loss; ``early`` = a draws
   a state with probability ∝ 1 + a · t / 1000 (t its timestep: noisy states more often); ``full``
   = m also trains the rest of the student (frozen in the recipe) at m × lr; ``hard`` = h draws a
   state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``ema`` = d
@@ -34,7 +35,7 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   steps, then samples the *student* on the training captions for n seeds, labels those states
   with the teacher's outputs and runs the other half on recorded + student states. Prints the
   held-out ε error (every 5th state), the held-out error of the guided prediction u + w·(c − u) (those
-  states with their CFG partners; the same on every 10th training state beside it) and the PSNR of the student's samples against the teacher's
+  states with their CFG partners, and split into its coarse part over 4 × 4 latent pixels and the rest; the same on every 10th training state beside it) and the PSNR of the student's samples against the teacher's
   (14 captions × ``--eval-seeds``, default 0, 20 steps; with 0,1,2,3 the images of ``distill_demo.py``).
 * ``layers``: which blocks cost the dB. For each list of block indices only those self-attention
   layers are converted (the others keep the teacher's attention), then the recipe as above
@@ -294,6 +295,20 @@ class Probe:
         b, w = len(idx) // 2, data.guidance
         return float(F.mse_loss(guided(out[:b], out[b:], w), guided(target[:b], target[b:], w)))
 
+    def guided_bands(self, student, data=None, every: int = 5, pool: int = 4) -> str:
+        """The held-out guided error split into its coarse part (the difference averaged over pool × pool latent
+        pixels) and the rest. Block averaging is an orthogonal projection, so the two add up to the whole."""
+        from deltadistill.trajectory import cfg_pairs, guided
+
+        data = data or self.te
+        idx = cfg_pairs(data, torch.arange(0, len(data), every))
+        with torch.no_grad():
+            out, target = self.replay(student, data, idx).float(), data.out[idx]
+        b, w = len(idx) // 2, data.guidance
+        d = guided(out[:b], out[b:], w) - guided(target[:b], target[b:], w)
+        low = F.interpolate(F.avg_pool2d(d, pool), scale_factor=pool, mode="nearest")
+        return f"coarse (÷{pool}) {float(low.pow(2).mean()):.4f} + fine {float((d - low).pow(2).mean()):.4f}"
+
     def held_guided(self, student) -> float:
         """Held-out guided error (the states of :meth:`held_eps`)."""
         return self.guided_error(student, self.te, 5)
@@ -362,7 +377,7 @@ class Probe:
                 + ", ".join(f"'{self.prompts[g['group']]}' {g['psnr']:.1f} dB {100 * g['mse_share']:.0f}%" for g in groups) + ")")
 
     def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
-                 early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0):
+                 early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0, lowf=0.0, lowp=4):
         from deltadistill.trajectory import cfg_pairs, guided, regression_loss, replay
 
         data = data or self.tr
@@ -399,6 +414,9 @@ class Probe:
             b = len(idx) // 2
             loss = loss + cfg_w * F.mse_loss(guided(out[:b], out[b:], data.guidance),
                                              guided(target[:b], target[b:], data.guidance))
+            if lowf:  # the guided difference's coarse part, weighted once more
+                d = guided(out[:b], out[b:], data.guidance) - guided(target[:b], target[b:], data.guidance)
+                loss = loss + lowf * F.avg_pool2d(d, lowp).pow(2).mean()
             if reg_w and data is self.tr:
                 TCTX["t"] = self.tr.batched["timestep"][idx[:b]]
                 r, _ = regression_loss(blocks, self.tr, idx[:b])
@@ -652,7 +670,8 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
     trained = {id(p) for b in blocks for p in b.parameters()}
     variants = dict(variants)
     if variants.pop("regressed", None) is not None:
-        print(f"regressed: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} psnr {probe.quick_psnr()}", flush=True)
+        print(f"regressed: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} "
+              f"[{probe.guided_bands(student)}] psnr {probe.quick_psnr()}", flush=True)
     for name, kw in variants.items():
         kw = dict(kw)
         student.load_state_dict(start)
@@ -677,7 +696,7 @@ def finetune(probe: Probe, variants: dict, steps: int) -> None:
             probe.rollout_tune(student, blocks, **rollout)
         t = time.perf_counter() - t0
         print(f"{name}: eps {probe.held_eps(student):.4f} guided {probe.held_guided(student):.4f} "
-              f"(on training states {probe.train_guided(student):.4f}) final latent {probe.held_rollout(student)} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
+              f"[{probe.guided_bands(student)}] (on training states {probe.train_guided(student):.4f}) final latent {probe.held_rollout(student)} (steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(student)}) "
               f"psnr {probe.quick_psnr(name)} ({t:.0f}s)", flush=True)
 
 
@@ -767,7 +786,8 @@ def neighbourhood(probe: Probe, variants: dict, steps: int) -> None:
             raise SystemExit(f"{name}: give one K per self-attention layer ({len(probe.sites)}), got {ks}")
         kernel = {s.name: v for s, v in zip(probe.sites, ks) if v is not None}  # None: that layer keeps full attention
         with neighbourhood_attention(probe.pipe, kernel):
-            print(f"{name}: K {ks}, eps {probe.held_eps(probe.base):.4f} "
+            print(f"{name}: K {ks}, eps {probe.held_eps(probe.base):.4f} guided {probe.held_guided(probe.base):.4f} "
+                  f"[{probe.guided_bands(probe.base)}] "
                   f"(steps 0-4/5-9/10-14/15-19: {probe.held_eps_by_steps(probe.base)}) psnr {probe.quick_psnr(name)}",
                   flush=True)
 

@@ -24,7 +24,9 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   + ``cfg_w`` (0.25) × guided-output MSE (``out_w`` scales the first term; each CFG pair's rows in either
   order, as the recipe before 2026-12-06 afternoon, unless ``orient`` = 1: [cond; uncond], so that the guided
   term is the sampler's u + w·(c − u)); ``lowf`` = λ adds λ × the MSE of the guided difference averaged over
-  ``lowp`` × ``lowp`` (4) latent pixels (its coarse part, where a sample's layout lives); ``reg_w`` adds the regression loss; ``early`` = a draws
+  ``lowp`` × ``lowp`` (4) latent pixels (its coarse part, where a sample's layout lives); ``minsnr`` = γ draws a state
+  with probability ∝ min(SNR, γ) / SNR (SNR = ᾱ / (1 − ᾱ) at its timestep: Min-SNR weighting for an ε-prediction
+  loss, which draws the clean end less often); ``reg_w`` adds the regression loss; ``early`` = a draws
   a state with probability ∝ 1 + a · t / 1000 (t its timestep: noisy states more often); ``full``
   = m also trains the rest of the student (frozen in the recipe) at m × lr; ``hard`` = h draws a
   state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``ema`` = d
@@ -377,7 +379,7 @@ class Probe:
                 + ", ".join(f"'{self.prompts[g['group']]}' {g['psnr']:.1f} dB {100 * g['mse_share']:.0f}%" for g in groups) + ")")
 
     def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
-                 early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0, lowf=0.0, lowp=4):
+                 early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0, lowf=0.0, lowp=4, minsnr=0.0):
         from deltadistill.trajectory import cfg_pairs, guided, regression_loss, replay
 
         data = data or self.tr
@@ -399,10 +401,14 @@ class Probe:
                 err = torch.cat([((replay(student, data, i).float() - data.out[i]) ** 2).flatten(1).mean(1)
                                  for i in torch.arange(len(data)).split(56)])
             weights = weights * (err / err.mean()) ** hard
+        if minsnr:  # draw each state ∝ min(SNR, γ) / SNR: the clean end, where the SNR is high, less often
+            abar = self.pipe.scheduler.alphas_cumprod[data.batched["timestep"].long().clamp(0, 999)].double()
+            snr = abar / (1 - abar)
+            weights = weights * (snr.clamp(max=minsnr) / snr).float()
         avg = [p.detach().clone() for p in params] if ema else None  # an exponential moving average of the weights
         group = None if self.switch is None else sampling_step(data) * self.switch["n"] // 20
         for _ in range(steps):
-            idx = torch.multinomial(weights, bs, replacement=True, generator=g) if (early or hard) else \
+            idx = torch.multinomial(weights, bs, replacement=True, generator=g) if (early or hard or minsnr) else \
                 torch.randint(len(data), (bs,), generator=g)
             if group is not None:  # timestep experts: the whole batch from the expert of its first state
                 pool = (group == group[idx[0]]).nonzero().flatten()

@@ -91,6 +91,21 @@ BLOCK: dict = {}  # --block: ΔConvBlock settings of every student (a variant's 
 TCTX: dict = {"t": None}  # the timesteps of the batch the blocks are called on (for ``film`` students)
 
 
+def coarse_fine(d: torch.Tensor, pool: int = 4) -> tuple[float, float]:
+    """Mean squares of ``d`` [N, C, H, W] split into its coarse part (``d`` averaged over ``pool`` × ``pool`` pixels,
+    spread back over them) and the rest. Block averaging is an orthogonal projection: the two add up to mean(d²)."""
+    low = F.interpolate(F.avg_pool2d(d, pool), scale_factor=pool, mode="nearest")
+    return float(low.pow(2).mean()), float((d - low).pow(2).mean())
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR weights min(SNR, γ) / SNR of an ε-prediction loss, SNR = ᾱ / (1 − ᾱ) at each timestep: 1 where the
+    SNR is at most γ, less at the clean end."""
+    abar = alphas_cumprod[timesteps.long().clamp(0, len(alphas_cumprod) - 1)].double()
+    snr = abar / (1 - abar)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
 class FiLM(torch.nn.Module):
     """Timestep-dependent per-channel scale and shift of ``proj_in``'s output: a table of ``knots`` values over
     t ∈ [0, 1000], linearly interpolated, zero at the start (the block unchanged)."""
@@ -286,30 +301,25 @@ class Probe:
             idx = torch.arange(0, len(self.te), 5)
             return float(F.mse_loss(self.replay(student, self.te, idx).float(), self.te.out[idx]))
 
+    def guided_difference(self, student, data, every: int) -> torch.Tensor:
+        """The student's guided prediction u + w·(c − u), which the sampler steps with, minus the teacher's, on every
+        ``every``-th state of ``data`` with its CFG partner."""
+        from deltadistill.trajectory import cfg_pairs, guided
+
+        idx = cfg_pairs(data, torch.arange(0, len(data), every))
+        with torch.no_grad():
+            out, target = self.replay(student, data, idx).float(), data.out[idx]
+        b, w = len(idx) // 2, data.guidance
+        return guided(out[:b], out[b:], w) - guided(target[:b], target[b:], w)
+
     def guided_error(self, student, data, every: int) -> float:
-        """Error of the guided prediction u + w·(c − u) that the sampler steps with, on every ``every``-th state of
-        ``data`` with its CFG partner."""
-        from deltadistill.trajectory import cfg_pairs, guided
+        """Mean squared error of the guided prediction (see :meth:`guided_difference`)."""
+        return float(self.guided_difference(student, data, every).pow(2).mean())
 
-        idx = cfg_pairs(data, torch.arange(0, len(data), every))
-        with torch.no_grad():
-            out, target = self.replay(student, data, idx).float(), data.out[idx]
-        b, w = len(idx) // 2, data.guidance
-        return float(F.mse_loss(guided(out[:b], out[b:], w), guided(target[:b], target[b:], w)))
-
-    def guided_bands(self, student, data=None, every: int = 5, pool: int = 4) -> str:
-        """The held-out guided error split into its coarse part (the difference averaged over pool × pool latent
-        pixels) and the rest. Block averaging is an orthogonal projection, so the two add up to the whole."""
-        from deltadistill.trajectory import cfg_pairs, guided
-
-        data = data or self.te
-        idx = cfg_pairs(data, torch.arange(0, len(data), every))
-        with torch.no_grad():
-            out, target = self.replay(student, data, idx).float(), data.out[idx]
-        b, w = len(idx) // 2, data.guidance
-        d = guided(out[:b], out[b:], w) - guided(target[:b], target[b:], w)
-        low = F.interpolate(F.avg_pool2d(d, pool), scale_factor=pool, mode="nearest")
-        return f"coarse (÷{pool}) {float(low.pow(2).mean()):.4f} + fine {float((d - low).pow(2).mean()):.4f}"
+    def guided_bands(self, student, pool: int = 4) -> str:
+        """The held-out guided error (the states of :meth:`held_guided`) split by :func:`coarse_fine`."""
+        coarse, fine = coarse_fine(self.guided_difference(student, self.te, 5), pool)
+        return f"coarse (÷{pool}) {coarse:.4f} + fine {fine:.4f}"
 
     def held_guided(self, student) -> float:
         """Held-out guided error (the states of :meth:`held_eps`)."""
@@ -402,9 +412,7 @@ class Probe:
                                  for i in torch.arange(len(data)).split(56)])
             weights = weights * (err / err.mean()) ** hard
         if minsnr:  # draw each state ∝ min(SNR, γ) / SNR: the clean end, where the SNR is high, less often
-            abar = self.pipe.scheduler.alphas_cumprod[data.batched["timestep"].long().clamp(0, 999)].double()
-            snr = abar / (1 - abar)
-            weights = weights * (snr.clamp(max=minsnr) / snr).float()
+            weights = weights * min_snr_weights(self.pipe.scheduler.alphas_cumprod, data.batched["timestep"], minsnr)
         avg = [p.detach().clone() for p in params] if ema else None  # an exponential moving average of the weights
         group = None if self.switch is None else sampling_step(data) * self.switch["n"] // 20
         for _ in range(steps):
@@ -418,10 +426,9 @@ class Probe:
             out = self.replay(student, data, idx).float()
             loss = out_w * F.mse_loss(out, target)
             b = len(idx) // 2
-            loss = loss + cfg_w * F.mse_loss(guided(out[:b], out[b:], data.guidance),
-                                             guided(target[:b], target[b:], data.guidance))
+            d = guided(out[:b], out[b:], data.guidance) - guided(target[:b], target[b:], data.guidance)
+            loss = loss + cfg_w * d.pow(2).mean()
             if lowf:  # the guided difference's coarse part, weighted once more
-                d = guided(out[:b], out[b:], data.guidance) - guided(target[:b], target[b:], data.guidance)
                 loss = loss + lowf * F.avg_pool2d(d, lowp).pow(2).mean()
             if reg_w and data is self.tr:
                 TCTX["t"] = self.tr.batched["timestep"][idx[:b]]

@@ -26,7 +26,9 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   term is the sampler's u + w·(c − u)); ``lowf`` = λ adds λ × the MSE of the guided difference averaged over
   ``lowp`` × ``lowp`` (4) latent pixels (its coarse part, where a sample's layout lives); ``minsnr`` = γ draws a state
   with probability ∝ min(SNR, γ) / SNR (SNR = ᾱ / (1 − ᾱ) at its timestep: Min-SNR weighting for an ε-prediction
-  loss, which draws the clean end less often); ``reg_w`` adds the regression loss; ``early`` = a draws
+  loss, which draws the clean end less often); ``chw`` = a list of one weight per latent channel, or ``"vae"``
+  (the demo decoder's squared pixel change per squared latent change in that channel), weights both MSE terms per
+  channel (normalised to mean 1); ``reg_w`` adds the regression loss; ``early`` = a draws
   a state with probability ∝ 1 + a · t / 1000 (t its timestep: noisy states more often); ``full``
   = m also trains the rest of the student (frozen in the recipe) at m × lr; ``hard`` = h draws a
   state with probability ∝ (the student's error on it when the fine-tune starts) ** h; ``ema`` = d
@@ -96,6 +98,22 @@ def coarse_fine(d: torch.Tensor, pool: int = 4) -> tuple[float, float]:
     spread back over them) and the rest. Block averaging is an orthogonal projection: the two add up to mean(d²)."""
     low = F.interpolate(F.avg_pool2d(d, pool), scale_factor=pool, mode="nearest")
     return float(low.pow(2).mean()), float((d - low).pow(2).mean())
+
+
+def decoder_channel_gain(decode, latents: torch.Tensor, scale: float, eps: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """Per latent channel c, the decoded image's squared change per unit of squared change of the *scaled* latent
+    (the denoiser's space, ``scale`` × the VAE's latent) in channel c alone: a random perturbation of size ``eps``
+    in that channel, decoded about ``latents`` (unscaled). Finite differences of a smooth decoder, so for small
+    ``eps`` this is the mean of ‖J_c v‖² / ‖v‖² over random v, J_c the decoder's Jacobian in channel c."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        base = decode(latents)
+        gains = []
+        for c in range(latents.shape[1]):
+            v = torch.zeros_like(latents)
+            v[:, c] = torch.randn(latents[:, c].shape, generator=g) * eps
+            gains.append(float((decode(latents + v) - base).pow(2).sum() / v.pow(2).sum()) / scale ** 2)
+    return torch.tensor(gains, dtype=torch.float64)
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -345,6 +363,16 @@ class Probe:
         torch.save(states, path)
         return states
 
+    def channel_gain(self) -> torch.Tensor:
+        """:func:`decoder_channel_gain` of the demo VAE about the latents of the teacher's evaluation images."""
+        vae = self.pipe.vae
+        x = torch.from_numpy(self.teacher_images()).float().permute(0, 3, 1, 2) * 2 - 1
+        with torch.no_grad():
+            z = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(8)])[:16]
+        gain = decoder_channel_gain(lambda v: vae.decode(v).sample, z, vae.config.scaling_factor)
+        print("decoder gain per channel", [round(float(v), 3) for v in gain], flush=True)
+        return gain
+
     def held_eps_by_steps(self, student) -> str:
         """Held-out ε error over the sampling steps 0-4, 5-9, 10-14, 15-19 (step 0 the noisiest)."""
         step = sampling_step(self.te)
@@ -389,10 +417,16 @@ class Probe:
                 + ", ".join(f"'{self.prompts[g['group']]}' {g['psnr']:.1f} dB {100 * g['mse_share']:.0f}%" for g in groups) + ")")
 
     def finetune(self, student, blocks, steps=300, lr=5e-4, warmup=20, bs=4, cfg_w=0.25, reg_w=0.0, data=None,
-                 early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0, lowf=0.0, lowp=4, minsnr=0.0):
+                 early=0.0, full=0.0, hard=0.0, ema=0.0, out_w=1.0, orient=0, lowf=0.0, lowp=4, minsnr=0.0,
+                 chw=None):
         from deltadistill.trajectory import cfg_pairs, guided, regression_loss, replay
 
         data = data or self.tr
+        cw = None
+        if chw is not None:  # per-channel weights of both MSE terms, mean 1 ("vae": the decoder's gain per channel)
+            cw = (self.channel_gain() if chw == "vae" else torch.tensor(chw, dtype=torch.float64)).float()
+            cw = (cw / cw.mean()).view(1, -1, 1, 1)
+            print("channel weights", [round(float(v), 3) for v in cw.flatten()], flush=True)
         params = [p for b in blocks for p in b.parameters()]
         groups = [{"params": params, "lr": lr}]
         if full:  # also the rest of the student (frozen in the recipe), at lr · full
@@ -424,10 +458,12 @@ class Probe:
             idx = cfg_pairs(data, idx) if orient else torch.cat([idx, data.pair[idx]])
             target = data.out[idx]
             out = self.replay(student, data, idx).float()
-            loss = out_w * F.mse_loss(out, target)
             b = len(idx) // 2
             d = guided(out[:b], out[b:], data.guidance) - guided(target[:b], target[b:], data.guidance)
-            loss = loss + cfg_w * d.pow(2).mean()
+            if cw is None:
+                loss = out_w * F.mse_loss(out, target) + cfg_w * d.pow(2).mean()
+            else:
+                loss = out_w * ((out - target).pow(2) * cw).mean() + cfg_w * (d.pow(2) * cw).mean()
             if lowf:  # the guided difference's coarse part, weighted once more
                 loss = loss + lowf * F.avg_pool2d(d, lowp).pow(2).mean()
             if reg_w and data is self.tr:

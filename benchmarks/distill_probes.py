@@ -18,7 +18,9 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
   states (every 7th) before and after, and per layer the share of its mean-field error left. A larger block that fitted the layers better would show here.
   A variant may also set ``augment`` (symmetries, as ``--augment``), ``wd`` (AdamW weight decay), ``film`` = n (a
   timestep-dependent scale and shift of ``proj_in``'s output per channel, n knots over t, zero at the start) or
-  ``tmix`` = n (n copies of each block at t = 0 … 1000, outputs blended linearly in t).
+  ``tmix`` = n (n copies of each block at t = 0 … 1000, outputs blended linearly in t) or ``keyw`` = n (a branch of n
+  channels beside each block whose taps are weighted by each key position's content and normalised:
+  :class:`KeyWeighted`; with ``keyw_fixed`` = 1 every key weighs alike: the same branch with fixed taps).
 * ``finetune``: one regression as above (cached), then from it each fine-tune variant: ``steps``
   (default 300), ``lr`` 5e-4, warm-up 20 then cosine, batch 4 states + their CFG partners, output MSE
   + ``cfg_w`` (0.25) × guided-output MSE (``out_w`` scales the first term; each CFG pair's rows in either
@@ -162,6 +164,44 @@ class Blend(torch.nn.Module):
         return out
 
 
+class KeyWeighted(torch.nn.Module):
+    """A ΔConvBlock plus a branch whose taps are weighted by the content of each key position and normalised
+    (the form of an attention-free transformer's local variant): per channel c and pyramid stage,
+    σ(q_i) · Σ_j w_{i−j} e^{k_j} v_j / Σ_j w_{i−j} e^{k_j}, with w = e^{log-taps} > 0 (K × K, 'same', zero padding,
+    which the normalisation discounts), q, k, v from one linear map of z, the ½ stage on 2 × 2-pooled k and v and
+    upsampled bilinearly. Two depth-wise convolutions per stage, so it runs at convolution speed; its output
+    projection starts at zero, so the student starts as the plain block. A probe: does weighting taps by content
+    close the gap that fixed taps leave?"""
+
+    def __init__(self, block, width: int, kernel_size: int, content: bool = True):
+        super().__init__()
+        self.block, self.width, self.k, self.content = block, width, kernel_size, content
+        self.qkv = torch.nn.Linear(block.dim, 3 * width)
+        self.logw = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(width, 1, kernel_size, kernel_size))
+                                           for _ in range(2))
+        self.out = torch.nn.Linear(2 * width, block.dim)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, z):
+        base = self.block(z)
+        h, w = z.shape[1:3]
+        q, k, v = self.qkv(z).permute(0, 3, 1, 2).chunk(3, dim=1)  # [B, width, H, W] each
+        feats = []
+        for level, logw in enumerate(self.logw):
+            ks, vs = (k, v) if level == 0 else (F.avg_pool2d(k, 2, ceil_mode=True), F.avg_pool2d(v, 2, ceil_mode=True))
+            # the max cancels in the ratio; without ``content`` every key weighs alike (the control: fixed taps)
+            e = torch.exp(ks - ks.amax(dim=(2, 3), keepdim=True)) if self.content else torch.ones_like(ks)
+            taps = logw.exp()
+            num = F.conv2d(e * vs, taps, padding=self.k // 2, groups=self.width)
+            den = F.conv2d(e, taps, padding=self.k // 2, groups=self.width)
+            r = num / den
+            if level:
+                r = F.interpolate(r, size=(h, w), mode="bilinear", align_corners=False)
+            feats.append(torch.sigmoid(q) * r)
+        return base + self.out(torch.cat(feats, dim=1).permute(0, 2, 3, 1))
+
+
 def attach_film(student, blocks, knots: int) -> None:
     """Give each block a :class:`FiLM` on ``proj_in``'s output, fed the call's timesteps."""
     for b in blocks:
@@ -240,7 +280,8 @@ class Probe:
 
         self.pipe.transformer = copy.deepcopy(self.base)
         kw = {**BLOCK, **block_kw}
-        film, tmix = kw.pop("film", 0), kw.pop("tmix", 0)
+        film, tmix, kwb = kw.pop("film", 0), kw.pop("tmix", 0), kw.pop("keyw", 0)
+        kwc = not kw.pop("keyw_fixed", 0)
         k, ks = kw.pop("k", None), kw.pop("ks", None)  # one K for all layers / one per block (list of 8)
         sites = self.sites if only is None else [self.sites[i] for i in only]
         ks = dict(zip((s.name for s in self.sites), ks)) if ks else self.ks
@@ -250,6 +291,10 @@ class Probe:
         blocks = [mods[s.name].block for s in sites]
         if film:
             attach_film(self.pipe.transformer, blocks, film)
+        if kwb:  # a key-weighted, normalised branch of kwb channels beside each block (its kernel size)
+            blocks = [KeyWeighted(b, kwb, b.kernel_size, content=kwc) for b in blocks]
+            for s, b in zip(sites, blocks):
+                mods[s.name].block = b
         if tmix:  # timestep-blended copies of each block
             blocks = [Blend(b, tmix) for b in blocks]
             for s, b in zip(sites, blocks):

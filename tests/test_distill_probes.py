@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ is not a package
 try:
-    from distill_probes import coarse_fine, decoder_channel_gain, min_snr_weights
+    from distill_probes import KeyWeighted, coarse_fine, decoder_channel_gain, min_snr_weights
 finally:
     sys.path.pop(0)
 
@@ -46,3 +46,45 @@ def test_decoder_channel_gain_of_a_linear_decoder():
     expected = w[:, :, 0, 0].pow(2).sum(0) / 0.25
     assert torch.allclose(gain.double(), expected, rtol=1e-9)
     assert int(gain.argmax()) == 2
+
+
+def test_key_weighted_branch_against_brute_force():
+    from deltadistill.block import DeltaConvBlock
+
+    torch.manual_seed(0)
+    dim, width, k, h, w = 8, 4, 3, 5, 6
+    block = DeltaConvBlock(dim, k, gate="sigmoid").double()
+    m = KeyWeighted(block, width, k).double()
+    z = torch.randn(2, h, w, dim, dtype=torch.float64)
+    assert torch.equal(m(z), block(z))  # the branch's projection starts at zero: the plain block
+    with torch.no_grad():
+        torch.nn.init.normal_(m.out.weight)
+        for lw in m.logw:
+            lw.normal_()
+    with torch.no_grad():
+        q, key, v = (t.permute(0, 3, 1, 2) for t in m.qkv(z).chunk(3, dim=-1))
+
+    def stage(kk, vv, logw):  # Σ_j w_{i−j} e^{k_j} v_j / Σ_j w_{i−j} e^{k_j} over the positions j inside the grid
+        out = torch.zeros_like(vv)
+        for b in range(vv.shape[0]):
+            for c in range(width):
+                for i in range(vv.shape[2]):
+                    for j in range(vv.shape[3]):
+                        num = den = 0.0
+                        for di in range(-(k // 2), k // 2 + 1):
+                            for dj in range(-(k // 2), k // 2 + 1):
+                                y, x = i + di, j + dj
+                                if 0 <= y < vv.shape[2] and 0 <= x < vv.shape[3]:
+                                    wt = float(logw[c, 0, di + k // 2, dj + k // 2].exp() * kk[b, c, y, x].exp())
+                                    num += wt * float(vv[b, c, y, x])
+                                    den += wt
+                        out[b, c, i, j] = num / den
+        return out
+
+    full = stage(key, v, m.logw[0].detach())
+    half = stage(torch.nn.functional.avg_pool2d(key, 2, ceil_mode=True),
+                 torch.nn.functional.avg_pool2d(v, 2, ceil_mode=True), m.logw[1].detach())
+    half = torch.nn.functional.interpolate(half, size=(h, w), mode="bilinear", align_corners=False)
+    feats = torch.cat([torch.sigmoid(q) * full, torch.sigmoid(q) * half], dim=1).permute(0, 2, 3, 1)
+    expected = block(z) + m.out(feats)
+    assert torch.allclose(m(z), expected, atol=1e-10)

@@ -409,11 +409,11 @@ class Probe:
         return states
 
     def channel_gain(self) -> torch.Tensor:
-        """:func:`decoder_channel_gain` of the demo VAE about the latents of the teacher's evaluation images."""
+        """:func:`decoder_channel_gain` of the demo VAE about the latents of 16 of the teacher's evaluation images."""
         vae = self.pipe.vae
         x = torch.from_numpy(self.teacher_images()).float().permute(0, 3, 1, 2) * 2 - 1
         with torch.no_grad():
-            z = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(8)])[:16]
+            z = torch.cat([vae.encode(c).latent_dist.mean for c in x[:16].split(8)])  # 16 of the 56 images
         gain = decoder_channel_gain(lambda v: vae.decode(v).sample, z, vae.config.scaling_factor)
         print("decoder gain per channel", [round(float(v), 3) for v in gain], flush=True)
         return gain

@@ -282,6 +282,8 @@ class Probe:
         kw = {**BLOCK, **block_kw}
         film, tmix, kwb = kw.pop("film", 0), kw.pop("tmix", 0), kw.pop("keyw", 0)
         kwc = not kw.pop("keyw_fixed", 0)
+        if not kwc and not kwb:
+            raise SystemExit("keyw_fixed needs keyw (the width of the branch whose keys it weighs alike)")
         k, ks = kw.pop("k", None), kw.pop("ks", None)  # one K for all layers / one per block (list of 8)
         sites = self.sites if only is None else [self.sites[i] for i in only]
         ks = dict(zip((s.name for s in self.sites), ks)) if ks else self.ks
@@ -291,14 +293,17 @@ class Probe:
         blocks = [mods[s.name].block for s in sites]
         if film:
             attach_film(self.pipe.transformer, blocks, film)
+
+        def install(wrap):  # every converted block replaced in the student by wrap(block)
+            wrapped = [wrap(b) for b in blocks]
+            for s, b in zip(sites, wrapped):
+                mods[s.name].block = b
+            return wrapped
+
         if kwb:  # a key-weighted, normalised branch of kwb channels beside each block (its kernel size)
-            blocks = [KeyWeighted(b, kwb, b.kernel_size, content=kwc) for b in blocks]
-            for s, b in zip(sites, blocks):
-                mods[s.name].block = b
+            blocks = install(lambda b: KeyWeighted(b, kwb, b.kernel_size, content=kwc))
         if tmix:  # timestep-blended copies of each block
-            blocks = [Blend(b, tmix) for b in blocks]
-            for s, b in zip(sites, blocks):
-                mods[s.name].block = b
+            blocks = install(lambda b: Blend(b, tmix))
             pass_timesteps(self.pipe.transformer)
         return self.pipe.transformer, blocks
 
@@ -470,6 +475,8 @@ class Probe:
         cw = None
         if chw is not None:  # per-channel weights of both MSE terms, mean 1 ("vae": the decoder's gain per channel)
             cw = (self.channel_gain() if chw == "vae" else torch.tensor(chw, dtype=torch.float64)).float()
+            if cw.numel() != data.out.shape[1]:
+                raise SystemExit(f"chw names {cw.numel()} channel weights; the denoiser's output has {data.out.shape[1]} channels")
             cw = (cw / cw.mean()).view(1, -1, 1, 1)
             print("channel weights", [round(float(v), 3) for v in cw.flatten()], flush=True)
         params = [p for b in blocks for p in b.parameters()]

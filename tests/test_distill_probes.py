@@ -88,3 +88,24 @@ def test_key_weighted_branch_against_brute_force():
     feats = torch.cat([torch.sigmoid(q) * full, torch.sigmoid(q) * half], dim=1).permute(0, 2, 3, 1)
     expected = block(z) + m.out(feats)
     assert torch.allclose(m(z), expected, atol=1e-10)
+
+
+def test_key_weighted_control_ignores_the_keys():
+    # content=False weighs every key alike: the branch is then a normalised positive-tap convolution of v, so changing
+    # the k part of the linear map changes nothing, while the content-weighted branch does change
+    from deltadistill.block import DeltaConvBlock
+
+    torch.manual_seed(2)
+    block = DeltaConvBlock(8, 3, gate="sigmoid").double()
+    z = torch.randn(1, 6, 6, 8, dtype=torch.float64)
+    outs = {}
+    for content in (False, True):
+        m = KeyWeighted(block, 4, 3, content=content).double()
+        with torch.no_grad():
+            torch.nn.init.normal_(m.out.weight)
+            before = m(z)
+            m.qkv.weight[4:8].normal_()  # rows 4..7 make k
+            m.qkv.bias[4:8].normal_()
+            outs[content] = (m(z) - before).abs().max()
+    assert outs[False] < 1e-12
+    assert outs[True] > 1e-3

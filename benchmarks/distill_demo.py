@@ -84,6 +84,7 @@ VARIANTS = {
     "kernel_13": {**FINAL, "kernel_size": 13},  # the official PixArt table: 13 everywhere
     "zero_init": {**FINAL, "init": "zero"},
     "wide_block": {**FINAL, "inter_ratio": 1.0, "scales": [1, 0.5, 0.25]},  # 2× width and a ¼ stage
+    "key_weighted": {**FINAL, "key_width": 96},  # beyond the paper: a 96-channel key-weighted branch in every block
     "linear_attention": {**FINAL, "student": "linear"},  # the baseline: LinFusion's form, same recipe and budget
     "keep_block0": {**FINAL, "keep_attention": r"blocks\.0\."},  # a hybrid: block 0 keeps the teacher's attention
     "keep_blocks0_1": {**FINAL, "keep_attention": r"blocks\.[01]\."},  # blocks 0-1 keep it, 2-7 converted
@@ -123,6 +124,8 @@ DESCRIPTIONS = {
     "kernel_13": "K = 13 in every layer (the official PixArt table) instead of the report's sizes",
     "zero_init": "global branch initialised at zero instead of the teacher's mean field",
     "wide_block": "larger blocks: ρ = 1 (C' = C) and a third pyramid stage 1/4",
+    "key_weighted": "beyond the paper: every block with a 96-channel key-weighted branch (--key-width 96: taps "
+                    "weighted by e^(key), normalised)",
     "linear_attention": "baseline: linear attention of LinFusion's form, same recipe and budget",
     "keep_block0": "hybrid: block 0 keeps the teacher's attention (--keep-attention), blocks 1-7 converted",
     "keep_blocks0_1": "hybrid: blocks 0-1 keep the teacher's attention, blocks 2-7 converted",

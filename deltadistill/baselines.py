@@ -132,6 +132,7 @@ def untrained_student(base: str, config: dict, train_config: dict, device: str =
         dw_bias=bool(first.get("dw_bias", True)),
         inter_ratio=first.get("inter_ratio", 0.5),
         scales=tuple(first.get("scales", (1, 0.5))),
+        key_width=int(first.get("key_width", 0)),
         init=train_config.get("init", "mean_field"),
     )
     return pipe

@@ -20,6 +20,21 @@ onto their H×W grid). With ρ = ``inter_ratio`` and C' = C·ρ::
   √(C'/2)), ``sigmoid`` = x1·σ(x2) (the official PixArt blocks).
 * ``up_{H×W}`` is bilinear resizing back to H×W (align_corners=False); identity for s = 1.
 
+With ``key_width`` = n > 0 the block adds a branch that is **not in the paper**: taps weighted by the
+content of each key (the local form of an attention-free transformer). From q, k, v = one linear map
+of z (n channels each), per stage s and channel::
+
+    a_s    = up_{H×W}( pool_s(e^k · v) ⊛ w_s  /  pool_s(e^k) ⊛ w_s )      w_s = e^{θ_s} > 0, K×K
+    out   += key_out( concat_s σ(q) · a_s )                               n·|scales| → C
+
+a normalised average of v over the K×K window (of pooled cells at the coarse stages), each key weighted
+by a learnt positive tap for its offset times e^{k_j} for its content: attention confined to the window,
+whose logits are a per-offset bias plus a key-only score. It costs one depth-wise convolution of 2n
+channels per stage. ``key_out`` starts at zero (the block starts as the plain ΔConvBlock) and θ at zero
+(uniform taps). On the demo teacher it lowers the student's held-out noise-prediction error by 40%
+against the same branch with fixed taps (``benchmarks/RESULTS.md``, "Taps weighted by the content of
+each key").
+
 How it is computed (the same function, less work): ``proj_out`` splits into one slice W_s per
 stage, and a 1×1 projection commutes with bilinear resizing (both linear; the resize acts per
 channel and its weights sum to one, so it keeps constants such as biases), so
@@ -105,6 +120,8 @@ class DeltaConvBlock(nn.Module):
         pool: ``"ceil"`` (2×2 average pools) or ``"adaptive"`` (the official code), see above.
         dw_bias: a bias in each depth-wise convolution.
         backend: ``None`` (auto), ``"reference"`` or ``"triton"``; passed to every op.
+        key_width: n channels of the key-weighted branch (see the module docstring; not in the paper);
+            0 (default) = the paper's block.
     """
 
     def __init__(
@@ -119,6 +136,7 @@ class DeltaConvBlock(nn.Module):
         gate_scale: float | str | None = None,
         pool: str = "ceil",
         dw_bias: bool = True,
+        key_width: int = 0,
     ):
         super().__init__()
         dim, kernel_size = int(dim), int(kernel_size)
@@ -168,6 +186,13 @@ class DeltaConvBlock(nn.Module):
         self.stages = nn.ModuleList(_DepthwiseStage(inner, kernel_size, k, bias=dw_bias) for k in levels)
         self.proj_out = nn.Linear(inner // 2 * len(levels), dim)  # C'/2·S → C
         self.global_proj = nn.Linear(dim, dim)  # C → C
+        if isinstance(key_width, bool) or int(key_width) != key_width or key_width < 0:
+            raise ValueError(f"key_width must be a whole number ≥ 0 (0: no key-weighted branch), got {key_width!r}")
+        self.key_width = n = int(key_width)
+        if n:
+            self.key_qkv = nn.Linear(dim, 3 * n)  # C → q, k, v
+            self.key_taps = nn.Parameter(torch.empty(len(levels), n, kernel_size, kernel_size))  # θ: log-taps [S, n, K, K]
+            self.key_out = nn.Linear(n * len(levels), dim, bias=False)  # n·S → C (proj_out's bias serves both)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -184,12 +209,16 @@ class DeltaConvBlock(nn.Module):
         for lin in (self.proj_out, self.global_proj):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.key_width:
+            self.key_qkv.reset_parameters()  # PyTorch's default: U(±1/√C)
+            nn.init.zeros_(self.key_taps)  # uniform taps
+            nn.init.zeros_(self.key_out.weight)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, kernel_size={self.kernel_size}, scales={self.scales}, "
             f"inter_ratio={self.inter_ratio:g}, gate={self.gate!r}, gate_scale={self.gate_scale:.4g}, pool={self.pool!r}, "
-            f"dw_bias={self.dw_bias}"
+            f"dw_bias={self.dw_bias}" + (f", key_width={self.key_width}" if self.key_width else "")
         )
 
     def _check(self, z: torch.Tensor) -> None:
@@ -200,12 +229,43 @@ class DeltaConvBlock(nn.Module):
         self._check(z)
         glob = self.global_proj(z.mean(dim=(1, 2)))  # [B, C]
         # the global branch rides in proj_out's bias: one pass over the output instead of two
-        return self._mix(z, self.proj_out.bias + glob)
+        out = self._mix(z, self.proj_out.bias + glob)
+        return out + self._keyed(z) if self.key_width else out
 
     def local(self, z: torch.Tensor) -> torch.Tensor:
-        """The pyramid branch alone (no global branch): ``proj_out(concat_s g_s)``, [B, H, W, C]."""
+        """The local branches alone (no global branch): ``proj_out(concat_s g_s)`` (+ the key-weighted branch),
+        [B, H, W, C]."""
         self._check(z)
-        return self._mix(z, self.proj_out.bias.expand(z.shape[0], -1))
+        out = self._mix(z, self.proj_out.bias.expand(z.shape[0], -1))
+        return out + self._keyed(z) if self.key_width else out
+
+    def _keyed(self, z: torch.Tensor) -> torch.Tensor:
+        """The key-weighted branch ``key_out(concat_s σ(q)·a_s)`` (module docstring), [B, H, W, C]."""
+        h, w = z.shape[1:3]
+        n, be = self.key_width, self.backend
+        q, k, v = self.key_qkv(z).split(n, dim=-1)  # [B, H, W, n] each
+        # the grid's largest key cancels in the ratio; the floor keeps e^k a normal float (no 0/0 in a window whose
+        # keys all sit far below it)
+        e = torch.exp((k - k.amax(dim=(1, 2), keepdim=True)).clamp_min(-60.0))
+        x = torch.cat([e * v, e], dim=-1)  # numerator and denominator: one convolution of 2n channels per stage
+        gate = torch.sigmoid(q)
+        taps = self.key_taps.exp()  # [S, n, K, K], positive
+        out = None
+        for i, stage in enumerate(self.stages):
+            xp = x
+            if stage.level > 0 and self.pool == "ceil":
+                for _ in range(stage.level):
+                    xp = ops.avgpool2_nhwc(xp, backend=be)
+            elif stage.level > 0:
+                xp = ops.adaptive_pool_nhwc(xp, ops.adaptive_size(h, w, stage.level), backend=be)
+            t = taps[i]
+            nd = ops.dwconv_nhwc(xp.contiguous(), torch.cat([t, t]), None, backend=be)  # [B, h_s, w_s, 2n]
+            a = nd[..., :n] / nd[..., n:]
+            if stage.level > 0:
+                a = ops.upsample_bilinear_nhwc(a.contiguous(), (h, w), backend=be)
+            y = F.linear(gate * a, self.key_out.weight[:, i * n:(i + 1) * n])
+            out = y if out is None else out + y
+        return out
 
     def _mix(self, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``proj_out(concat_s g_s)`` with per-sample bias [B, C], each stage projected at its own size."""

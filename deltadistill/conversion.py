@@ -186,7 +186,8 @@ def attn_dim(attn: nn.Module, name: str) -> int:
 
 def convert(pipe, report_or_kernel_size=None, *, layers=None, gate: str | None = None, inter_ratio: float = 0.5,
             scales=(1, 0.5), init: str = "mean_field", kernel_ratio: float | None = None, gate_scale: float | None = None,
-            pool: str | None = None, dw_bias: bool | None = None, preset: str | None = None, student: str = "deltaconv"):
+            pool: str | None = None, dw_bias: bool | None = None, preset: str | None = None, student: str = "deltaconv",
+            key_width: int = 0):
     """Replace self-attention with ΔConvBlocks in place; returns ``pipe``.
 
     Args:
@@ -205,6 +206,8 @@ def convert(pipe, report_or_kernel_size=None, *, layers=None, gate: str | None =
         student: ``"deltaconv"`` (the ΔConvBlock) or ``"linear"``: the baseline
             :class:`~deltadistill.linear_attention.LinearAttentionBlock` (LinFusion's form, projections
             copied from the teacher; kernel sizes and block settings do not apply).
+        key_width: channels of each block's key-weighted branch (not in the paper; 0: none), see
+            :class:`DeltaConvBlock`.
 
     Raises:
         ValueError: joint-attention models (FLUX, SD3), already converted models, bad kernel specs,
@@ -239,7 +242,7 @@ def convert(pipe, report_or_kernel_size=None, *, layers=None, gate: str | None =
     blocks, mean_field = {}, []
     for site in chosen:
         block = DeltaConvBlock(attn_dim(site.module, site.name), sizes[site.name], scales=scales,
-                               inter_ratio=inter_ratio, **block_kw)
+                               inter_ratio=inter_ratio, key_width=key_width, **block_kw)
         if init == "mean_field":
             mean_field.append(_mean_field_init(block, site.module))
         blocks[site.name] = block

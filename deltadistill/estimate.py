@@ -139,7 +139,7 @@ def estimate_training(cfg, *, calibrate: bool = True) -> TrainEstimate:
     spec_k = cfg.kernel_size if cfg.kernel_size is not None else report
     convert(den, spec_k if cfg.student == "deltaconv" else None, gate=cfg.gate, gate_scale=cfg.gate_scale, pool=cfg.pool,
             dw_bias=cfg.dw_bias, init="zero", kernel_ratio=cfg.kernel_ratio, preset=cfg.preset,
-            inter_ratio=cfg.inter_ratio, scales=cfg.scales, student=cfg.student, layers=chosen_layers(cfg, sites))
+            inter_ratio=cfg.inter_ratio, scales=cfg.scales, key_width=cfg.key_width, student=cfg.student, layers=chosen_layers(cfg, sites))
     mods = delta_modules(den)
     for m in mods.values():
         m.block.float()

@@ -178,8 +178,10 @@ def paper_attention_flops(n: int, dim: int) -> int:
 
 
 def deltaconv_flops(grid: tuple[int, int], dim: int, kernel_size: int, scales=(1, 0.5),
-                    inter_ratio: float = 0.5, gate: str = "scaled") -> Cost:
-    """ΔConvBlock on an H×W grid (see the module docstring for the terms)."""
+                    inter_ratio: float = 0.5, gate: str = "scaled", key_width: int = 0) -> Cost:
+    """ΔConvBlock on an H×W grid (see the module docstring for the terms); ``key_width`` n > 0 adds the
+    key-weighted branch (:class:`~deltadistill.block.DeltaConvBlock`: q, k, v, one convolution of 2n channels
+    per stage, the ratio, the gate, the projection)."""
     from deltadistill.block import scale_level
 
     h, w = grid
@@ -211,7 +213,29 @@ def deltaconv_flops(grid: tuple[int, int], dim: int, kernel_size: int, scales=(1
     cost.add("global_mean", n * c + c, False)
     cost.add("global_proj", 2 * c * c, True)  # [1, C] @ [C, C]
     cost.add("global_bias_add", 2 * c, False)  # global_proj's bias, then into proj_out's bias
+    if key_width:
+        _key_weighted_flops(cost, h, w, c, kernel_size, levels, key_width)
     return cost
+
+
+def _key_weighted_flops(cost: Cost, h: int, w: int, c: int, kernel_size: int, levels, m: int) -> None:
+    n = h * w
+    cost.add("key_qkv", 2 * n * c * 3 * m, True)  # [N, C] @ [C, 3n]
+    cost.add("key_qkv_bias", n * 3 * m, False)
+    cost.add("key_exp", 4 * n * m + 2 * m * kernel_size**2 * len(levels), False)  # max, subtract, exp; e·v; the taps
+    cost.add("key_gate", 4 * n * m, False)  # σ(q)
+    for lvl in levels:
+        hk, wk = h, w
+        for _ in range(lvl):
+            hk, wk = math.ceil(hk / 2), math.ceil(wk / 2)
+            cost.add("key_pool", 4 * hk * wk * 2 * m, False)
+        cost.add(f"key_dwconv_s{lvl}", 2 * hk * wk * 2 * m * kernel_size**2, True)  # numerator and denominator
+        cost.add("key_ratio", hk * wk * m, False)
+        if lvl:
+            cost.add("key_upsample", 7 * n * m, False)
+        cost.add("key_gate_mul", n * m, False)
+        cost.add("key_out", 2 * n * m * c, True)  # this stage's slice of key_out: [N, n] @ [n, C]
+        cost.add("key_sum", n * c, False)
 
 
 def window_attention_flops(grid: tuple[int, int], dim: int, heads: int, kernel_size: int,
@@ -265,12 +289,13 @@ OPERATOR_NAMES = {
 }
 
 
-def operator_flops(op: str, layer: LayerShape, scales=(1, 0.5), inter_ratio: float = 0.5, gate: str = "scaled") -> Cost:
+def operator_flops(op: str, layer: LayerShape, scales=(1, 0.5), inter_ratio: float = 0.5, gate: str = "scaled",
+                   key_width: int = 0) -> Cost:
     """The :class:`Cost` of operator ``op`` (one of :data:`OPERATORS`) for ``layer``."""
     if op == "self_attention":
         return self_attention_flops(layer.tokens, layer.dim, layer.heads, layer.inner, layer.qkv_bias, layer.out_bias)
     if op == "deltaconv":
-        return deltaconv_flops(layer.grid, layer.dim, layer.kernel_size, scales, inter_ratio, gate)
+        return deltaconv_flops(layer.grid, layer.dim, layer.kernel_size, scales, inter_ratio, gate, key_width)
     if op == "window_attention":
         return window_attention_flops(layer.grid, layer.dim, layer.heads, layer.kernel_size, layer.inner,
                                       layer.qkv_bias, layer.out_bias)

@@ -5,7 +5,7 @@ A folder holds
 * ``config.json``: format name and version, the base model (alias, source, pipeline, arch), the
   base denoiser's class and config hash, the report hash when kernel sizes came from ``erf.json``,
   and per converted layer its name, label, dim, kernel_size, scales, inter_ratio, gate, gate_scale,
-  pool and dw_bias (folders written before those three existed load with the defaults);
+  pool, dw_bias and key_width (folders written before those four existed load with the defaults);
 * ``delta_blocks.safetensors``: every block's parameters, keyed ``<layer name>.<parameter>``
   (e.g. ``transformer_blocks.3.attn1.proj_in.weight``).
 
@@ -132,7 +132,8 @@ def _block_settings(block) -> dict:
     if getattr(block, "kind", None) == "linear":
         return {"kernel_size": None, **block.settings()}
     return {"kernel_size": block.kernel_size, "scales": list(block.scales), "inter_ratio": block.inter_ratio,
-            "gate": block.gate, "gate_scale": block.gate_scale, "pool": block.pool, "dw_bias": block.dw_bias}
+            "gate": block.gate, "gate_scale": block.gate_scale, "pool": block.pool, "dw_bias": block.dw_bias,
+            "key_width": block.key_width}
 
 
 def _build_block(layer: dict, dim: int):
@@ -149,6 +150,7 @@ def _build_block(layer: dict, dim: int):
         gate_scale=layer.get("gate_scale") if layer.get("gate", "scaled") == "scaled" else None,
         pool=layer.get("pool", "ceil"),
         dw_bias=bool(layer.get("dw_bias", True)),
+        key_width=int(layer.get("key_width", 0)),
     )
 
 

@@ -87,6 +87,7 @@ class TrainConfig:
     init: str = "mean_field"
     inter_ratio: float = 0.5  # ΔConvBlock width ρ: C' = ρ·C
     scales: tuple = (1, 0.5)  # ΔConvBlock pyramid stages (each 1/2^k)
+    key_width: int = 0  # channels of the key-weighted branch (not in the paper; 0: none)
     student: str = "deltaconv"  # deltaconv (ΔConvBlock) | linear (LinFusion-form linear attention, a baseline)
     layers: str | None = None  # comma-separated regexes on layer names/labels: convert only those (None: all)
     keep_attention: str | None = None  # comma-separated regexes: layers left out of the conversion
@@ -134,6 +135,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.pool in (None, "ceil", "adaptive"), f"--pool must be ceil or adaptive, got {cfg.pool!r}")
     need(cfg.init in ("mean_field", "zero"), f"--init must be mean_field or zero, got {cfg.init!r}")
     need(cfg.inter_ratio > 0 and math.isfinite(cfg.inter_ratio), f"--inter-ratio must be a positive number, got {cfg.inter_ratio}")
+    need(isinstance(cfg.key_width, int) and not isinstance(cfg.key_width, bool) and cfg.key_width >= 0,
+         f"--key-width must be a whole number >= 0 (0: no key-weighted branch), got {cfg.key_width!r}")
+    need(cfg.key_width == 0 or cfg.student == "deltaconv", "--key-width is a ΔConvBlock branch; it does not apply to --student linear")
     try:
         levels = [scale_level(s) for s in cfg.scales]
     except ValueError as exc:

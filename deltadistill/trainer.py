@@ -154,7 +154,7 @@ class Trainer:
         try:
             convert(pipe, kernel_spec if cfg.student == "deltaconv" else None, gate=cfg.gate, gate_scale=cfg.gate_scale,
                     pool=cfg.pool, dw_bias=cfg.dw_bias, init=cfg.init, kernel_ratio=cfg.kernel_ratio, preset=cfg.preset,
-                    inter_ratio=cfg.inter_ratio, scales=cfg.scales, layers=self.layer_names,
+                    inter_ratio=cfg.inter_ratio, scales=cfg.scales, key_width=cfg.key_width, layers=self.layer_names,
                     student=cfg.student)
         except ValueError as exc:
             raise TrainError(f"cannot convert {self.model_name}: {exc}") from None

@@ -123,6 +123,17 @@ def test_deltaconv_matches_flop_counter(grid, k):
     assert measured == fl.deltaconv_flops(grid, C, k).matmul, by_op
 
 
+@pytest.mark.parametrize("grid,k", [((4, 6), 3), ((7, 5), 5)])
+def test_key_weighted_branch_matches_flop_counter(grid, k):
+    """The key-weighted branch's projections and convolutions, as PyTorch's FLOP counter sees them."""
+    from deltadistill.block import DeltaConvBlock
+
+    block = _seeded(DeltaConvBlock(C, k, key_width=8))
+    measured, by_op = fl.count_measured(block, torch.randn(1, *grid, C), by_op=True)
+    plain = fl.deltaconv_flops(grid, C, k).matmul
+    assert measured == fl.deltaconv_flops(grid, C, k, key_width=8).matmul > plain, by_op
+
+
 @pytest.mark.parametrize("groups", [1, 4, 24])
 def test_training_flop_counter_counts_grouped_convolution_backward_by_hand(groups):
     """Each gradient of a convolution (input, weight) costs what its forward costs: 2·B·C_out·H·W·(C_in/groups)·K²."""

@@ -6,6 +6,7 @@ The reference below is written independently of :mod:`deltadistill.ops`: NCHW te
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -188,3 +189,124 @@ def test_wrong_input_layout_raises():
 
 def test_scale_level():
     assert [scale_level(s) for s in (1, 0.5, 0.25, 1 / 8)] == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# the key-weighted branch (key_width > 0; not in the paper)
+
+
+def _key_block(c=12, k=5, n=3, seed=0, **kw) -> DeltaConvBlock:
+    block = DeltaConvBlock(c, k, gate="sigmoid", key_width=n, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the zero-initialised output and the uniform taps would hide errors
+        block.key_out.weight.copy_(torch.randn(block.key_out.weight.shape, generator=g) * 0.3)
+        block.key_taps.copy_(torch.randn(block.key_taps.shape, generator=g))
+    return block
+
+
+def brute_keyed(block: DeltaConvBlock, z: torch.Tensor) -> torch.Tensor:
+    """The branch by its definition, a loop over every output cell and window offset, float64: each stage's cells
+    (fine pixels, or the mean of the fine pixels each pooled cell covers) weigh e^{taps[offset]} · e^{k_j}."""
+    p = {k: v.detach().double() for k, v in block.state_dict().items()}
+    z = z.double()
+    b, h, w, _ = z.shape
+    n, r = block.key_width, block.kernel_size // 2
+    q, key, v = (z @ p["key_qkv.weight"].T + p["key_qkv.bias"]).split(n, dim=-1)
+    e = torch.exp(key)  # no shift by the largest key: the block's shift must cancel
+    out = torch.zeros(b, h, w, block.dim, dtype=torch.float64)
+    for si, stage in enumerate(block.stages):
+        if stage.level == 0:
+            ee, ev = e, e * v
+        elif block.pool == "ceil":  # each pooled cell: the mean over the real fine pixels of its 2^k × 2^k square
+            f = 2**stage.level
+            hs, ws = -(-h // f), -(-w // f)
+            ee = torch.zeros(b, hs, ws, n, dtype=torch.float64)
+            ev = torch.zeros_like(ee)
+            for i in range(hs):
+                for j in range(ws):
+                    ee[:, i, j] = e[:, i * f:(i + 1) * f, j * f:(j + 1) * f].mean(dim=(1, 2))
+                    ev[:, i, j] = (e * v)[:, i * f:(i + 1) * f, j * f:(j + 1) * f].mean(dim=(1, 2))
+        else:
+            size = (max(1, h >> stage.level), max(1, w >> stage.level))
+            pool = lambda t: F.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)  # noqa: E731
+            ee, ev = pool(e), pool(e * v)
+        hs, ws = ee.shape[1:3]
+        taps = p["key_taps"][si].exp()  # [n, K, K]
+        a = torch.zeros(b, hs, ws, n, dtype=torch.float64)
+        for i in range(hs):
+            for j in range(ws):
+                num = torch.zeros(b, n, dtype=torch.float64)
+                den = torch.zeros(b, n, dtype=torch.float64)
+                for di in range(-r, r + 1):
+                    for dj in range(-r, r + 1):
+                        if 0 <= i + di < hs and 0 <= j + dj < ws:
+                            num += taps[:, di + r, dj + r] * ev[:, i + di, j + dj]
+                            den += taps[:, di + r, dj + r] * ee[:, i + di, j + dj]
+                a[:, i, j] = num / den
+        if (hs, ws) != (h, w):
+            a = F.interpolate(a.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        out += (torch.sigmoid(q) * a) @ p["key_out.weight"][:, si * n:(si + 1) * n].T
+    return out
+
+
+@pytest.mark.parametrize("shape,scales,pool", [
+    ((2, 8, 8), (1, 0.5), "ceil"), ((1, 7, 5), (1, 0.5), "ceil"), ((1, 9, 6), (1, 0.5, 0.25), "ceil"),
+    ((1, 7, 5), (1, 0.5), "adaptive"), ((1, 6, 6), (0.5,), "ceil"),
+], ids=["8x8", "7x5", "9x6-three-stages", "7x5-adaptive", "half-only"])
+def test_key_weighted_branch_matches_brute_force(shape, scales, pool):
+    block = _key_block(scales=scales, pool=pool)
+    z = torch.randn(*shape, 12, generator=torch.Generator().manual_seed(1))
+    plain = block._mix(z, block.proj_out.bias + block.global_proj(z.mean(dim=(1, 2))))
+    _assert_close(block(z) - plain, brute_keyed(block, z), 1e-5, 1e-5, what="key-weighted branch")
+    _assert_close(block.double()(z.double()) - plain.double(), brute_keyed(block, z), 1e-12, 1e-12,
+                  what="key-weighted branch, float64")
+
+
+def test_key_weighted_gradients_match_float64():
+    """Gradients through the branch (the compiled CPU convolution's backward where it runs) against float64."""
+    block = _key_block(n=4, seed=3)
+    ref = copy.deepcopy(block).double()
+    z = torch.randn(2, 7, 10, 12, generator=torch.Generator().manual_seed(8))
+    probe = torch.randn(2, 7, 10, 12, generator=torch.Generator().manual_seed(9))
+    z32, z64 = z.clone().requires_grad_(True), z.double().requires_grad_(True)
+    (block(z32) * probe).sum().backward()
+    (ref(z64) * probe.double()).sum().backward()
+    _assert_close(z32.grad, z64.grad, 1e-5, 1e-5, what="grad z")
+    for (name, p32), (_, p64) in zip(block.named_parameters(), ref.named_parameters()):
+        _assert_close(p32.grad, p64.grad, 1e-5, 1e-5, what=f"grad {name}")
+    assert block.key_taps.grad.abs().sum() > 0 and block.key_qkv.weight.grad.abs().sum() > 0
+
+
+def test_key_weighted_branch_starts_silent_and_weighs_keys():
+    """A fresh block with the branch computes the plain block (its output projection is zero, yet trains), and
+    the branch is content-dependent: a key that dominates its window pulls the average to its own value."""
+    torch.manual_seed(0)
+    block = DeltaConvBlock(12, 3, gate="sigmoid", key_width=3)
+    z = torch.randn(1, 6, 6, 12)
+    torch.testing.assert_close(block(z), block._mix(z, block.proj_out.bias + block.global_proj(z.mean(dim=(1, 2)))),
+                               atol=0, rtol=0)
+    (block(z) - torch.randn(1, 6, 6, 12)).pow(2).sum().backward()  # a fresh block outputs zero: aim elsewhere
+    assert block.key_out.weight.grad.abs().sum() > 0
+
+    block = DeltaConvBlock(4, 3, scales=(1,), gate="sigmoid", key_width=1)
+    with torch.no_grad():  # q = 0, k = z₀, v = z₁; output = σ(0) · a
+        block.key_qkv.weight.zero_()
+        block.key_qkv.bias.zero_()
+        block.key_qkv.weight[1, 0] = 1.0
+        block.key_qkv.weight[2, 1] = 1.0
+        block.key_out.weight.zero_()
+        block.key_out.weight[0, 0] = 2.0
+    z = torch.zeros(1, 5, 5, 4)
+    z[..., 1] = torch.arange(25.0).view(5, 5)  # values
+    z[0, 2, 2, 0] = 40.0  # one key far above the others
+    a = block._keyed(z)[..., 0].detach()
+    assert a[0, 2, 2] == pytest.approx(12.0) and a[0, 1, 1] == pytest.approx(12.0)  # every window holding it: its value
+    assert a[0, 4, 4] == pytest.approx(z[0, 3:5, 3:5, 1].mean().item())  # a window without it: the plain mean
+    z[..., 0] = 1e4 * torch.randn(5, 5)  # keys far apart: finite, no 0/0
+    assert torch.isfinite(block(z)).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_key_width_must_be_a_whole_number(bad):
+    with pytest.raises(ValueError, match="key_width"):
+        DeltaConvBlock(12, 3, key_width=bad)

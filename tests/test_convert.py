@@ -245,6 +245,7 @@ def test_save_load_roundtrip_and_mismatches(tmp_path):
     assert config["layers"][0] == {
         "name": "transformer_blocks.0.attn1", "label": "block 0", "dim": 32, "kernel_size": 3,
         "scales": [1.0, 0.5], "inter_ratio": 0.5, "gate": "scaled", "gate_scale": 0.25, "pool": "ceil", "dw_bias": True,
+        "key_width": 0,
     }  # gate_scale = 1/√C' with C' = 32 · 0.5
 
     fresh, _ = load_pipeline("tiny-pixart")
@@ -274,6 +275,28 @@ def test_save_load_roundtrip_and_mismatches(tmp_path):
     # loading onto an already converted pipeline
     with pytest.raises(AlreadyConvertedError):
         load(fresh, folder)
+
+
+def test_key_weighted_blocks_save_and_load(tmp_path):
+    """A student with the key-weighted branch: convert builds it in every layer, and a fresh pipeline loads the
+    same images back (the branch's settings travel in config.json, its weights in the safetensors file)."""
+    pipe, spec = load_pipeline("tiny-pixart")
+    convert(pipe, 3, key_width=6)
+    blocks = [m.block for m in delta_modules(pipe).values()]
+    assert blocks and all(b.key_width == 6 and b.key_taps.shape == (2, 6, 3, 3) for b in blocks)
+    _perturb(pipe)
+    folder = save(pipe, tmp_path / "distilled", base_model=spec)
+    assert {layer["key_width"] for layer in json.loads((folder / "config.json").read_text())["layers"]} == {6}
+    fresh, _ = load_pipeline("tiny-pixart")
+    load(fresh, folder)
+    torch.testing.assert_close(_generate(fresh, "tiny-pixart"), _generate(pipe, "tiny-pixart"), atol=0, rtol=0)
+    # the branch matters: the same weights without it make other images
+    plain, _ = load_pipeline("tiny-pixart")
+    convert(plain, 3)
+    state = {k: v for k, v in delta_modules(pipe)["transformer_blocks.0.attn1"].block.state_dict().items()
+             if not k.startswith("key_")}
+    delta_modules(plain)["transformer_blocks.0.attn1"].block.load_state_dict(state)
+    assert not torch.equal(_generate(plain, "tiny-pixart"), _generate(pipe, "tiny-pixart"))
 
 
 def test_save_needs_a_converted_pipeline(tmp_path):

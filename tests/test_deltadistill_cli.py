@@ -83,6 +83,8 @@ def test_help_explains():
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--scales", "1,half"], "--scales"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--inter-ratio", "0.3"], "even integer"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--inter-ratio", "-1"], "--inter-ratio"),
+        (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--key-width", "-2"], "--key-width must be a whole number"),
+        (["--data", "{d}/prompts.txt", "--student", "linear", "--key-width", "8"], "does not apply to --student linear"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "nosuchlayer"], "matches no self-attention"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--layers", "blocks.(1"], "not a valid regular expression"),
         (["--data", "{d}/prompts.txt", "--kernel-size", "3", "--keep-attention", "nosuchlayer"], "--keep-attention 'nosuchlayer' matches no"),

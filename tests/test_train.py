@@ -430,6 +430,26 @@ def test_block_width_and_pyramid_reach_the_saved_model(prompts, tmp_path):
     assert blocks and all(len(b.stages) == 3 and b.inter_dim == b.dim for b in blocks)
 
 
+def test_key_weighted_branch_trains_in_the_trajectory_recipe(prompts, tmp_path):
+    """--key-width reaches every block, both stages of the trajectory recipe train the branch (its output projection
+    leaves zero), and the saved model loads with it."""
+    from attnprobe.core.registry import load_pipeline
+    from deltadistill.conversion import delta_modules
+    from deltadistill.io import load
+
+    out = tmp_path / "keyed"
+    cfg = TrainConfig(data=str(prompts), out=str(out), model="tiny-pixart", kernel_size=3, recipe="trajectory",
+                      regress_steps=3, steps=2, traj_seeds=1, traj_steps=2, finetune_seeds=1, key_width=4,
+                      checkpoint_every=0, progress=False, probe=False)
+    train(cfg, log=_quiet)
+    assert json.loads((out / "train_config.json").read_text())["key_width"] == 4
+    assert {la["key_width"] for la in json.loads((out / "config.json").read_text())["layers"]} == {4}
+    pipe, _ = load_pipeline("tiny-pixart")
+    blocks = [m.block for m in delta_modules(load(pipe, out).transformer).values()]
+    assert blocks and all(b.key_width == 4 and b.key_out.weight.abs().sum() > 0 and b.key_taps.abs().sum() > 0
+                          for b in blocks)
+
+
 def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(prompts, tmp_path):
     run = tmp_path / "run"
     train(_cfg(prompts, run, steps=6, checkpoint_every=2), log=_quiet)

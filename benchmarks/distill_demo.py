@@ -85,6 +85,7 @@ VARIANTS = {
     "zero_init": {**FINAL, "init": "zero"},
     "wide_block": {**FINAL, "inter_ratio": 1.0, "scales": [1, 0.5, 0.25]},  # 2× width and a ¼ stage
     "key_weighted": {**FINAL, "key_width": 96},  # beyond the paper: a 96-channel key-weighted branch in every block
+    "key_weighted_short": {**FINAL, "key_width": 96, "regress_steps": 600, "steps": 1200},  # the same, half the steps
     "linear_attention": {**FINAL, "student": "linear"},  # the baseline: LinFusion's form, same recipe and budget
     "keep_block0": {**FINAL, "keep_attention": r"blocks\.0\."},  # a hybrid: block 0 keeps the teacher's attention
     "keep_blocks0_1": {**FINAL, "keep_attention": r"blocks\.[01]\."},  # blocks 0-1 keep it, 2-7 converted
@@ -126,6 +127,8 @@ DESCRIPTIONS = {
     "wide_block": "larger blocks: ρ = 1 (C' = C) and a third pyramid stage 1/4",
     "key_weighted": "beyond the paper: every block with a 96-channel key-weighted branch (--key-width 96: taps "
                     "weighted by e^(key), normalised)",
+    "key_weighted_short": "beyond the paper: the key-weighted branch (--key-width 96) with half the steps (600 "
+                          "regression, 1,200 fine-tune)",
     "linear_attention": "baseline: linear attention of LinFusion's form, same recipe and budget",
     "keep_block0": "hybrid: block 0 keeps the teacher's attention (--keep-attention), blocks 1-7 converted",
     "keep_blocks0_1": "hybrid: blocks 0-1 keep the teacher's attention, blocks 2-7 converted",
@@ -211,7 +214,8 @@ def run_variant(name: str, report: str, out: Path, args, baselines: bool) -> dic
            "recipe_of": RECIPE_OF,
            "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
            "steps": summary["steps"], "probe_start": summary["probe_loss_start"], "probe_end": summary["probe_loss_end"],
-           "kernel_sizes": summary["kernel_sizes"], "data": summary["data"], "feature_loss": loss_curve(run)}
+           "kernel_sizes": summary["kernel_sizes"], "data": summary["data"], "feature_loss": loss_curve(run),
+           "trainable_parameters": summary.get("trainable_parameters")}
     for v in variants:
         d = ev["distances"][v]
         row[v] = {"psnr_db": d["psnr"], "psnr_mean_db": d.get("psnr_mean"), "ssim": d["ssim"], "eps_error": d["eps_error"],
@@ -294,8 +298,8 @@ def summarise(rows, args, analyze_s, argv, earlier=None) -> dict:
     commands = [c for c in (earlier or {}).get("commands", [(earlier or {}).get("command")]) if c] + [command]
     commands = list(dict.fromkeys(commands))  # a rerun of the same command (e.g. --reuse-rows) is listed once
     return {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_label(args),
+        "date": final.get("date") or time.strftime("%Y-%m-%d"),  # the headline numbers are the final row's
+        "machine": final.get("machine") or machine_label(args),
         "command": commands[0],
         "commands": commands,
         "evaluation": {"prompts": args.eval_prompts or 14, "seeds": args.eval_seeds, "steps": args.eval_steps},
@@ -468,7 +472,48 @@ def verdict(result) -> str:
             + ". Their denoiser calls are timed in the next section (\"Speed of the hybrids\"). Keeping the early, "
             "local blocks is the trade a user who needs the teacher's images can make today; the targets of this table "
             "stay read on the all-ΔConv student.")
+    keyed = rows.get("key_weighted")
+    if keyed:
+        out.append(_key_clause(keyed, base_of(keyed, rows), rows))
     return "\n\n".join(out)
+
+
+def _key_clause(row: dict, final: dict, rows: dict) -> str:
+    """The key-weighted student (beyond the paper) against the all-ΔConv student of the same recipe."""
+    k, f = row["distilled"], final["distilled"]
+    n = row["changes"].get("key_width")
+
+    def rel(a, b):
+        return f"{a:.4f} against {b:.4f} ({100 * (a / b - 1):+.0f}%)" if a is not None and b is not None else "–"
+
+    text = (f"**Beyond the paper: taps weighted by each key** (measured {row.get('date', '')}; `--key-width {n}`). Every "
+            f"block gets a {n}-channel branch σ(q)·Σ_j w_(i−j) e^(k_j) v_j / Σ_j w_(i−j) e^(k_j) beside its pyramid: "
+            "K×K positive taps w times a score of each key's own content, normalised over the window. This is attention "
+            "confined to the window, with logits that are a bias per offset plus a key-only score. It is not in the "
+            "ΔConvFusion paper, and the rows above, the targets included, are read without it. "
+            f"Its samples are {k['psnr_db']:.2f} dB from the teacher's ({k['psnr_db'] - f['psnr_db']:+.2f} dB against "
+            f"the all-ΔConv student" + (f" of the {recipe_label(row, rows)} recipe" if on_old_recipe(row, rows) else "")
+            + (f"; mean per-image {k['psnr_mean_db']:.2f} dB against {f['psnr_mean_db']:.2f}"
+               if k.get("psnr_mean_db") is not None and f.get("psnr_mean_db") is not None else "")
+            + f"). ε error {rel(k['eps_error'], f['eps_error'])}; guided ε error {rel(k.get('eps_guided_error'), f.get('eps_guided_error'))}"
+            + f"; SSIM {k['ssim']:.3f} against {f['ssim']:.3f}"
+            + (f"; accuracy {k['accuracy']:.0%} against {f['accuracy']:.0%}" if k["accuracy"] is not None
+               and f["accuracy"] is not None else "")
+            + (f"; {row['trainable_parameters']:,} trainable parameters" if row.get("trainable_parameters") else "")
+            + f". Training took {row['train_seconds']:.0f} s on {row.get('machine', 'this machine')}, against "
+            f"{final['train_seconds']:.0f} s on {final.get('machine', 'the same machine')} for the student without it")
+    text += (". With it, the all-ΔConv student meets the 22 dB target" if k["psnr_db"] >= 22 else
+             f". With it, the all-ΔConv student is still {22 - k['psnr_db']:.2f} dB short of the 22 dB target")
+    short = rows.get("key_weighted_short")
+    if short:
+        s = short["distilled"]
+        text += (f". With half the steps ({short['changes'].get('regress_steps')} regression, "
+                 f"{short['changes'].get('steps')} fine-tune) it reaches {s['psnr_db']:.2f} dB"
+                 + (f" (mean per-image {s['psnr_mean_db']:.2f} dB)" if s.get("psnr_mean_db") is not None else "")
+                 + f", ε error {s['eps_error']:.4f}, SSIM {s['ssim']:.3f}"
+                 + (f", accuracy {s['accuracy']:.0%}" if s["accuracy"] is not None else "")
+                 + f", in {short['train_seconds']:.0f} s on {short.get('machine', 'this machine')}")
+    return text + "."
 
 
 HYBRID_KEPT = {"keep_blocks0_1": ("0–1", "[01]", 6), "keep_blocks0_2": ("0–2", "[0-2]", 5)}
@@ -607,11 +652,20 @@ def _wide_clause(wide: dict, final: dict) -> str:
     return text
 
 
+def _machines_line(result) -> str:
+    """Which rows were trained on another machine than the final row (their times are not comparable)."""
+    other: dict = {}
+    for r in result["ablation"]:
+        if r.get("machine") and r["machine"] != result["machine"]:
+            other.setdefault(r["machine"], []).append(r["variant"])
+    return "".join(f"Rows {', '.join(f'`{v}`' for v in names)}: {m}. " for m, names in other.items())
+
+
 def write_section(result) -> None:
     final = result["ablation"][0]
     text = f"""{SECTION}
 
-Date: {result['date']}. Machine: {result['machine']}. Commands:
+Date: {result['date']}. Machine: {result['machine']} (the final recipe's row). {_machines_line(result)}Commands:
 
     {(chr(10) + "    ").join(result['commands'])}
 

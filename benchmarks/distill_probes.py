@@ -71,7 +71,8 @@ recorded once and cached in ``--work``; kernel sizes are the demo report's (3, 3
 * ``speed``: what a partly converted student saves. For each list of block indices (``null``: all)
   the denoiser call at ``--resolution`` px (random latents, as ``deltadistill bench --step``) of
   the student with only those layers converted, interleaved with the teacher's, median of
-  ``--repeats`` rounds; prints both and the speed-up.
+  ``--repeats`` rounds; prints both and the speed-up. A variant may also be ``{"only": null or a list,
+  block settings}``, e.g. ``{"only": null, "key_width": 96}`` (no trajectories are recorded for this probe).
 """
 from __future__ import annotations
 
@@ -247,7 +248,7 @@ def cosine(w, n):
 
 
 class Probe:
-    def __init__(self, work: str):
+    def __init__(self, work: str, data: bool = True):
         from attnprobe.core.family import denoiser_of, find_self_attention
         from attnprobe.core.registry import load_pipeline
         from attnprobe.demo import DEMO_PROMPTS
@@ -261,14 +262,17 @@ class Probe:
         self.sites = find_self_attention(den)
         self.prompts = list(DEMO_PROMPTS)
         cache = os.path.join(work, "traj.pt")
-        if os.path.exists(cache):
+        if not data:  # the speed probe times denoiser calls on random latents: no trajectories
+            self.tr = self.te = None
+        elif os.path.exists(cache):
             self.tr, self.te = torch.load(cache, weights_only=False)  # written by this script
         else:
             kw = dict(steps=20, resolution=256, sites=self.sites)
             self.tr = record_trajectories(self.pipe, self.prompts, [1000, 1001], **kw)
             self.te = record_trajectories(self.pipe, self.prompts, [1002], **kw)
             torch.save((self.tr, self.te), cache)
-        print("states", len(self.tr), len(self.te), flush=True)
+        if data:
+            print("states", len(self.tr), len(self.te), flush=True)
         self.teacher = copy.deepcopy(den).eval().requires_grad_(False)
         self.base = copy.deepcopy(den)
         self.ks = {s.name: k for s, k in zip(self.sites, KERNELS)}
@@ -900,8 +904,9 @@ def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
 
     kw = denoiser_inputs(_load_model("demo"), resolution, "cpu", torch.float32)
     nets = {"teacher": probe.base.eval()}
-    for name, only in variants.items():
-        nets[name] = probe.make_student({}, only=None if only is None else list(only))[0].eval()
+    for name, v in variants.items():  # a list of block indices (null: all), or {"only": ..., block settings}
+        only, kw = (v.get("only"), {k: x for k, x in v.items() if k != "only"}) if isinstance(v, dict) else (v, {})
+        nets[name] = probe.make_student(kw, only=None if only is None else list(only))[0].eval()
     times = {name: [] for name in nets}
     with torch.inference_mode():
         for net in nets.values():  # warm-up
@@ -923,7 +928,7 @@ def main(argv=None):
     AUGMENT, REGRESS_CFG = args.augment, args.regress_cfg
     BLOCK.update(json.loads(args.block))
     torch.set_num_threads(args.threads)
-    probe = Probe(args.work)
+    probe = Probe(args.work, data=args.probe != "speed")
     probe.worst_figure = args.worst_figure
     if args.probe == "speed":
         speed(probe, json.loads(args.variants), args.resolution, args.repeats)

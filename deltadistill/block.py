@@ -244,12 +244,16 @@ class DeltaConvBlock(nn.Module):
         h, w = z.shape[1:3]
         n, be = self.key_width, self.backend
         q, k, v = self.key_qkv(z).split(n, dim=-1)  # [B, H, W, n] each
-        # the grid's largest key cancels in the ratio; the floor keeps e^k a normal float (no 0/0 in a window whose
-        # keys all sit far below it)
-        e = torch.exp((k - k.amax(dim=(1, 2), keepdim=True)).clamp_min(-60.0))
+        # the ratio runs in float32 whatever the model's dtype: fp16 would round e^k to 0 a few units below the
+        # largest key (0/0), and sums of up to K² weighted terms could overflow it
+        dt = torch.promote_types(k.dtype, torch.float32)
+        k, v = k.to(dt), v.to(dt)
+        # the grid's largest key cancels in the ratio (so it carries no gradient); the floor keeps e^k a normal
+        # float32 (no 0/0 in a window whose keys all sit far below it)
+        e = torch.exp((k - k.amax(dim=(1, 2), keepdim=True).detach()).clamp_min(-60.0))
         x = torch.cat([e * v, e], dim=-1)  # numerator and denominator: one convolution of 2n channels per stage
         gate = torch.sigmoid(q)
-        taps = self.key_taps.exp()  # [S, n, K, K], positive
+        taps = self.key_taps.to(dt).exp()  # [S, n, K, K], positive
         out = None
         for i, stage in enumerate(self.stages):
             xp = x
@@ -263,7 +267,7 @@ class DeltaConvBlock(nn.Module):
             a = nd[..., :n] / nd[..., n:]
             if stage.level > 0:
                 a = ops.upsample_bilinear_nhwc(a.contiguous(), (h, w), backend=be)
-            y = F.linear(gate * a, self.key_out.weight[:, i * n:(i + 1) * n])
+            y = F.linear(gate * a.to(gate.dtype), self.key_out.weight[:, i * n:(i + 1) * n])
             out = y if out is None else out + y
         return out
 

@@ -169,7 +169,7 @@ def load_checkpoint(path: Path, student, optimizer, scheduler) -> dict:
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(blocks) != trainable:
         diff = sorted(set(blocks) ^ trainable)
-        raise TrainError(f"--resume {path}: checkpoint blocks do not match this model/kernel sizes (e.g. {diff[0]!r})")
+        raise TrainError(f"--resume {path}: checkpoint blocks do not match this model, kernel sizes or block settings (e.g. {diff[0]!r})")
     with torch.no_grad():
         for n, v in blocks.items():
             if params[n].shape != v.shape:

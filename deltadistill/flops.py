@@ -219,10 +219,11 @@ def deltaconv_flops(grid: tuple[int, int], dim: int, kernel_size: int, scales=(1
 
 
 def _key_weighted_flops(cost: Cost, h: int, w: int, c: int, kernel_size: int, levels, m: int) -> None:
+    """The key-weighted branch of width ``m`` on an H×W grid of N = ``n`` tokens."""
     n = h * w
     cost.add("key_qkv", 2 * n * c * 3 * m, True)  # [N, C] @ [C, 3n]
     cost.add("key_qkv_bias", n * 3 * m, False)
-    cost.add("key_exp", 4 * n * m + 2 * m * kernel_size**2 * len(levels), False)  # max, subtract, exp; e·v; the taps
+    cost.add("key_exp", 4 * n * m + m * kernel_size**2 * len(levels), False)  # max, subtract, exp; e·v; exp of the taps
     cost.add("key_gate", 4 * n * m, False)  # σ(q)
     for lvl in levels:
         hk, wk = h, w

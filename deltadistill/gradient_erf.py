@@ -5,8 +5,8 @@ G[u, v] = Σ_c |∂(Σ_c' y[c_y, c_x, c']) / ∂x[u, v, c]| shows which input to
 depends on. The attention of a trained DiT has no notion of position by itself (positions enter
 through the features), so the teacher is evaluated on real hidden states recorded from a
 generation (:func:`record_attention_inputs`); random inputs are the fallback. Both sides are
-measured on their *local* part: the student's pyramid branch without its global branch
-(:meth:`DeltaConvBlock.local`), the teacher's attention minus its mean-field value
+measured on their *local* part: the student's pyramid branch (and its key-weighted branch, which also
+sees only the K×K window of each stage) without its global branch (:meth:`DeltaConvBlock.local`), the teacher's attention minus its mean-field value
 (:func:`mean_field`, the query-independent output under uniform attention). Otherwise the global
 branch adds the same gradient to every input token and every student looks global.
 :func:`plot_gradient_erf` draws the figure (``deltadistill plot``); its style and file handling
@@ -198,7 +198,8 @@ def plot_gradient_erf(
                 "student": gradient_erf(block.local, (h, w), channels, layout="grid", inputs=x, samples=4, dtype=dtype),
             }
             titles = {"teacher": f"teacher self-attention − mean field\n{layer.label}",
-                      "student": f"student ΔConvBlock, pyramid branch (k = {block.kernel_size})\n{layer.label}"}
+                      "student": f"student ΔConvBlock, {'local branches' if getattr(block, 'key_width', 0) else 'pyramid branch'} "
+                                 f"(k = {block.kernel_size})\n{layer.label}"}
             centre = (h // 2, w // 2)
             ax_curve = axes[r, 2]
             for c, (who, gmap) in enumerate(maps.items()):

@@ -579,3 +579,31 @@ def test_gpu_kernels_script_fails_the_run_when_a_check_fails(monkeypatch, capsys
     assert "Some checks FAILED" in capsys.readouterr().out
     monkeypatch.setattr(gpu, "run_checks", lambda dev, quick, dtypes: [["dwconv K=13", "float32", "1e-7", "1e-7", "ok"]])
     assert gpu._sections(args, torch.device("cpu"), "cpu", "-") == 0
+
+
+def test_distill_demo_key_weighted_clause_is_computed_from_its_rows():
+    """The key-weighted student's paragraph states its distances against the all-ΔConv student of the same recipe,
+    says it is not the paper's block, and reads the target off its own PSNR."""
+    distill_demo = _distill_demo()
+
+    def row(variant, psnr, eps, seconds):
+        d = {"psnr_db": psnr, "psnr_mean_db": psnr + 4, "ssim": 0.8, "eps_error": eps, "eps_guided_error": 2 * eps,
+             "accuracy": 0.9}
+        return {"variant": variant, "description": distill_demo.DESCRIPTIONS[variant], "train_seconds": seconds,
+                "changes": distill_demo.VARIANTS[variant], "distilled": d, "recipe_of": distill_demo.RECIPE_OF,
+                "machine": "m"}
+
+    final, keyed = row("final", 20.9, 0.02, 1000.0), row("key_weighted", 21.4, 0.012, 1800.0)
+    rows = {"final": final, "key_weighted": keyed}
+    assert distill_demo.base_of(keyed, rows) is final
+    text = distill_demo._key_clause(keyed, final, rows)
+    assert "+0.50 dB against the all-ΔConv student" in text and "0.0120 against 0.0200 (-40%)" in text
+    assert "0.0240 against 0.0400 (-40%)" in text and "1800 s on m, against 1000 s" in text
+    assert "not in the ΔConvFusion paper" in text and "still 0.60 dB short" in text
+    keyed["distilled"]["psnr_db"] = 22.3
+    assert "meets the 22 dB target" in distill_demo._key_clause(keyed, final, rows)
+    rows["key_weighted_short"] = row("key_weighted_short", 22.1, 0.015, 900.0)
+    assert "With half the steps (600 regression, 1200 fine-tune) it reaches 22.10 dB (mean per-image 26.10 dB), " \
+           "ε error 0.0150, SSIM 0.800, accuracy 90%, in 900 s on m." in distill_demo._key_clause(keyed, final, rows)
+    result = {"machine": "m", "ablation": [final, {**keyed, "machine": "other"}]}
+    assert distill_demo._machines_line(result) == "Rows `key_weighted`: other. "

@@ -196,12 +196,22 @@ def test_scale_level():
 
 
 def _key_block(c=12, k=5, n=3, seed=0, **kw) -> DeltaConvBlock:
-    block = DeltaConvBlock(c, k, gate="sigmoid", key_width=n, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # the zero-initialised output and the uniform taps would hide errors
-        block.key_out.weight.copy_(torch.randn(block.key_out.weight.shape, generator=g) * 0.3)
-        block.key_taps.copy_(torch.randn(block.key_taps.shape, generator=g))
+    """Every parameter random (zero-initialised outputs and uniform taps would hide errors), keys spread over ±10."""
+    block = _randomised(DeltaConvBlock(c, k, gate="sigmoid", key_width=n, **kw), seed)
+    with torch.no_grad():
+        block.key_qkv.weight[n:2 * n] *= 8.0  # e^k then spans many orders of magnitude: the shift must cancel
+        block.key_taps.mul_(3.0)
     return block
+
+
+def _pool_once(t: torch.Tensor) -> torch.Tensor:
+    """One 2×2 stride-2 pool, each cell the mean of the real pixels it covers (a last odd row/column: 2 or 1)."""
+    b, h, w, c = t.shape
+    out = torch.zeros(b, -(-h // 2), -(-w // 2), c, dtype=t.dtype)
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            out[:, i, j] = t[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(dim=(1, 2))
+    return out
 
 
 def brute_keyed(block: DeltaConvBlock, z: torch.Tensor) -> torch.Tensor:
@@ -217,15 +227,10 @@ def brute_keyed(block: DeltaConvBlock, z: torch.Tensor) -> torch.Tensor:
     for si, stage in enumerate(block.stages):
         if stage.level == 0:
             ee, ev = e, e * v
-        elif block.pool == "ceil":  # each pooled cell: the mean over the real fine pixels of its 2^k × 2^k square
-            f = 2**stage.level
-            hs, ws = -(-h // f), -(-w // f)
-            ee = torch.zeros(b, hs, ws, n, dtype=torch.float64)
-            ev = torch.zeros_like(ee)
-            for i in range(hs):
-                for j in range(ws):
-                    ee[:, i, j] = e[:, i * f:(i + 1) * f, j * f:(j + 1) * f].mean(dim=(1, 2))
-                    ev[:, i, j] = (e * v)[:, i * f:(i + 1) * f, j * f:(j + 1) * f].mean(dim=(1, 2))
+        elif block.pool == "ceil":  # k successive 2×2 pools of e^k and e^k·v, as the pyramid's stages pool
+            ee, ev = e, e * v
+            for _ in range(stage.level):
+                ee, ev = _pool_once(ee), _pool_once(ev)
         else:
             size = (max(1, h >> stage.level), max(1, w >> stage.level))
             pool = lambda t: F.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)  # noqa: E731
@@ -250,16 +255,34 @@ def brute_keyed(block: DeltaConvBlock, z: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape,scales,pool", [
-    ((2, 8, 8), (1, 0.5), "ceil"), ((1, 7, 5), (1, 0.5), "ceil"), ((1, 9, 6), (1, 0.5, 0.25), "ceil"),
-    ((1, 7, 5), (1, 0.5), "adaptive"), ((1, 6, 6), (0.5,), "ceil"),
-], ids=["8x8", "7x5", "9x6-three-stages", "7x5-adaptive", "half-only"])
+    ((2, 8, 8), (1, 0.5), "ceil"), ((1, 7, 5), (1, 0.5), "ceil"), ((1, 7, 7), (1, 0.5, 0.25), "ceil"),
+    ((1, 9, 6), (1, 0.5, 0.25), "ceil"), ((1, 7, 5), (1, 0.5), "adaptive"), ((1, 9, 7), (1, 0.5, 0.25), "adaptive"),
+    ((1, 6, 6), (0.5,), "ceil"),
+], ids=["8x8", "7x5", "7x7-three-stages", "9x6-three-stages", "7x5-adaptive", "9x7-adaptive-three", "half-only"])
 def test_key_weighted_branch_matches_brute_force(shape, scales, pool):
+    """The whole block with the branch: the independent NCHW reference of the pyramid and global branch (ceil
+    pooling) or the block's own pyramid (adaptive), plus the branch by its definition."""
     block = _key_block(scales=scales, pool=pool)
     z = torch.randn(*shape, 12, generator=torch.Generator().manual_seed(1))
-    plain = block._mix(z, block.proj_out.bias + block.global_proj(z.mean(dim=(1, 2))))
-    _assert_close(block(z) - plain, brute_keyed(block, z), 1e-5, 1e-5, what="key-weighted branch")
-    _assert_close(block.double()(z.double()) - plain.double(), brute_keyed(block, z), 1e-12, 1e-12,
-                  what="key-weighted branch, float64")
+    if pool == "ceil":
+        rest = reference_block(block, z)
+    else:
+        b64, z64 = copy.deepcopy(block).double(), z.double()
+        rest = b64._mix(z64, b64.proj_out.bias + b64.global_proj(z64.mean(dim=(1, 2)))).detach()
+    expected = rest + brute_keyed(block, z)
+    _assert_close(block(z), expected, 1e-5, 1e-5, what="block with the key-weighted branch")
+    _assert_close(block.double()(z.double()), expected, 1e-11, 1e-11, what="block with the key-weighted branch, float64")
+
+
+def test_key_weighted_branch_in_half_precision_stays_finite_and_close():
+    """fp16 weights: e^k would round to 0 a few units below the largest key (0/0); the branch runs its ratio in
+    float32, so the output stays finite and within fp16's rounding of the float64 definition."""
+    block = _key_block(seed=4).half()  # keys spread over ±25: many windows sit more than 17 below the largest
+    z = torch.randn(1, 8, 8, 12, generator=torch.Generator().manual_seed(5)).half()
+    ref = brute_keyed(block, z)  # float64, from the same fp16 weights and input
+    got = block._keyed(z)
+    assert torch.isfinite(got).all()
+    _assert_close(got, ref, 2e-2, 2e-2, what="key-weighted branch, fp16")
 
 
 def test_key_weighted_gradients_match_float64():

@@ -57,7 +57,7 @@ def test_help_explains():
         res = runner.invoke(app, cmd)
         assert res.exit_code == 0
     res = runner.invoke(app, ["train", "--help"])
-    for flag in ("--erf-report", "--kernel-size", "--resume", "--snr-weighting", "--cache", "--max-bad-steps"):
+    for flag in ("--erf-report", "--kernel-size", "--resume", "--snr-weighting", "--cache", "--max-bad-steps", "--key-width"):
         assert flag in res.output
     # the preset values in brackets survive rich's markup (it took "[toolkit 16]" for a style tag and dropped it)
     wide = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"})

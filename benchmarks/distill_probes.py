@@ -905,8 +905,8 @@ def speed(probe: Probe, variants: dict, resolution: int, repeats: int) -> None:
     kw = denoiser_inputs(_load_model("demo"), resolution, "cpu", torch.float32)
     nets = {"teacher": probe.base.eval()}
     for name, v in variants.items():  # a list of block indices (null: all), or {"only": ..., block settings}
-        only, kw = (v.get("only"), {k: x for k, x in v.items() if k != "only"}) if isinstance(v, dict) else (v, {})
-        nets[name] = probe.make_student(kw, only=None if only is None else list(only))[0].eval()
+        only, block = (v.get("only"), {k: x for k, x in v.items() if k != "only"}) if isinstance(v, dict) else (v, {})
+        nets[name] = probe.make_student(block, only=None if only is None else list(only))[0].eval()
     times = {name: [] for name in nets}
     with torch.inference_mode():
         for net in nets.values():  # warm-up

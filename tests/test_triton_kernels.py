@@ -285,6 +285,31 @@ def test_delta_conv_block_triton_backend_matches_reference(pool, dw_bias, gate):
         assert_close(p_t.grad, p_r.grad, torch.float32, f"DeltaConvBlock d/d {name}")
 
 
+def test_key_weighted_branch_triton_backend_matches_reference():
+    """The key-weighted branch (key_width > 0) on the Triton kernels: forward and every gradient against float64."""
+    block_mod = pytest.importorskip("deltadistill.block", reason="deltadistill.block not available")
+    seed("block", "keyed")
+    ref = block_mod.DeltaConvBlock(16, 5, scales=(1, 0.5), backend="reference", gate="sigmoid", key_width=4)
+    with torch.no_grad():  # zero-initialised outputs and uniform taps would hide the branch
+        for lin in (ref.proj_out, ref.global_proj, ref.key_out):
+            lin.weight.normal_(0, lin.in_features**-0.5)
+        ref.key_taps.normal_(0, 1.0)
+        ref.key_qkv.weight[4:8] *= 6.0  # keys over a wide range
+    tri = block_mod.DeltaConvBlock(16, 5, scales=(1, 0.5), backend="triton", gate="sigmoid", key_width=4)
+    tri.load_state_dict(ref.state_dict())
+    tri, ref = tri.to(DEVICE), ref.double()
+    z = torch.randn(2, 7, 9, 16)
+    z_t, z_r = z.to(DEVICE).clone().requires_grad_(), z.double().requires_grad_()
+    y_t, y_r = tri(z_t), ref(z_r)
+    assert_close(y_t, y_r, torch.float32, "key-weighted block forward (triton backend)")
+    dy = torch.randn(y_r.shape, dtype=torch.float64)
+    y_t.backward(dy.to(DEVICE, torch.float32))
+    y_r.backward(dy)
+    assert_close(z_t.grad, z_r.grad, torch.float32, "key-weighted block d/dz")
+    for (name, p_t), p_r in zip(tri.named_parameters(), ref.parameters()):
+        assert_close(p_t.grad, p_r.grad, torch.float32, f"key-weighted block d/d {name}")
+
+
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------

@@ -272,17 +272,22 @@ def test_delta_conv_block_triton_backend_matches_reference(pool, dw_bias, gate):
             if stage.bias is not None:
                 stage.bias.normal_(0, 0.1)
     blocks["triton"].load_state_dict(blocks["reference"].state_dict())
-    tri, ref = blocks["triton"].to(DEVICE), blocks["reference"].double()
+    _triton_block_matches_float64(blocks["triton"], blocks["reference"], "DeltaConvBlock")
+
+
+def _triton_block_matches_float64(tri, ref, what: str) -> None:
+    """Forward and every gradient of a Triton-backed block against its float64 reference twin, on a 7×9 grid."""
+    tri, ref = tri.to(DEVICE), ref.double()
     z = torch.randn(2, 7, 9, 16)
     z_t, z_r = z.to(DEVICE).clone().requires_grad_(), z.double().requires_grad_()
     y_t, y_r = tri(z_t), ref(z_r)
-    assert_close(y_t, y_r, torch.float32, "DeltaConvBlock forward (triton backend)")
+    assert_close(y_t, y_r, torch.float32, f"{what} forward (triton backend)")
     dy = torch.randn(y_r.shape, dtype=torch.float64)
     y_t.backward(dy.to(DEVICE, torch.float32))
     y_r.backward(dy)
-    assert_close(z_t.grad, z_r.grad, torch.float32, "DeltaConvBlock d/dz")
+    assert_close(z_t.grad, z_r.grad, torch.float32, f"{what} d/dz")
     for (name, p_t), p_r in zip(tri.named_parameters(), ref.parameters()):
-        assert_close(p_t.grad, p_r.grad, torch.float32, f"DeltaConvBlock d/d {name}")
+        assert_close(p_t.grad, p_r.grad, torch.float32, f"{what} d/d {name}")
 
 
 def test_key_weighted_branch_triton_backend_matches_reference():
@@ -297,17 +302,7 @@ def test_key_weighted_branch_triton_backend_matches_reference():
         ref.key_qkv.weight[4:8] *= 6.0  # keys over a wide range
     tri = block_mod.DeltaConvBlock(16, 5, scales=(1, 0.5), backend="triton", gate="sigmoid", key_width=4)
     tri.load_state_dict(ref.state_dict())
-    tri, ref = tri.to(DEVICE), ref.double()
-    z = torch.randn(2, 7, 9, 16)
-    z_t, z_r = z.to(DEVICE).clone().requires_grad_(), z.double().requires_grad_()
-    y_t, y_r = tri(z_t), ref(z_r)
-    assert_close(y_t, y_r, torch.float32, "key-weighted block forward (triton backend)")
-    dy = torch.randn(y_r.shape, dtype=torch.float64)
-    y_t.backward(dy.to(DEVICE, torch.float32))
-    y_r.backward(dy)
-    assert_close(z_t.grad, z_r.grad, torch.float32, "key-weighted block d/dz")
-    for (name, p_t), p_r in zip(tri.named_parameters(), ref.parameters()):
-        assert_close(p_t.grad, p_r.grad, torch.float32, f"key-weighted block d/d {name}")
+    _triton_block_matches_float64(tri, ref, "key-weighted block")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -297,6 +297,15 @@ def test_key_weighted_blocks_save_and_load(tmp_path):
              if not k.startswith("key_")}
     delta_modules(plain)["transformer_blocks.0.attn1"].block.load_state_dict(state)
     assert not torch.equal(_generate(plain, "tiny-pixart"), _generate(pipe, "tiny-pixart"))
+    # a config.json whose key width no longer fits the stored tensors, or is not a width at all
+    config = json.loads((folder / "config.json").read_text())
+    for bad, needle in ((0, "key_"), (-1, "invalid settings.*key_width")):
+        config["layers"][0]["key_width"] = bad
+        (folder / "config.json").write_text(json.dumps(config))
+        other, _ = load_pipeline("tiny-pixart")
+        with pytest.raises(FolderMismatchError, match=needle):
+            load(other, folder)
+        assert not delta_modules(other)
 
 
 def test_save_needs_a_converted_pipeline(tmp_path):
